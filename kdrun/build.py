@@ -1,0 +1,332 @@
+"""Config -> :class:`Pipeline`: data, models with taps, adapters, loss terms and stage plans.
+
+Everything is instantiated here (``_target_`` + :func:`hydra.utils.instantiate`, the only call
+site), after :func:`kdrun.config.validate` has checked the config. A probe forward of every model
+on two training images gives the shape of every tensor, which resolves ``auto`` sizes of adapters,
+sizes the loss terms' own modules (``setup``) and finds any shape mismatch before training starts.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+
+from kdrun.config import ADAPTER_KEYS, LOSS_KEYS, model_configs
+from kdrun.data.arrays import ArraySplits
+from kdrun.errors import KdrunError
+from kdrun.models.weights import load_weights
+from kdrun.taps import TapRecorder, declared_taps
+
+log = logging.getLogger("kdrun")
+
+Inputs = dict[str, "str | list[str]"]
+
+
+@dataclass
+class LossSpec:
+    """A weighted loss term reading named tensors (``inputs``: forward argument -> name(s))."""
+
+    name: str
+    module: nn.Module
+    weight: float
+    inputs: Inputs
+    warmup_epochs: int = 0
+
+
+@dataclass
+class AdapterSpec:
+    """A module fed by named tensors that publishes ``adapters.<name>``."""
+
+    name: str
+    module: nn.Module
+    inputs: Inputs
+    trainable: bool = True
+
+
+@dataclass
+class StagePlan:
+    """What one stage runs: models (frozen ones first), adapters in order, loss terms, what trains."""
+
+    name: str
+    epochs: int
+    trained_models: list[str]
+    frozen_models: list[str]
+    adapters: list[str]
+    losses: list[str]
+    eval_model: str
+    cfg: DictConfig
+
+
+@dataclass
+class Pipeline:
+    """Everything the engine needs, built from a config."""
+
+    cfg: DictConfig
+    device: torch.device
+    data: ArraySplits
+    models: nn.ModuleDict
+    recorders: dict[str, TapRecorder]
+    adapters: dict[str, AdapterSpec]
+    losses: dict[str, LossSpec]
+    stages: list[StagePlan]
+    random_models: list[str] = field(default_factory=list)  # frozen somewhere, never loaded nor trained
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def modules(self) -> nn.ModuleDict:
+        """Every stateful module by kind, for checkpoints: models, adapters, loss terms."""
+        return nn.ModuleDict({
+            "models": self.models,
+            "adapters": nn.ModuleDict({k: a.module for k, a in self.adapters.items()}),
+            "losses": nn.ModuleDict({k: s.module for k, s in self.losses.items()}),
+        })
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an unavailable device is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise KdrunError(f"trainer.device: unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdrunError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+    return dev
+
+
+def _instantiate(node: Any, *args: Any, drop: set[str] = frozenset(), **kwargs: Any) -> Any:  # type: ignore[assignment]
+    """The one place kdrun instantiates ``_target_`` configs (containers converted to Python)."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    node = {k: v for k, v in node.items() if k not in drop}
+    return instantiate(node, *args, _convert_="all", **kwargs)
+
+
+def _names(inputs: Inputs) -> list[str]:
+    out: list[str] = []
+    for v in inputs.values():
+        out.extend(v if isinstance(v, list) else [v])
+    return out
+
+
+def _gather(ns: dict[str, Tensor], inputs: Inputs) -> dict[str, Any]:
+    return {arg: [ns[n] for n in v] if isinstance(v, list) else ns[v] for arg, v in inputs.items()}
+
+
+def _shape_of(ns: dict[str, Tensor], inputs: Inputs) -> dict[str, Any]:
+    return {arg: [ns[n].shape for n in v] if isinstance(v, list) else ns[v].shape for arg, v in inputs.items()}
+
+
+def _describe(ns: dict[str, Tensor], inputs: Inputs) -> str:
+    parts = []
+    for arg, v in inputs.items():
+        for n in v if isinstance(v, list) else [v]:
+            parts.append(f"{arg}={n} {tuple(ns[n].shape)}")
+    return ", ".join(parts)
+
+
+def load_data(cfg: DictConfig) -> ArraySplits:
+    """Instantiate ``data.source`` and apply ``data.subset``."""
+    splits = _instantiate(cfg.data.source)
+    if not isinstance(splits, ArraySplits):
+        raise KdrunError(f"data.source ({cfg.data.source._target_}) must return kdrun.data.ArraySplits, got {type(splits).__name__}")
+    if tuple(splits.train_images.shape[1:]) != tuple(cfg.data.input_shape):
+        raise KdrunError(f"data.input_shape is {list(cfg.data.input_shape)} but {cfg.data.name} images are {list(splits.train_images.shape[1:])}")
+    if cfg.data.subset is not None:
+        splits = splits.subset(cfg.data.subset)
+    return splits
+
+
+def teacher_hint(cfg: DictConfig, name: str) -> str:
+    """How to get weights for model ``name``: the recipe that trains it, or a random teacher."""
+    mname = cfg[name].name if name in ("teacher", "student") else cfg.models[name].name
+    key = name if name in ("teacher", "student") else f"models.{name}"
+    return (f"Train it with `kdrun +recipe={cfg.data.name}_baseline student={mname}` and pass "
+            f"{key}.checkpoint=<that run's directory>/student.pt, or {key}.checkpoint=null for a random one.")
+
+
+def build(cfg: DictConfig) -> Pipeline:
+    """Instantiate everything ``cfg`` describes (already validated) and check it with a probe forward."""
+    device = resolve_device(cfg.trainer.device)
+    data = load_data(cfg)
+    mcfgs = model_configs(cfg)
+    stage_cfgs = list(cfg.stages.items())
+    adapter_cfgs = cfg.get("adapters") or {}
+    loss_cfgs = cfg.loss
+
+    # -- what every stage reads, expanded through the adapters it uses
+    def adapter_inputs(name: str) -> Inputs:
+        a = adapter_cfgs[name]
+        ins = OmegaConf.to_container(a.inputs, resolve=True)
+        return ins
+
+    stage_reads: dict[str, tuple[list[str], list[str]]] = {}
+    for sname, scfg in stage_cfgs:
+        todo = [n for t in scfg.losses for n in _names(OmegaConf.to_container(loss_cfgs[t].inputs, resolve=True))]
+        reads, used_adapters = set(), []
+        while todo:
+            n = todo.pop()
+            if n in reads:
+                continue
+            reads.add(n)
+            owner, _, rest = n.partition(".")
+            if owner == "adapters":
+                if rest not in adapter_cfgs:
+                    raise KdrunError(f"stage '{sname}' reads '{n}' but no adapter '{rest}' is configured under adapters")
+                used_adapters.append(rest)
+                todo.extend(_names(adapter_inputs(rest)))
+        ordered_adapters = [a for a in adapter_cfgs if a in used_adapters]
+        stage_reads[sname] = (sorted(reads), ordered_adapters)
+
+    # -- models, taps
+    models = nn.ModuleDict()
+    recorders: dict[str, TapRecorder] = {}
+    all_reads = {n for reads, _ in stage_reads.values() for n in reads}
+    used_models = {n.split(".", 1)[0] for n in all_reads} | {m for _, s in stage_cfgs for m in s.train}
+    for name in mcfgs:
+        if name not in used_models:
+            continue
+        mcfg = mcfgs[name]
+        key = name if name in ("teacher", "student") else f"models.{name}"
+        try:
+            model = _instantiate(mcfg.net)
+        except Exception as ex:
+            raise KdrunError(f"{key}.net: building {mcfg.net._target_} failed: {ex}") from None
+        if mcfg.checkpoint is not None:
+            load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
+            log.info("%s: %s weights from %s", name, mcfg.name, mcfg.checkpoint)
+        models[name] = model.to(device)
+        wanted = {n.split(".", 1)[1] for n in all_reads if n.split(".", 1)[0] == name} - {"logits"}
+        recorders[name] = TapRecorder(model, name, declared_taps(model, dict(mcfg.taps)), wanted)
+
+    # -- stage plans
+    stages: list[StagePlan] = []
+    trained_so_far: set[str] = set()
+    random_models: list[str] = []
+    for sname, scfg in stage_cfgs:
+        reads, used_adapters = stage_reads[sname]
+        run = [m for m in models if m in {n.split(".", 1)[0] for n in reads} | set(scfg.train)]
+        for m in scfg.train:
+            if m not in {n.split(".", 1)[0] for n in reads}:
+                raise KdrunError(f"stages.{sname} trains '{m}' but none of its loss terms reads a tensor of '{m}'")
+        frozen = [m for m in run if m not in scfg.train]
+        for m in frozen:
+            if mcfgs[m].checkpoint is None and m not in trained_so_far and m not in random_models:
+                random_models.append(m)
+        trained_so_far.update(scfg.train)
+        stages.append(StagePlan(
+            name=str(sname), epochs=int(scfg.epochs), trained_models=list(scfg.train), frozen_models=frozen,
+            adapters=used_adapters, losses=list(scfg.losses), eval_model=scfg.eval or scfg.train[0], cfg=scfg,
+        ))
+
+    # -- probe forward: shapes of every tensor any stage reads
+    ns = probe_namespace(models, recorders, data, device)
+    adapters: dict[str, AdapterSpec] = {}
+    used_anywhere = {a for _, ads in stage_reads.values() for a in ads}
+    for name, acfg in adapter_cfgs.items():
+        if name not in used_anywhere:
+            continue
+        inputs = adapter_inputs(name)
+        _require(ns, inputs, f"adapters.{name}")
+        node = OmegaConf.to_container(acfg, resolve=True)
+        first = ns[_names(inputs)[0]]
+        target = ns.get(node.get("target")) if node.get("target") else None
+        if node.get("target") and target is None:
+            raise KdrunError(f"adapters.{name}.target: '{node['target']}' is not a tensor read by any stage")
+        for k, v in list(node.items()):
+            if v == "auto":
+                node[k] = _auto_size(k, first, target, f"adapters.{name}")
+        try:
+            module = _instantiate(node, drop=ADAPTER_KEYS - {"_target_"}).to(device)
+            with torch.no_grad():
+                module.eval()
+                ns[f"adapters.{name}"] = module(**_gather(ns, inputs))
+        except KdrunError:
+            raise
+        except Exception as ex:
+            raise KdrunError(f"adapters.{name} ({node['_target_']}) cannot use its inputs {_describe(ns, inputs)}: {str(ex).splitlines()[0]}") from None
+        adapters[name] = AdapterSpec(name, module, inputs, bool(node.get("trainable", True)))
+
+    losses: dict[str, LossSpec] = {}
+    used_terms = {t for _, s in stage_cfgs for t in s.losses}
+    for name, lcfg in loss_cfgs.items():
+        if name not in used_terms:
+            continue
+        inputs = OmegaConf.to_container(lcfg.inputs, resolve=True)
+        _require(ns, inputs, f"loss.{name}")
+        try:
+            module = _instantiate(lcfg, drop=LOSS_KEYS - {"_target_"})
+        except Exception as ex:
+            raise KdrunError(f"loss.{name}: building {lcfg._target_} failed: {ex}") from None
+        shapes = _shape_of(ns, inputs)
+        try:
+            if hasattr(module, "setup"):
+                module.setup(shapes, data.train_labels.shape[0])
+            if hasattr(module, "check_shapes"):
+                module.check_shapes(**shapes)
+        except ValueError as ex:
+            raise KdrunError(f"loss.{name}: {ex} [inputs: {_describe(ns, inputs)}]") from None
+        module = module.to(device)
+        try:
+            with torch.no_grad():
+                copy.deepcopy(module)(**_gather(ns, inputs))
+        except Exception as ex:
+            raise KdrunError(f"loss.{name} ({lcfg._target_}) cannot use its inputs {_describe(ns, inputs)}: {str(ex).splitlines()[0]}") from None
+        losses[name] = LossSpec(name, module, float(lcfg.get("weight", 1.0)), inputs, int(lcfg.get("warmup_epochs", 0) or 0))
+
+    return Pipeline(cfg=cfg, device=device, data=data, models=models, recorders=recorders, adapters=adapters,
+                    losses=losses, stages=stages, random_models=random_models,
+                    shapes={k: tuple(v.shape) for k, v in ns.items()})
+
+
+def _require(ns: dict[str, Tensor], inputs: Inputs, key: str) -> None:
+    for n in _names(inputs):
+        if n not in ns:
+            owner = n.split(".", 1)[0]
+            hint = " (adapters publish in config order: define it before its readers)" if owner == "adapters" else ""
+            raise KdrunError(f"{key}: tensor '{n}' is not available{hint}")
+
+
+def _auto_size(arg: str, first: Tensor, target: Tensor | None, key: str) -> int:
+    """``in_*: auto`` -> size(1) of the adapter's first input; ``out_*: auto`` -> size(1) of ``target``."""
+    if arg.startswith("in_"):
+        return int(first.shape[1])
+    if arg.startswith("out_"):
+        if target is None:
+            raise KdrunError(f"{key}.{arg}=auto needs '{key}.target': the tensor whose size it should match")
+        return int(target.shape[1])
+    raise KdrunError(f"{key}.{arg}=auto: only in_* and out_* arguments can be auto")
+
+
+def probe_namespace(models: nn.ModuleDict, recorders: dict[str, TapRecorder], data: ArraySplits,
+                    device: torch.device) -> dict[str, Tensor]:
+    """Run every model in eval mode on two training images; return every tensor by name."""
+    x = data.train_images[:2].to(device).float() / 255.0
+    ns: dict[str, Tensor] = {
+        "batch.input": x,
+        "batch.target": data.train_labels[:2].to(device),
+        "batch.index": torch.arange(2, device=device),
+    }
+    with torch.no_grad():
+        for name, model in models.items():
+            was_training = model.training
+            model.eval()
+            try:
+                out = model(x)
+            except Exception as ex:
+                raise KdrunError(f"{name} ({type(model).__name__}) fails on input {tuple(x.shape)}: {str(ex).splitlines()[0]}") from None
+            model.train(was_training)
+            ns[f"{name}.logits"] = out
+            for tap, t in recorders[name].pop().items():
+                ns[f"{name}.{tap}"] = t
+    return ns

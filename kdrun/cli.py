@@ -1,0 +1,116 @@
+"""The ``kdrun`` command: Hydra composes the config, kdrun validates it and runs the engine.
+
+``kdrun`` alone runs the quickstart recipe; ``kdrun +recipe=NAME key=value ...`` any other;
+``kdrun -m ...`` sweeps (Hydra multirun); ``kdrun --help`` lists groups and recipes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.errors import KdrunError, did_you_mean
+from kdrun.paths import config_dir
+from kdrun.registry import register_configs
+
+log = logging.getLogger("kdrun")
+DEFAULT_RECIPE = "quickstart"
+
+
+def _uses_recipe(args: list[str]) -> bool:
+    return any(re.match(r"^[+~]{0,2}recipe(=|$)", a) for a in args)
+
+
+def _install_override_suggestions() -> None:
+    """Make Hydra's "Could not override 'a.b'" name the closest existing key (did you mean ...)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import ConfigCompositionException
+
+    original = ConfigLoaderImpl._apply_overrides_to_config
+    if getattr(original, "_kdrun", False):
+        return
+
+    def apply(overrides, cfg):  # type: ignore[no-untyped-def]
+        try:
+            original(overrides, cfg)
+        except ConfigCompositionException as ex:
+            if not str(ex).startswith("Could not override"):
+                raise
+            for o in overrides:
+                if o.is_add() or o.is_force_add() or o.is_delete():
+                    continue
+                key = o.key_or_group
+                node, parts = cfg, key.split(".")
+                for i, part in enumerate(parts):
+                    if isinstance(node, DictConfig) and part in node:
+                        node = node[part]
+                        continue
+                    where = ".".join(parts[:i]) or "the top level"
+                    options = list(node.keys()) if isinstance(node, DictConfig) else []
+                    raise ConfigCompositionException(
+                        f"unknown key '{key}': '{part}' is not a key of {where}.{did_you_mean(part, options)}"
+                        f" To add a new key on purpose, write +{o.input_line}"
+                    ) from None
+            raise
+
+    apply._kdrun = True  # type: ignore[attr-defined]
+    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[assignment]
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="kdrun")
+def _task(cfg: DictConfig) -> float:
+    from kdrun.config import validate
+    from kdrun.engine import run
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run(validate(cfg), run_dir)
+    except KdrunError as ex:
+        if multirun:  # one failed job must not stop the sweep
+            log.error("kdrun: error: %s", ex)
+            (run_dir / "FAILED").write_text(str(ex) + "\n")
+            return math.nan
+        print(f"kdrun: error: {ex}", file=sys.stderr)
+        sys.exit(2)
+    _report(summary)
+    value = summary.get("best_top1")
+    return float(value) if value is not None else math.nan
+
+
+def _report(s: dict) -> None:
+    lines = [f"kdrun: {s['name']} finished in {s['wall_time_s']:.1f} s"]
+    for name, top1 in s["frozen_top1"].items():
+        tag = " (random init)" if name in s["random_models"] else ""
+        lines.append(f"  {name} (frozen{tag}) test top-1: {top1:.2f}")
+    for stage, st in s["stages"].items():
+        if st.get("best_top1") is not None:
+            lines.append(f"  [{stage}] {st['eval_model']} test top-1: best {st['best_top1']:.2f} (epoch {st['best_epoch']}), "
+                         f"last {st['last_top1']:.2f}")
+    pub = s.get("published")
+    if pub:
+        delta = f"{pub['delta']:+.2f}" if pub.get("delta") is not None else "n/a"
+        lines.append(f"  published ({pub['metric']}): {pub['top1']:.2f} [{pub['source']}], difference {delta}")
+    lines.append(f"  run directory: {s['run_dir']}")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    """Console entry point: default to the quickstart recipe, then hand over to Hydra."""
+    args = sys.argv[1:]
+    if not _uses_recipe(args):
+        sys.argv.append(f"+recipe={DEFAULT_RECIPE}")
+    register_configs()
+    _install_override_suggestions()
+    _task()
+
+
+if __name__ == "__main__":
+    main()

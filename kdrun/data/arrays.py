@@ -1,0 +1,125 @@
+"""Array data sets and the loader that serves them.
+
+Every bundled data set is small enough to live in memory as one uint8 tensor of images
+(N, C, H, W) and one int64 tensor of labels, so kdrun serves it without a DataLoader: a loader
+draws one permutation per epoch from a generator seeded by (seed, stage, epoch), slices batches,
+and applies augmentation to the whole batch at once (random crop with zero padding, horizontal
+flip), then normalises. Order and augmentation are therefore a pure function of the seed and the
+epoch, which makes resume exact and lets the same code run with the data on the GPU.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ArraySplits:
+    """Training and test arrays: images uint8 (N, C, H, W), labels int64 (N,)."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("train", "test"):
+            x, y = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+            if x.dtype != torch.uint8 or x.dim() != 4:
+                raise ValueError(f"{name} images must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"{name} labels {tuple(y.shape)} do not match {x.shape[0]} images")
+        self.train_labels = self.train_labels.long()
+        self.test_labels = self.test_labels.long()
+
+    def subset(self, n: int) -> ArraySplits:
+        """The first ``n`` training examples and a proportional slice of the test set."""
+        n_train = len(self.train_labels)
+        n = max(1, min(int(n), n_train))
+        n_test = max(1, math.ceil(len(self.test_labels) * n / n_train))
+        return ArraySplits(self.train_images[:n], self.train_labels[:n],
+                           self.test_images[:n_test], self.test_labels[:n_test])
+
+
+def random_crop_flip(x: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
+    """Random crop of the original size from the zero-padded batch, then a random horizontal flip.
+
+    Vectorised over the batch: one gather with per-sample offsets, no loop over samples.
+    ``generator`` lives on the device of ``x``.
+    """
+    b, _, h, w = x.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]  # B,1,H,1
+        cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]  # B,1,1,W
+        bidx = torch.arange(b, device=x.device)[:, None, None, None]
+        cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[bidx, cidx, rows, cols]
+    if hflip:
+        flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class ArrayLoader:
+    """Batches of ``{"input", "target", "index"}`` from in-memory arrays.
+
+    Args:
+        images, labels: uint8 (N, C, H, W) and int64 (N,); moved to ``device`` once.
+        batch_size: samples per batch. drop_last: drop the last incomplete batch.
+        train: shuffle and augment (crop ``crop_padding``, ``hflip``); else serve in order.
+        mean, std: per-channel normalisation applied to images scaled to [0, 1].
+        seed: base of the per-epoch generator.
+        max_batches: serve at most this many batches per epoch (smoke tests).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, train: bool,
+                 mean: list[float], std: list[float], device: torch.device, seed: int = 0,
+                 crop_padding: int = 0, hflip: bool = False, drop_last: bool = False,
+                 max_batches: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = int(batch_size)
+        self.train = train
+        self.crop_padding = int(crop_padding) if train else 0
+        self.hflip = bool(hflip) and train
+        self.drop_last = drop_last and train
+        self.seed = int(seed)
+        self.max_batches = max_batches
+        c = images.shape[1]
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, c, 1, 1).to(self.device)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, c, 1, 1).to(self.device)
+        self.epoch_key = 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return min(batches, self.max_batches) if self.max_batches else batches
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, key: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration serves."""
+        self.epoch_key = int(key)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        n = len(self.labels)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed * 1_000_003 + self.epoch_key)
+        order = torch.randperm(n, generator=gen, device=self.device) if self.train else torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.crop_padding or self.hflip:
+                x = random_crop_flip(x, self.crop_padding, self.hflip, gen)
+            x = x.float().mul_(self.scale).sub_(self.shift)
+            yield {"input": x, "target": self.labels[idx], "index": idx}

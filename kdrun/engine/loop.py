@@ -1,0 +1,327 @@
+"""The training loop shared by every stage of every method.
+
+One step: batch -> frozen models (eval mode, no autograd) -> trained models -> adapters -> loss
+terms -> ``total = sum(weight * term)`` -> backward -> optimizer step. Loss values are accumulated
+on the device and read every ``trainer.log_every`` steps (the only host-device synchronisation in
+training besides the end of an epoch). After every epoch: evaluation of the stage's ``eval`` model,
+metrics, and the ``last`` (and, on improvement, ``best``) checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kdrun.build import Pipeline, StagePlan, _gather, _instantiate, build
+from kdrun.data.arrays import ArrayLoader
+from kdrun.engine.checkpoint import atomic_save, find_checkpoint, load_checkpoint, rng_state, set_rng_state
+from kdrun.engine.evaluate import evaluate
+from kdrun.engine.metrics import MetricsWriter
+from kdrun.engine.summary import export_models, write_summary
+from kdrun.errors import KdrunError
+
+log = logging.getLogger("kdrun")
+
+
+@dataclass
+class RunRecord:
+    """Where a run stands and what it measured; saved in every checkpoint."""
+
+    stage_index: int = 0
+    epoch: int = 0  # epochs completed in stage `stage_index`
+    step: int = 0  # optimizer steps over the whole run
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    frozen_top1: dict[str, float] = field(default_factory=dict)
+    train_time_s: float = 0.0
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def make_loaders(pipe: Pipeline) -> tuple[ArrayLoader, ArrayLoader]:
+    d, t = pipe.cfg.data, pipe.cfg.trainer
+    common = dict(mean=list(d.mean), std=list(d.std), device=pipe.device)
+    train = ArrayLoader(pipe.data.train_images, pipe.data.train_labels, batch_size=d.batch_size, train=True,
+                        seed=pipe.cfg.seed, crop_padding=d.crop_padding, hflip=d.hflip, drop_last=d.drop_last,
+                        max_batches=t.max_steps_per_epoch, **common)
+    test = ArrayLoader(pipe.data.test_images, pipe.data.test_labels, batch_size=d.eval_batch_size, train=False, **common)
+    return train, test
+
+
+def _show_progress(setting: str) -> bool:
+    return setting == "on" or (setting == "auto" and sys.stderr.isatty())
+
+
+class StageRunner:
+    """Trains one stage: owns its optimizer and scheduler."""
+
+    def __init__(self, pipe: Pipeline, plan: StagePlan, index: int, record: RunRecord, writer: MetricsWriter,
+                 run_dir: Path, train_loader: ArrayLoader, test_loader: ArrayLoader) -> None:
+        self.pipe, self.plan, self.index, self.record = pipe, plan, index, record
+        self.writer, self.run_dir = writer, run_dir
+        self.train_loader, self.test_loader = train_loader, test_loader
+        cap = pipe.cfg.trainer.max_epochs
+        self.epochs = min(plan.epochs, cap) if cap else plan.epochs
+        self.trainable: list[nn.Module] = [pipe.models[m] for m in plan.trained_models]
+        self.trainable += [pipe.adapters[a].module for a in plan.adapters if pipe.adapters[a].trainable]
+        self.trainable += [pipe.losses[t].module for t in plan.losses]
+        params = [p for m in self.trainable for p in m.parameters()]
+        if not params:
+            raise KdrunError(f"stages.{plan.name}: nothing to train (its models and loss terms have no parameters)")
+        self.optimizer = _instantiate(plan.cfg.optimizer, params)
+        self.scheduler = _instantiate(plan.cfg.scheduler, self.optimizer) if plan.cfg.scheduler is not None else None
+        self.per_step_schedule = plan.cfg.scheduler_interval == "step"
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    # ------------------------------------------------------------------------------ modes
+    def _set_modes(self) -> None:
+        pipe, plan = self.pipe, self.plan
+        for name, model in pipe.models.items():
+            trains = name in plan.trained_models
+            model.train(trains)
+            model.requires_grad_(trains)
+        for name, spec in pipe.adapters.items():
+            trains = name in plan.adapters and spec.trainable
+            spec.module.train(trains)
+            spec.module.requires_grad_(trains)
+        for spec in pipe.losses.values():
+            spec.module.train(True)
+
+    # ------------------------------------------------------------------------------ step
+    def forward_losses(self, batch: dict[str, Tensor], weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The namespace of one batch, every loss term, and the weighted total."""
+        pipe, plan = self.pipe, self.plan
+        ns: dict[str, Tensor] = {f"batch.{k}": v for k, v in batch.items()}
+        x = batch["input"]
+        with torch.no_grad():
+            for name in plan.frozen_models:
+                ns[f"{name}.logits"] = pipe.models[name](x)
+                ns.update({f"{name}.{k}": v for k, v in pipe.recorders[name].pop().items()})
+        for name in plan.trained_models:
+            ns[f"{name}.logits"] = pipe.models[name](x)
+            ns.update({f"{name}.{k}": v for k, v in pipe.recorders[name].pop().items()})
+        for name in plan.adapters:
+            spec = pipe.adapters[name]
+            ns[f"adapters.{name}"] = spec.module(**_gather(ns, spec.inputs))
+        total = torch.zeros((), device=x.device)
+        values: dict[str, Tensor] = {}
+        for name in plan.losses:
+            spec = pipe.losses[name]
+            out = spec.module(**_gather(ns, spec.inputs))
+            if isinstance(out, dict):
+                for part, v in out.items():
+                    values[f"{name}.{part}"] = v.detach()
+                out = torch.stack([v.float() for v in out.values()]).sum()
+            values[name] = out.detach()
+            total = total + weights[name] * out
+        return total, values
+
+    def _weights(self, epoch: int) -> dict[str, float]:
+        out = {}
+        for name in self.plan.losses:
+            spec = self.pipe.losses[name]
+            ramp = min(1.0, (epoch + 1) / spec.warmup_epochs) if spec.warmup_epochs > 0 else 1.0
+            out[name] = spec.weight * ramp
+        return out
+
+    # ------------------------------------------------------------------------------ epochs
+    def run(self) -> None:
+        pipe, plan, record = self.pipe, self.plan, self.record
+        self._measure_frozen()
+        stats = record.stages.setdefault(plan.name, {
+            "eval_model": plan.eval_model, "epochs": self.epochs, "best_top1": None, "best_top5": None,
+            "best_epoch": None, "last_top1": None, "last_top5": None,
+        })
+        for epoch in range(record.epoch, self.epochs):
+            self._set_modes()
+            for spec in (pipe.losses[t] for t in plan.losses):
+                if hasattr(spec.module, "set_progress"):
+                    spec.module.set_progress(epoch, self.epochs)
+            t0 = time.perf_counter()
+            train_metrics = self._train_epoch(epoch)
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize(pipe.device)
+            seconds = time.perf_counter() - t0
+            record.train_time_s += seconds
+            if self.scheduler is not None and not self.per_step_schedule:
+                self.scheduler.step()
+            record.epoch = epoch + 1
+            last = epoch + 1 == self.epochs
+            row: dict[str, Any] = {"stage": plan.name, "epoch": epoch + 1, "step": record.step, **train_metrics,
+                                   "epoch_time_s": seconds, "images_per_s": train_metrics.pop("_samples") / max(seconds, 1e-9)}
+            improved = False
+            if (epoch + 1) % pipe.cfg.trainer.eval_every == 0 or last:
+                ev = evaluate(pipe.models[plan.eval_model], self.test_loader)
+                row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
+                stats["last_top1"], stats["last_top5"] = ev["top1"], ev["top5"]
+                if stats["best_top1"] is None or ev["top1"] > stats["best_top1"]:
+                    stats.update(best_top1=ev["top1"], best_top5=ev["top5"], best_epoch=epoch + 1)
+                    improved = True
+                row["best_top1"] = stats["best_top1"]
+            self.writer.write(row, record.step, tb_prefix=f"{plan.name}/")
+            log.info("[%s] epoch %d/%d  loss %.4f  %s %.0f img/s  %.1fs", plan.name, epoch + 1, self.epochs,
+                     row.get("loss/total", float("nan")),
+                     f"{plan.eval_model} top-1 {row['top1']:.2f} (best {stats['best_top1']:.2f}) " if "top1" in row else "",
+                     row["images_per_s"], seconds)
+            if improved or last or (epoch + 1) % pipe.cfg.trainer.save_every == 0:
+                self._save(best=improved)
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        pipe, record = self.pipe, self.record
+        loader = self.train_loader
+        loader.set_epoch(self.index * 100_003 + epoch)
+        weights = self._weights(epoch)
+        log_every = max(1, int(pipe.cfg.trainer.log_every))
+        keys: list[str] | None = None
+        acc: Tensor | None = None
+        epoch_acc: Tensor | None = None
+        since, steps, samples = 0, 0, 0
+        bar = tqdm(total=len(loader), desc=f"{self.plan.name} {epoch + 1}/{self.epochs}", leave=False,
+                   disable=not _show_progress(pipe.cfg.trainer.progress), dynamic_ncols=True)
+        epoch_means: dict[str, float] = {}
+        for batch in loader:
+            total, values = self.forward_losses(batch, weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            if self.scheduler is not None and self.per_step_schedule:
+                self.scheduler.step()
+            record.step += 1
+            steps += 1
+            samples += batch["target"].shape[0]
+            if keys is None:
+                keys = ["total", *values]
+            vec = torch.stack([total.detach().float(), *(values[k].float() for k in keys[1:])])
+            acc = vec if acc is None else acc + vec
+            epoch_acc = vec if epoch_acc is None else epoch_acc + vec
+            since += 1
+            bar.update(1)
+            if since == log_every:
+                means = self._flush(keys, acc / since, epoch)
+                bar.set_postfix(loss=f"{means['loss/total']:.4f}")
+                acc, since = None, 0
+        bar.close()
+        if keys is None:
+            raise KdrunError(f"stages.{self.plan.name}: the training set gave no batch (data.batch_size larger than the set with drop_last?)")
+        if since:
+            self._flush(keys, acc / since, epoch)
+        epoch_means = {f"loss/{k}": v for k, v in zip(keys, (epoch_acc / steps).tolist())}
+        epoch_means["lr"] = self.optimizer.param_groups[0]["lr"]
+        epoch_means["_samples"] = samples
+        return epoch_means
+
+    def _flush(self, keys: list[str], means: Tensor, epoch: int) -> dict[str, float]:
+        values = means.tolist()
+        for k, v in zip(keys, values):
+            if not math.isfinite(v):
+                raise KdrunError(
+                    f"loss term '{k}' became {v} in stage '{self.plan.name}' epoch {epoch + 1} (step {self.record.step}); "
+                    f"lower the learning rate or the term's weight, or check its inputs"
+                )
+        row = {f"loss/{k}": v for k, v in zip(keys, values)}
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.writer.write({"stage": self.plan.name, "epoch": epoch + 1, "step": self.record.step, **row},
+                          self.record.step, tb_prefix=f"{self.plan.name}/train/")
+        return row
+
+    def _measure_frozen(self) -> None:
+        for name in self.plan.frozen_models:
+            if name in self.record.frozen_top1:
+                continue
+            ev = evaluate(self.pipe.models[name], self.test_loader)
+            self.record.frozen_top1[name] = ev["top1"]
+            self.writer.write({"stage": self.plan.name, "model": name, "frozen_top1": ev["top1"], "frozen_top5": ev["top5"]},
+                              self.record.step, tb_prefix=f"{name}/")
+            note = "  (RANDOMLY INITIALISED)" if name in self.pipe.random_models else ""
+            log.info("[%s] frozen %s test top-1 %.2f, top-5 %.2f%s", self.plan.name, name, ev["top1"], ev["top5"], note)
+
+    def _save(self, best: bool) -> None:
+        state = {
+            "modules": self.pipe.modules().state_dict(),
+            "stage": self.state_dict(),
+            "record": dataclasses.asdict(self.record),
+            "rng": rng_state(),
+            "stage_names": [p.name for p in self.pipe.stages],
+        }
+        ckpt_dir = self.run_dir / "checkpoints"
+        atomic_save(state, ckpt_dir / "last.pt")
+        if best:
+            atomic_save(state, ckpt_dir / "best.pt")
+
+
+def _warn_random(pipe: Pipeline) -> None:
+    for name in pipe.random_models:
+        bar = "!" * 78
+        log.warning("\n%s\n!! %s is RANDOMLY INITIALISED (%s.checkpoint=null) and used frozen: the results are those of a\n"
+                    "!! random %s, not of a trained one.\n%s", bar, name, name, name, bar)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run every stage of the experiment ``cfg`` in ``run_dir``; return the summary."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+    pipe = build(cfg)
+    record = RunRecord()
+    ckpt = None
+    if cfg.get("resume"):
+        path = find_checkpoint(str(cfg.resume), run_dir)
+        if path is not None:
+            ckpt = load_checkpoint(path)
+            names = [p.name for p in pipe.stages]
+            if ckpt.get("stage_names") != names:
+                raise KdrunError(f"resume: {path} was written by a run with stages {ckpt.get('stage_names')}, this one has {names}")
+            pipe.modules().load_state_dict(ckpt["modules"])
+            record = RunRecord(**ckpt["record"])
+            set_rng_state(ckpt["rng"])
+            log.info("resuming from %s: stage '%s', %d epochs done", path, names[min(record.stage_index, len(names) - 1)], record.epoch)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    _warn_random(pipe)
+    writer = MetricsWriter(run_dir, tensorboard=bool(cfg.trainer.tensorboard))
+    train_loader, test_loader = make_loaders(pipe)
+    try:
+        for index, plan in enumerate(pipe.stages):
+            if index < record.stage_index:
+                continue
+            runner = StageRunner(pipe, plan, index, record, writer, run_dir, train_loader, test_loader)
+            if ckpt is not None and index == record.stage_index and record.epoch > 0:
+                runner.load_state_dict(ckpt["stage"])
+            runner.run()
+            if index + 1 < len(pipe.stages):
+                record.stage_index, record.epoch = index + 1, 0
+    finally:
+        writer.close()
+    exported = export_models(pipe, run_dir)
+    return write_summary(pipe, record, run_dir, exported, wall_time_s=time.perf_counter() - start)

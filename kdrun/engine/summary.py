@@ -1,0 +1,94 @@
+"""The end of a run: exported model weights and ``summary.json``."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
+
+from kdrun.engine.checkpoint import atomic_save
+
+if TYPE_CHECKING:
+    from kdrun.build import Pipeline
+    from kdrun.engine.loop import RunRecord
+
+log = logging.getLogger("kdrun")
+
+
+def export_models(pipe: Pipeline, run_dir: Path) -> dict[str, str]:
+    """Write ``<name>.pt`` = ``{'model': state_dict}`` for every model trained by some stage.
+
+    Adapters and loss-term modules are not part of an exported model. The files load as
+    ``<model>.checkpoint=<file>`` in any other run.
+    """
+    trained = [m for plan in pipe.stages for m in plan.trained_models]
+    out = {}
+    for name in dict.fromkeys(trained):
+        state = {k: v.detach().cpu() for k, v in pipe.models[name].state_dict().items()}
+        path = Path(run_dir) / f"{name}.pt"
+        atomic_save({"model": state}, path)
+        out[name] = str(path)
+    return out
+
+
+def published_entry(cfg: Any) -> dict[str, Any] | None:
+    """The published number of this run's (teacher, student) pair, if the recipe records one."""
+    pub = cfg.get("published")
+    if pub is None or cfg.get("student") is None:
+        return None
+    teacher = cfg.teacher.name if cfg.get("teacher") is not None else None
+    for row in pub.table:
+        if row.student == cfg.student.name and (row.get("teacher") in (None, teacher)):
+            return {"source": pub.source, "metric": pub.metric, "top1": float(row.top1), "note": row.get("note", "")}
+    return None
+
+
+def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: dict[str, str],
+                  wall_time_s: float) -> dict[str, Any]:
+    """Write ``summary.json``: the final stage's best/last accuracy, every stage's, teachers', the
+    published number and the difference, parameters and time."""
+    cfg = pipe.cfg
+    final = pipe.stages[-1]
+    stats = record.stages.get(final.name, {})
+    summary: dict[str, Any] = {
+        "name": cfg.get("name"),
+        "method": cfg.get("method"),
+        "data": cfg.data.name,
+        "teacher": cfg.teacher.name if cfg.get("teacher") is not None and "teacher" in pipe.models else None,
+        "student": cfg.student.name if cfg.get("student") is not None else None,
+        "seed": int(cfg.seed),
+        "eval_model": final.eval_model,
+        "best_top1": stats.get("best_top1"),
+        "last_top1": stats.get("last_top1"),
+        "best_top5": stats.get("best_top5"),
+        "last_top5": stats.get("last_top5"),
+        "best_epoch": stats.get("best_epoch"),
+        "stages": record.stages,
+        "frozen_top1": record.frozen_top1,
+        "random_models": list(pipe.random_models),
+        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in pipe.models.items()},
+        "wall_time_s": wall_time_s,
+        "train_time_s": record.train_time_s,
+        "steps": record.step,
+        "exported": exported,
+        "run_dir": str(run_dir),
+        "overrides": _overrides(run_dir),
+    }
+    pub = published_entry(cfg)
+    if pub is not None:
+        got = summary["best_top1"] if pub["metric"] == "best" else summary["last_top1"]
+        pub["reproduced"] = got
+        pub["delta"] = None if got is None else got - pub["top1"]
+        summary["published"] = pub
+    with open(Path(run_dir) / "summary.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        return [str(x) for x in OmegaConf.load(path)]
+    return []

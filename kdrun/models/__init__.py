@@ -1,0 +1,1 @@
+"""The model zoo (CIFAR benchmark networks, small CNNs) and adapter modules."""

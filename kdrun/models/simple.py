@@ -1,0 +1,48 @@
+"""Small convolutional networks for the quickstart and tests (any input size, any channels)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class SimpleCNN(nn.Module):
+    """``depth`` blocks of conv3x3-BN-ReLU (channels doubling from ``width``; a 2x2 max-pool after every
+    block but the last), global average pooling, linear classifier.
+
+    Taps: ``stage1`` .. ``stage<depth>`` (block outputs), ``stage<i>_pre`` (before each block's ReLU),
+    ``feat`` (pooled feature).
+
+    Args:
+        num_classes: classes. in_channels: input channels. width: channels of the first block.
+        depth: number of blocks.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        blocks = []
+        c_in = in_channels
+        self.taps: dict[str, str] = {}
+        for i in range(depth):
+            c_out = width * 2**i
+            block = nn.Sequential()
+            block.add_module("conv", nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+            block.add_module("bn", nn.BatchNorm2d(c_out))
+            block.add_module("relu", nn.ReLU())
+            if i < depth - 1:
+                block.add_module("pool", nn.MaxPool2d(2))
+            blocks.append(block)
+            self.taps[f"stage{i + 1}"] = f"blocks.{i}.relu"
+            self.taps[f"stage{i + 1}_pre"] = f"blocks.{i}.bn"
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c_in, num_classes)
+        self.taps["feat"] = "flatten"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.flatten(self.pool(self.blocks(x))))
+
+
+def simple_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 2) -> SimpleCNN:
+    """Build a :class:`SimpleCNN`."""
+    return SimpleCNN(num_classes=num_classes, in_channels=in_channels, width=width, depth=depth)
