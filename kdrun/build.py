@@ -151,8 +151,13 @@ def teacher_hint(cfg: DictConfig, name: str) -> str:
     """How to get weights for model ``name``: the recipe that trains it, or a random teacher."""
     mname = cfg[name].name if name in ("teacher", "student") else cfg.models[name].name
     key = name if name in ("teacher", "student") else f"models.{name}"
-    return (f"Train it with `kdrun +recipe={cfg.data.name}_baseline student={mname}` and pass "
-            f"{key}.checkpoint=<that run's directory>/student.pt, or {key}.checkpoint=null for a random one.")
+    from kdrun.paths import recipe_dir
+
+    recipe = f"{cfg.data.name}_baseline"
+    train = (f"kdrun +recipe={recipe} student={mname}" if (recipe_dir() / f"{recipe}.yaml").is_file()
+             else f"a kdrun run that trains {mname} as its student")
+    return (f"Train it with `{train}` and pass {key}.checkpoint=<that run's directory>/student.pt, "
+            f"or {key}.checkpoint=null for a randomly initialised {name}.")
 
 
 def build(cfg: DictConfig) -> Pipeline:

@@ -11,8 +11,9 @@ recipes in ``/my/configs/recipe/NAME.yaml``.
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from kdrun.config import ModelConfig
 from kdrun.paths import config_dir, recipe_dir
 
 _done = False
@@ -26,6 +27,28 @@ def pick(key: str, table: dict, default: object = None) -> object:
     return table.get(key, default)
 
 
+def with_schema_defaults(node: DictConfig, schema: type) -> DictConfig:
+    """``node`` with the schema's defaults for the keys it lacks (interpolations kept), so that
+    every key can be overridden on the command line without a ``+``."""
+    merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    return OmegaConf.create(OmegaConf.to_container(merged, resolve=False))
+
+
+def complete_recipe(recipe: DictConfig) -> DictConfig:
+    """A recipe whose stages and loss terms carry every default key (``eval``, ``weight``, ...)."""
+    for name in list((recipe.get("stages") or {}).keys()):
+        stage = recipe.stages[name]
+        for key, value in (("eval", None), ("scheduler_interval", "epoch")):
+            if key not in stage:
+                stage[key] = value
+    for name in list((recipe.get("loss") or {}).keys()):
+        term = recipe.loss[name]
+        for key, value in (("weight", 1.0), ("warmup_epochs", 0)):
+            if key not in term:
+                term[key] = value
+    return recipe
+
+
 def register_configs() -> None:
     """Idempotently put the recipe, teacher and student groups into Hydra's ConfigStore."""
     global _done
@@ -35,9 +58,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("pick", pick)
     cs = ConfigStore.instance()
     for path in sorted((config_dir() / "model").glob("*.yaml")):
-        node = OmegaConf.load(path)
+        node = with_schema_defaults(OmegaConf.load(path), ModelConfig)
         cs.store(group="teacher", name=path.stem, node=node)
         cs.store(group="student", name=path.stem, node=node)
     for path in sorted(recipe_dir().glob("*.yaml")):
-        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        cs.store(group="recipe", name=path.stem, node=complete_recipe(OmegaConf.load(path)), package="_global_")
     _done = True
