@@ -243,7 +243,7 @@ class StageRunner:
 
     def _flush(self, keys: list[str], means: Tensor, epoch: int) -> dict[str, float]:
         values = means.tolist()
-        for k, v in zip(keys, values):
+        for k, v in sorted(zip(keys, values), key=lambda kv: kv[0] == "total"):  # name a term before the total
             if not math.isfinite(v):
                 raise KdrunError(
                     f"loss term '{k}' became {v} in stage '{self.plan.name}' epoch {epoch + 1} (step {self.record.step}); "

@@ -1,0 +1,103 @@
+"""Array data: loading, subsets, the batch loader's determinism and augmentation."""
+import numpy as np
+import pytest
+import torch
+
+from kdrun.data.arrays import ArrayLoader, ArraySplits, random_crop_flip
+from kdrun.data.sources import load_cifar, load_digits, make_synthetic
+from kdrun.errors import KdrunError
+from tests.conftest import SHARED_CIFAR
+
+
+def loader(splits, **kw):
+    args = dict(batch_size=16, train=True, mean=[0.5] * 3, std=[0.25] * 3, device="cpu", seed=3,
+                crop_padding=4, hflip=True)
+    args.update(kw)
+    return ArrayLoader(splits.train_images, splits.train_labels, **args)
+
+
+def test_loader_is_a_function_of_seed_and_epoch():
+    data = make_synthetic(num_train=50, num_test=10)
+    a, b = loader(data), loader(data)
+    a.set_epoch(7)
+    b.set_epoch(7)
+    for x, y in zip(a, b):
+        assert torch.equal(x["input"], y["input"]) and torch.equal(x["index"], y["index"])
+    b.set_epoch(8)
+    assert not torch.equal(next(iter(a))["index"], next(iter(b))["index"])
+
+
+def test_loader_covers_every_sample_once_per_epoch():
+    data = make_synthetic(num_train=50, num_test=10)
+    idx = torch.cat([b["index"] for b in loader(data)])
+    assert sorted(idx.tolist()) == list(range(50))
+    assert len(loader(data, drop_last=True)) == 3 and len(loader(data)) == 4
+    labels = torch.cat([b["target"] for b in loader(data)])
+    assert torch.equal(labels, data.train_labels[idx])
+
+
+def test_eval_loader_normalises_without_augmenting():
+    data = make_synthetic(num_train=8, num_test=8)
+    ev = ArrayLoader(data.test_images, data.test_labels, batch_size=8, train=False, mean=[0.5] * 3,
+                     std=[0.25] * 3, device="cpu", crop_padding=4, hflip=True)
+    x = next(iter(ev))["input"]
+    expected = (data.test_images.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop_flip(x, padding=2, hflip=False, generator=gen)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):  # every output must equal some 4x4 window of the padded input
+        windows = [padded[i, :, r:r + 4, c:c + 4] for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    same = random_crop_flip(x, padding=0, hflip=False, generator=gen)
+    assert torch.equal(same, x)
+    flips = [random_crop_flip(x, 0, True, gen) for _ in range(20)]
+    assert all(torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(2)) for f in flips for i in range(2))
+    assert any(not torch.equal(f, x) for f in flips)
+
+
+def test_subset_is_first_n_and_proportional_test_slice():
+    data = make_synthetic(num_train=100, num_test=40)
+    sub = data.subset(25)
+    assert torch.equal(sub.train_labels, data.train_labels[:25]) and len(sub.test_labels) == 10
+
+
+def test_digits_split_is_fixed():
+    a, b = load_digits(), load_digits()
+    assert torch.equal(a.test_labels, b.test_labels)
+    assert a.train_images.shape[1:] == (1, 8, 8) and len(a.train_labels) + len(a.test_labels) == 1797
+
+
+def test_bad_arrays_are_rejected():
+    with pytest.raises(ValueError, match="uint8"):
+        ArraySplits(torch.zeros(2, 3, 4, 4), torch.zeros(2), torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1))
+
+
+def test_missing_cifar_says_where_it_looked(tmp_path):
+    with pytest.raises(KdrunError) as info:
+        load_cifar(str(tmp_path), "cifar100")
+    assert str(tmp_path) in str(info.value) and "data.root" in str(info.value)
+
+
+def test_npz_layout_is_recognised(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, n in (("train-0-of-2.npz", 6), ("train-1-of-2.npz", 4), ("test.npz", 5)):
+        np.savez(tmp_path / name, images=rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8),
+                 fine_labels=rng.integers(0, 100, n, dtype=np.uint8), coarse_labels=np.zeros(n, np.uint8))
+    data = load_cifar(str(tmp_path), "cifar100")
+    assert data.train_images.shape == (10, 3, 32, 32) and data.test_labels.dtype == torch.int64
+
+
+@pytest.mark.skipif(not (SHARED_CIFAR / "test.npz").is_file(), reason="offline CIFAR-100 copy (../shared/data/cifar100) absent")
+def test_offline_cifar100_copy_reads():
+    with np.load(SHARED_CIFAR / "test.npz") as z:
+        assert z["images"].shape == (10000, 32, 32, 3)
+    data = load_cifar(str(SHARED_CIFAR), "cifar100")
+    assert data.train_images.shape == (50000, 3, 32, 32) and data.test_images.shape == (10000, 3, 32, 32)
+    assert torch.bincount(data.test_labels, minlength=100).tolist() == [100] * 100
+    mean = data.train_images[:5000].float().mean(dim=(0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor([0.5071, 0.4865, 0.4409]), atol=0.01)
