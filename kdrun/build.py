@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
@@ -109,7 +110,12 @@ def _instantiate(node: Any, *args: Any, drop: set[str] = frozenset(), **kwargs: 
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     node = {k: v for k, v in node.items() if k not in drop}
-    return instantiate(node, *args, _convert_="all", **kwargs)
+    try:
+        return instantiate(node, *args, _convert_="all", **kwargs)
+    except InstantiationException as ex:
+        if isinstance(ex.__cause__, KdrunError):  # a user mistake found by the target itself
+            raise ex.__cause__ from None
+        raise
 
 
 def _names(inputs: Inputs) -> list[str]:
@@ -303,14 +309,24 @@ def _require(ns: dict[str, Tensor], inputs: Inputs, key: str) -> None:
 
 
 def _auto_size(arg: str, first: Tensor, target: Tensor | None, key: str) -> int:
-    """``in_*: auto`` -> size(1) of the adapter's first input; ``out_*: auto`` -> size(1) of ``target``."""
+    """Resolve ``auto`` from the probe shapes.
+
+    ``in_*`` reads the adapter's first input, ``out_*`` its ``target`` tensor; ``*_size`` is the
+    spatial size (dim 2, height), anything else (channels, features, dim) is dim 1.
+    """
     if arg.startswith("in_"):
-        return int(first.shape[1])
-    if arg.startswith("out_"):
+        tensor = first
+    elif arg.startswith("out_"):
         if target is None:
             raise KdrunError(f"{key}.{arg}=auto needs '{key}.target': the tensor whose size it should match")
-        return int(target.shape[1])
-    raise KdrunError(f"{key}.{arg}=auto: only in_* and out_* arguments can be auto")
+        tensor = target
+    else:
+        raise KdrunError(f"{key}.{arg}=auto: only in_* and out_* arguments can be auto")
+    if arg.endswith("_size"):
+        if tensor.dim() < 3:
+            raise KdrunError(f"{key}.{arg}=auto: the tensor has no spatial size (shape {tuple(tensor.shape)})")
+        return int(tensor.shape[2])
+    return int(tensor.shape[1])
 
 
 def probe_namespace(models: nn.ModuleDict, recorders: dict[str, TapRecorder], data: ArraySplits,

@@ -107,7 +107,11 @@ def main() -> None:
     args = sys.argv[1:]
     if not _uses_recipe(args):
         sys.argv.append(f"+recipe={DEFAULT_RECIPE}")
-    register_configs()
+    try:
+        register_configs()
+    except KdrunError as ex:
+        print(f"kdrun: error: {ex}", file=sys.stderr)
+        sys.exit(2)
     _install_override_suggestions()
     _task()
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pathlib import Path
+
 from kdrun.config import ModelConfig
+from kdrun.errors import KdrunError
 from kdrun.paths import config_dir, recipe_dir
 
 _done = False
@@ -49,6 +52,13 @@ def complete_recipe(recipe: DictConfig) -> DictConfig:
     return recipe
 
 
+def _load(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except Exception as ex:  # YAML syntax errors of every kind
+        raise KdrunError(f"{path}: not valid YAML: {' '.join(str(ex).split())[:300]}") from None
+
+
 def register_configs() -> None:
     """Idempotently put the recipe, teacher and student groups into Hydra's ConfigStore."""
     global _done
@@ -58,9 +68,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("pick", pick)
     cs = ConfigStore.instance()
     for path in sorted((config_dir() / "model").glob("*.yaml")):
-        node = with_schema_defaults(OmegaConf.load(path), ModelConfig)
+        node = with_schema_defaults(_load(path), ModelConfig)
         cs.store(group="teacher", name=path.stem, node=node)
         cs.store(group="student", name=path.stem, node=node)
     for path in sorted(recipe_dir().glob("*.yaml")):
-        cs.store(group="recipe", name=path.stem, node=complete_recipe(OmegaConf.load(path)), package="_global_")
+        cs.store(group="recipe", name=path.stem, node=complete_recipe(_load(path)), package="_global_")
     _done = True

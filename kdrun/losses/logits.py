@@ -80,6 +80,11 @@ class KDLoss(LossTerm):
         return kl * (t * t)
 
 
+def _float(x: Tensor) -> Tensor:
+    """``x`` in float32 for the loss arithmetic (bf16/fp16 upcast, float64 kept)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _binary_log_probs(z: Tensor, gt_mask: Tensor, target: Tensor) -> Tensor:
     """``log [p_target, 1 - p_target]`` of ``softmax(z)`` per row, computed exactly in log space.
 
@@ -129,8 +134,9 @@ class DKDLoss(LossTerm):
             default False.
 
     CIFAR-100 settings of the published DKD table (mdistiller configs): alpha=1, T=4, CE weight 1,
-    term weight 1 with a linear warm-up over the first 20 epochs (``min(epoch / 20, 1)``, done by the
-    engine via ``warmup_epochs``), beta=8 by default, beta=2 for resnet56->resnet20 and
+    term weight 1 with a linear warm-up over the first 20 epochs (``min(epoch / 20, 1)`` per epoch with
+    1-based epochs: 0.05 in the first, 1 from the 20th; done by the engine via ``warmup_epochs``),
+    beta=8 by default, beta=2 for resnet56->resnet20 and
     resnet110->resnet32, beta=6 for wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8 and
     vgg13->MobileNetV2. Inputs: ``student``, ``teacher`` (logits), ``target`` (class indices).
     """
@@ -156,7 +162,7 @@ class DKDLoss(LossTerm):
             )
 
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
-        student, teacher = student.float(), teacher.float()
+        student, teacher = _float(student), _float(teacher)
         if self.standardize:
             student, teacher = standardize_logits(student), standardize_logits(teacher)
         t = self.temperature
@@ -191,8 +197,9 @@ class DISTLoss(LossTerm):
     - inter-class relation: ``1 - mean_i rho(Y_s[i, :], Y_t[i, :])`` (each sample's row over classes);
     - intra-class relation: ``1 - mean_c rho(Y_s[:, c], Y_t[:, c])`` (each class's column over the batch).
     ``L = tau^2 * (beta * inter + gamma * intra)``. ``rho`` is the cosine of the mean-centred vectors
-    with ``eps`` added to the product of norms (1e-8, as in the official code). Invariant to adding a
-    per-sample constant to the logits; the intra-class part needs a batch of at least 2.
+    with ``eps`` added to the product of norms (1e-8, as in the official code; so the loss of equal
+    inputs is not exactly 0 but of order ``tau^2 * eps / ||centred probabilities||^2``). Invariant
+    to adding a per-sample constant to the logits; the intra-class part needs a batch of at least 2.
 
     Returns ``{"inter": beta * tau^2 * inter, "intra": gamma * tau^2 * intra}`` (already weighted).
 
@@ -224,7 +231,7 @@ class DISTLoss(LossTerm):
             raise ValueError(f"DIST: logits must be (batch, classes), got 'student' {tuple(student)}")
 
     def forward(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
-        student, teacher = student.float(), teacher.float()
+        student, teacher = _float(student), _float(teacher)
         if self.standardize:
             student, teacher = standardize_logits(student), standardize_logits(teacher)
         ys = F.softmax(student / self.tau, dim=1)
