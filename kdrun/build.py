@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from kdrun.config import ADAPTER_KEYS, LOSS_KEYS, model_configs
 from kdrun.data.arrays import ArraySplits
+from kdrun.data.datasets import DatasetSplits
 from kdrun.errors import KdrunError
 from kdrun.models.weights import load_weights
 from kdrun.taps import TapRecorder, declared_taps
@@ -70,7 +71,7 @@ class Pipeline:
 
     cfg: DictConfig
     device: torch.device
-    data: ArraySplits
+    data: ArraySplits | DatasetSplits
     models: nn.ModuleDict
     recorders: dict[str, TapRecorder]
     adapters: dict[str, AdapterSpec]
@@ -141,13 +142,15 @@ def _describe(ns: dict[str, Tensor], inputs: Inputs) -> str:
     return ", ".join(parts)
 
 
-def load_data(cfg: DictConfig) -> ArraySplits:
+def load_data(cfg: DictConfig) -> ArraySplits | DatasetSplits:
     """Instantiate ``data.source`` and apply ``data.subset``."""
     splits = _instantiate(cfg.data.source)
-    if not isinstance(splits, ArraySplits):
-        raise KdrunError(f"data.source ({cfg.data.source._target_}) must return kdrun.data.ArraySplits, got {type(splits).__name__}")
-    if tuple(splits.train_images.shape[1:]) != tuple(cfg.data.input_shape):
-        raise KdrunError(f"data.input_shape is {list(cfg.data.input_shape)} but {cfg.data.name} images are {list(splits.train_images.shape[1:])}")
+    if not isinstance(splits, (ArraySplits, DatasetSplits)):
+        raise KdrunError(f"data.source ({cfg.data.source._target_}) must return kdrun.data.ArraySplits or "
+                         f"kdrun.data.datasets.DatasetSplits, got {type(splits).__name__}")
+    shape = tuple(splits.probe_batch(1)[0].shape[1:])
+    if shape != tuple(cfg.data.input_shape):
+        raise KdrunError(f"data.input_shape is {list(cfg.data.input_shape)} but {cfg.data.name} images are {list(shape)}")
     if cfg.data.subset is not None:
         splits = splits.subset(cfg.data.subset)
     return splits
@@ -282,7 +285,7 @@ def build(cfg: DictConfig) -> Pipeline:
         shapes = _shape_of(ns, inputs)
         try:
             if hasattr(module, "setup"):
-                module.setup(shapes, data.train_labels.shape[0])
+                module.setup(shapes, data.num_train)
             if hasattr(module, "check_shapes"):
                 module.check_shapes(**shapes)
         except ValueError as ex:
@@ -329,15 +332,12 @@ def _auto_size(arg: str, first: Tensor, target: Tensor | None, key: str) -> int:
     return int(tensor.shape[1])
 
 
-def probe_namespace(models: nn.ModuleDict, recorders: dict[str, TapRecorder], data: ArraySplits,
+def probe_namespace(models: nn.ModuleDict, recorders: dict[str, TapRecorder], data: ArraySplits | DatasetSplits,
                     device: torch.device) -> dict[str, Tensor]:
-    """Run every model in eval mode on two training images; return every tensor by name."""
-    x = data.train_images[:2].to(device).float() / 255.0
-    ns: dict[str, Tensor] = {
-        "batch.input": x,
-        "batch.target": data.train_labels[:2].to(device),
-        "batch.index": torch.arange(2, device=device),
-    }
+    """Run every model in eval mode on two images; return every tensor by name."""
+    x, y = data.probe_batch(2)
+    x, y = x.to(device), y.to(device)
+    ns: dict[str, Tensor] = {"batch.input": x, "batch.target": y, "batch.index": torch.arange(len(y), device=device)}
     with torch.no_grad():
         for name, model in models.items():
             was_training = model.training

@@ -53,8 +53,10 @@ class ModelConfig:
 class DataConfig:
     """A data set of arrays (images uint8 N,C,H,W + labels) with standard augmentation.
 
-    ``source`` is instantiated to a :class:`kdrun.data.arrays.ArraySplits`; ``root`` is where it
-    reads files. ``subset``: train on the first N examples and evaluate on a proportional slice.
+    ``source`` is instantiated to :class:`kdrun.data.arrays.ArraySplits` (in-memory arrays, batch
+    augmentation by ``crop_padding``/``hflip``, normalisation by ``mean``/``std``) or
+    :class:`kdrun.data.datasets.DatasetSplits` (Datasets with their own transforms, DataLoader with
+    ``num_workers``); ``root`` is where it reads files. ``subset``: train on the first N examples and evaluate on a proportional slice.
     """
 
     name: str = MISSING
@@ -65,6 +67,7 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     drop_last: bool = False
+    num_workers: int = 4  # DataLoader workers (Dataset sources only; arrays need none)
     crop_padding: int = 0
     hflip: bool = False
     mean: list[float] = MISSING

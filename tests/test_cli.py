@@ -80,3 +80,21 @@ def test_user_recipe_folder_through_the_search_path(tmp_path):
     proc = run_cli([f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "+recipe=tiny_kd", "teacher=cnn_small", "student=cnn_tiny", "--cfg", "job"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "name: tiny_kd" in proc.stdout and "temperature: 2" in proc.stdout and "cnn_small" in proc.stdout
+
+
+def test_torchvision_model_on_an_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "img" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / split / cls / f"{i}.png")
+    proc = run_cli(["+recipe=cifar100_baseline", "data=imagenet", f"data.root={tmp_path / 'img'}", "data.num_classes=2",
+                    "data.input_shape=[3,32,32]", "data.source.resize=36", "data.num_workers=0", "data.batch_size=4",
+                    "student=tv_resnet18", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}", *QUIET], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["student"] == "tv_resnet18" and summary["steps"] == 2 and summary["last_top1"] is not None

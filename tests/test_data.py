@@ -101,3 +101,26 @@ def test_offline_cifar100_copy_reads():
     assert torch.bincount(data.test_labels, minlength=100).tolist() == [100] * 100
     mean = data.train_images[:5000].float().mean(dim=(0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor([0.5071, 0.4865, 0.4409]), atol=0.01)
+
+
+def test_image_folder_through_the_dataloader_path(tmp_path):
+    from PIL import Image
+
+    from kdrun.data.datasets import DatasetLoader, image_folder
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    splits = image_folder(str(tmp_path), image_size=16, resize=18)
+    assert splits.num_train == 6 and splits.probe_batch(2)[0].shape == (2, 3, 16, 16)
+    loader = DatasetLoader(splits.train, batch_size=4, train=True, device="cpu", seed=1, num_workers=0)
+    loader.set_epoch(3)
+    first = [b["index"].tolist() for b in loader]
+    again = [b["index"].tolist() for b in loader]
+    assert first == again and sorted(sum(first, [])) == list(range(6)) and len(loader) == 2
+    assert splits.subset(3).num_train == 3
+    with pytest.raises(KdrunError, match="val"):
+        image_folder(str(tmp_path / "train"))

@@ -36,6 +36,14 @@ class ArraySplits:
         self.train_labels = self.train_labels.long()
         self.test_labels = self.test_labels.long()
 
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.shape[0])
+
+    def probe_batch(self, k: int = 2) -> tuple[Tensor, Tensor]:
+        """``k`` training images scaled to [0, 1] (inputs, labels) for the builder's probe forward."""
+        return self.train_images[:k].float() / 255.0, self.train_labels[:k]
+
     def subset(self, n: int) -> ArraySplits:
         """The first ``n`` training examples and a proportional slice of the test set."""
         n_train = len(self.train_labels)

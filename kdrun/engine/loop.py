@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from kdrun.build import Pipeline, StagePlan, _gather, _instantiate, build
 from kdrun.data.arrays import ArrayLoader
+from kdrun.data.datasets import DatasetLoader, DatasetSplits
 from kdrun.engine.checkpoint import atomic_save, find_checkpoint, load_checkpoint, rng_state, set_rng_state
 from kdrun.engine.evaluate import evaluate
 from kdrun.engine.metrics import MetricsWriter
@@ -60,8 +61,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def make_loaders(pipe: Pipeline) -> tuple[ArrayLoader, ArrayLoader]:
+def make_loaders(pipe: Pipeline) -> tuple[ArrayLoader | DatasetLoader, ArrayLoader | DatasetLoader]:
+    """Loaders for the training and test splits: in-memory arrays, or a DataLoader over Datasets."""
     d, t = pipe.cfg.data, pipe.cfg.trainer
+    if isinstance(pipe.data, DatasetSplits):
+        common = dict(device=pipe.device, seed=pipe.cfg.seed, num_workers=d.num_workers)
+        return (DatasetLoader(pipe.data.train, batch_size=d.batch_size, train=True, drop_last=d.drop_last,
+                              max_batches=t.max_steps_per_epoch, **common),
+                DatasetLoader(pipe.data.test, batch_size=d.eval_batch_size, train=False, **common))
     common = dict(mean=list(d.mean), std=list(d.std), device=pipe.device)
     train = ArrayLoader(pipe.data.train_images, pipe.data.train_labels, batch_size=d.batch_size, train=True,
                         seed=pipe.cfg.seed, crop_padding=d.crop_padding, hflip=d.hflip, drop_last=d.drop_last,
