@@ -15,6 +15,8 @@ def test_recorder_captures_the_module_outputs():
     logits = model(x)
     out = rec.pop()
     assert set(out) == {"stage1", "stage2_pre", "feat"}
+    assert rec.pop() == {}
+    rec.active = False  # recomputing references below must not record
     stage1 = model.blocks[0](x)
     assert torch.equal(out["stage1"], model.blocks[0].relu(model.blocks[0].bn(model.blocks[0].conv(x))))
     assert out["feat"].shape == (2, 8) and torch.allclose(model.fc(out["feat"]), logits)
