@@ -23,7 +23,7 @@ from kdrun.data.arrays import ArraySplits
 from kdrun.data.datasets import DatasetSplits
 from kdrun.errors import KdrunError
 from kdrun.models.weights import load_weights
-from kdrun.taps import TapRecorder, declared_taps
+from kdrun.taps import TapRecorder, declared_taps, expand_groups, tap_groups
 
 log = logging.getLogger("kdrun")
 
@@ -178,15 +178,38 @@ def build(cfg: DictConfig) -> Pipeline:
     adapter_cfgs = cfg.get("adapters") or {}
     loss_cfgs = cfg.loss
 
-    # -- what every stage reads, expanded through the adapters it uses
-    def adapter_inputs(name: str) -> Inputs:
-        a = adapter_cfgs[name]
-        ins = OmegaConf.to_container(a.inputs, resolve=True)
-        return ins
+    # -- models (only those some stage uses), with their checkpoint weights
+    raw_loss_inputs = {n: OmegaConf.to_container(c.inputs, resolve=True) for n, c in loss_cfgs.items()}
+    raw_adapter_inputs = {n: OmegaConf.to_container(c.inputs, resolve=True) for n, c in adapter_cfgs.items()}
+    named = [n for ins in [*raw_loss_inputs.values(), *raw_adapter_inputs.values()] for n in _names(ins)]
+    used_models = {n.split(".", 1)[0] for n in named} | {m for _, s in stage_cfgs for m in s.train}
+    models = nn.ModuleDict()
+    for name in mcfgs:
+        if name not in used_models:
+            continue
+        mcfg = mcfgs[name]
+        key = name if name in ("teacher", "student") else f"models.{name}"
+        try:
+            model = _instantiate(mcfg.net)
+        except KdrunError:
+            raise
+        except Exception as ex:
+            raise KdrunError(f"{key}.net: building {mcfg.net._target_} failed: {ex}") from None
+        if mcfg.checkpoint is not None:
+            load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
+            log.info("%s: %s weights from %s", name, mcfg.name, mcfg.checkpoint)
+        models[name] = model.to(device)
 
+    # -- tap groups (student.stages -> [student.stage1, ...]) expanded in every input
+    taps_of = {name: declared_taps(models[name], dict(mcfgs[name].taps)) for name in models}
+    groups = {name: tap_groups(taps_of[name]) for name in models}
+    loss_inputs = {n: expand_groups(ins, groups) for n, ins in raw_loss_inputs.items()}
+    adapter_inputs = {n: expand_groups(ins, groups) for n, ins in raw_adapter_inputs.items()}
+
+    # -- what every stage reads, expanded through the adapters it uses
     stage_reads: dict[str, tuple[list[str], list[str]]] = {}
     for sname, scfg in stage_cfgs:
-        todo = [n for t in scfg.losses for n in _names(OmegaConf.to_container(loss_cfgs[t].inputs, resolve=True))]
+        todo = [n for t in scfg.losses for n in _names(loss_inputs[t])]
         reads, used_adapters = set(), []
         while todo:
             n = todo.pop()
@@ -198,30 +221,16 @@ def build(cfg: DictConfig) -> Pipeline:
                 if rest not in adapter_cfgs:
                     raise KdrunError(f"stage '{sname}' reads '{n}' but no adapter '{rest}' is configured under adapters")
                 used_adapters.append(rest)
-                todo.extend(_names(adapter_inputs(rest)))
+                todo.extend(_names(adapter_inputs[rest]))
         ordered_adapters = [a for a in adapter_cfgs if a in used_adapters]
         stage_reads[sname] = (sorted(reads), ordered_adapters)
 
-    # -- models, taps
-    models = nn.ModuleDict()
+    # -- tap hooks: only the taps something reads
     recorders: dict[str, TapRecorder] = {}
     all_reads = {n for reads, _ in stage_reads.values() for n in reads}
-    used_models = {n.split(".", 1)[0] for n in all_reads} | {m for _, s in stage_cfgs for m in s.train}
-    for name in mcfgs:
-        if name not in used_models:
-            continue
-        mcfg = mcfgs[name]
-        key = name if name in ("teacher", "student") else f"models.{name}"
-        try:
-            model = _instantiate(mcfg.net)
-        except Exception as ex:
-            raise KdrunError(f"{key}.net: building {mcfg.net._target_} failed: {ex}") from None
-        if mcfg.checkpoint is not None:
-            load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
-            log.info("%s: %s weights from %s", name, mcfg.name, mcfg.checkpoint)
-        models[name] = model.to(device)
+    for name, model in models.items():
         wanted = {n.split(".", 1)[1] for n in all_reads if n.split(".", 1)[0] == name} - {"logits"}
-        recorders[name] = TapRecorder(model, name, declared_taps(model, dict(mcfg.taps)), wanted)
+        recorders[name] = TapRecorder(model, name, taps_of[name], wanted)
 
     # -- stage plans
     stages: list[StagePlan] = []
@@ -250,7 +259,7 @@ def build(cfg: DictConfig) -> Pipeline:
     for name, acfg in adapter_cfgs.items():
         if name not in used_anywhere:
             continue
-        inputs = adapter_inputs(name)
+        inputs = adapter_inputs[name]
         _require(ns, inputs, f"adapters.{name}")
         node = OmegaConf.to_container(acfg, resolve=True)
         first = ns[_names(inputs)[0]]
@@ -276,7 +285,7 @@ def build(cfg: DictConfig) -> Pipeline:
     for name, lcfg in loss_cfgs.items():
         if name not in used_terms:
             continue
-        inputs = OmegaConf.to_container(lcfg.inputs, resolve=True)
+        inputs = loss_inputs[name]
         _require(ns, inputs, f"loss.{name}")
         try:
             module = _instantiate(lcfg, drop=LOSS_KEYS - {"_target_"})

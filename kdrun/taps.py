@@ -4,8 +4,16 @@ A model publishes ``<model>.logits`` (its output) and ``<model>.<tap>`` for ever
 a tap names a module path whose forward output is the tensor (``stage2: layer2``). Zoo models
 declare their standard taps in a ``taps`` attribute; configs add more with ``<model>.taps``.
 Only the taps something reads are hooked, so unused taps cost nothing.
+
+Tap groups name several taps at once, derived from the standard tap names so that one recipe fits
+every architecture: ``stages`` = [stage1, ..., stageK], ``stages_pre`` = [stage1_pre, ...],
+``features`` = [stem, stage1, ..., stageK], and the aliases ``last_stage`` = stageK and
+``last_stage_pre`` = stageK_pre. ``inputs: {student: student.stages}`` gives the loss a list.
 """
 from __future__ import annotations
+
+import re
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -17,6 +25,46 @@ def declared_taps(model: nn.Module, extra: dict[str, str] | None = None) -> dict
     taps = dict(getattr(model, "taps", {}) or {})
     taps.update(extra or {})
     return taps
+
+
+def tap_groups(taps: dict[str, str]) -> dict[str, list[str] | str]:
+    """Groups and aliases derived from standard tap names (see the module docstring)."""
+    def numbered(pattern: str) -> list[str]:
+        found = [(int(m.group(1)), t) for t in taps if (m := re.fullmatch(pattern, t))]
+        return [t for _, t in sorted(found)]
+
+    groups: dict[str, list[str] | str] = {}
+    stages, pre = numbered(r"stage(\d+)"), numbered(r"stage(\d+)_pre")
+    if stages:
+        groups["stages"] = stages
+        groups["last_stage"] = stages[-1]
+        groups["features"] = (["stem"] if "stem" in taps else []) + stages
+    if pre:
+        groups["stages_pre"] = pre
+        groups["last_stage_pre"] = pre[-1]
+    return {k: v for k, v in groups.items() if k not in taps}
+
+
+def expand_groups(inputs: dict[str, Any], groups: dict[str, dict[str, list[str] | str]]) -> dict[str, Any]:
+    """Replace ``<model>.<group>`` names in ``inputs`` by their taps (a list, or one name for an alias)."""
+    def expand(name: str) -> list[str] | str:
+        owner, _, tap = name.partition(".")
+        group = groups.get(owner, {}).get(tap)
+        if group is None:
+            return name
+        return [f"{owner}.{t}" for t in group] if isinstance(group, list) else f"{owner}.{group}"
+
+    out: dict[str, Any] = {}
+    for arg, value in inputs.items():
+        if isinstance(value, list):
+            flat: list[str] = []
+            for v in value:
+                e = expand(v)
+                flat.extend(e if isinstance(e, list) else [e])
+            out[arg] = flat
+        else:
+            out[arg] = expand(value)
+    return out
 
 
 class TapRecorder:
@@ -35,9 +83,11 @@ class TapRecorder:
         modules = dict(model.named_modules())
         for tap in sorted(wanted):
             if tap not in taps:
+                options = list(taps) + list(tap_groups(taps)) + ["logits"]
                 raise KdrunError(
-                    f"'{name}.{tap}' is not a tap of {name} ({type(model).__name__}).{did_you_mean(tap, list(taps) + ['logits'])} "
-                    f"Its taps: {', '.join(sorted(taps)) or 'none'}, logits; add one with {name}.taps.{tap}=<module.path>."
+                    f"'{name}.{tap}' is not a tap of {name} ({type(model).__name__}).{did_you_mean(tap, options)} "
+                    f"Its taps: {', '.join(sorted(taps)) or 'none'}, logits; groups: {', '.join(tap_groups(taps)) or 'none'}; "
+                    f"add a tap with {name}.taps.{tap}=<module.path>."
                 )
             path = taps[tap]
             if path not in modules:

@@ -51,3 +51,15 @@ def test_any_module_can_be_tapped_by_path():
     x = torch.randn(5, 3)
     model(x)
     assert torch.equal(rec.pop()["hidden"], torch.relu(model[0](x)))
+
+
+def test_tap_groups_expand_to_lists_and_aliases():
+    from kdrun.taps import expand_groups, tap_groups
+
+    model = simple_cnn(num_classes=5, in_channels=3, width=4, depth=3)
+    groups = tap_groups(declared_taps(model))
+    assert groups["stages"] == ["stage1", "stage2", "stage3"] and groups["last_stage"] == "stage3"
+    assert groups["stages_pre"] == ["stage1_pre", "stage2_pre", "stage3_pre"]
+    out = expand_groups({"student": "s.stages", "teacher": ["t.last_stage", "t.feat"], "x": "batch.input"},
+                        {"s": groups, "t": groups})
+    assert out == {"student": ["s.stage1", "s.stage2", "s.stage3"], "teacher": ["t.stage3", "t.feat"], "x": "batch.input"}
