@@ -79,6 +79,7 @@ class Pipeline:
     stages: list[StagePlan]
     random_models: list[str] = field(default_factory=list)  # frozen somewhere, never loaded nor trained
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    callables: dict[str, Any] = field(default_factory=dict)  # what the step calls per model (compiled or not)
 
     def modules(self) -> nn.ModuleDict:
         """Every stateful module by kind, for checkpoints: models, adapters, loss terms."""
@@ -309,7 +310,7 @@ def build(cfg: DictConfig) -> Pipeline:
 
     return Pipeline(cfg=cfg, device=device, data=data, models=models, recorders=recorders, adapters=adapters,
                     losses=losses, stages=stages, random_models=random_models,
-                    shapes={k: tuple(v.shape) for k, v in ns.items()})
+                    shapes={k: tuple(v.shape) for k, v in ns.items()}, callables=dict(models.items()))
 
 
 def _require(ns: dict[str, Tensor], inputs: Inputs, key: str) -> None:

@@ -106,7 +106,7 @@ def main() -> None:
     """Console entry point: default to the quickstart recipe, then hand over to Hydra."""
     args = sys.argv[1:]
     if not _uses_recipe(args):
-        sys.argv.append(f"+recipe={DEFAULT_RECIPE}")
+        sys.argv.insert(1, f"+recipe={DEFAULT_RECIPE}")
     try:
         register_configs()
     except KdrunError as ex:

@@ -88,6 +88,12 @@ class TrainerConfig:
     save_every: int = 1  # epochs between `last` checkpoints (the last epoch is always saved)
     progress: str = "auto"  # auto (only on a terminal) | on | off
     tensorboard: bool = True
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    channels_last: bool = False  # NHWC models and batches
+    compile: bool = False  # torch.compile every model's training forward
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
+    compile_backend: str = "inductor"
+    fused_optimizer: bool = False  # pass fused=True to the optimizer on CUDA when it supports it
 
 
 @dataclass
@@ -148,6 +154,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_section(cfg, "trainer", TrainerConfig)
     if cfg.trainer.get("progress", "auto") not in ("auto", "on", "off"):
         raise KdrunError(f"trainer.progress must be auto, on or off, got '{cfg.trainer.progress}'")
+    if cfg.trainer.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
+        raise KdrunError(f"trainer.precision must be fp32, bf16 or fp16, got '{cfg.trainer.precision}'")
     if cfg.get("published") is not None:
         _check_section(cfg, "published", PublishedConfig)
         if cfg.published.metric not in ("best", "last"):

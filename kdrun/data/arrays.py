@@ -105,6 +105,7 @@ class ArrayLoader:
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, c, 1, 1).to(self.device)
         self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, c, 1, 1).to(self.device)
         self.epoch_key = 0
+        self.channels_last = False
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -130,4 +131,6 @@ class ArrayLoader:
             if self.crop_padding or self.hflip:
                 x = random_crop_flip(x, self.crop_padding, self.hflip, gen)
             x = x.float().mul_(self.scale).sub_(self.shift)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             yield {"input": x, "target": self.labels[idx], "index": idx}

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from kdrun.build import Pipeline, StagePlan, _gather, _instantiate, build
 from kdrun.data.arrays import ArrayLoader
 from kdrun.data.datasets import DatasetLoader, DatasetSplits
+from kdrun.engine.accelerate import autocast, fused_kwargs, grad_scaler, model_callables, to_channels_last
 from kdrun.engine.checkpoint import atomic_save, find_checkpoint, load_checkpoint, rng_state, set_rng_state
 from kdrun.engine.evaluate import evaluate
 from kdrun.engine.metrics import MetricsWriter
@@ -74,6 +75,8 @@ def make_loaders(pipe: Pipeline) -> tuple[ArrayLoader | DatasetLoader, ArrayLoad
                         seed=pipe.cfg.seed, crop_padding=d.crop_padding, hflip=d.hflip, drop_last=d.drop_last,
                         max_batches=t.max_steps_per_epoch, **common)
     test = ArrayLoader(pipe.data.test_images, pipe.data.test_labels, batch_size=d.eval_batch_size, train=False, **common)
+    if t.channels_last:
+        train.channels_last = test.channels_last = True
     return train, test
 
 
@@ -97,19 +100,29 @@ class StageRunner:
         params = [p for m in self.trainable for p in m.parameters()]
         if not params:
             raise KdrunError(f"stages.{plan.name}: nothing to train (its models and loss terms have no parameters)")
-        self.optimizer = _instantiate(plan.cfg.optimizer, params)
+        tcfg = pipe.cfg.trainer
+        target = pipe.cfg.stages[plan.name].optimizer._target_
+        from kdrun.config import import_target
+
+        extra = fused_kwargs(import_target(target, f"stages.{plan.name}.optimizer"), pipe.device, tcfg.fused_optimizer)
+        self.optimizer = _instantiate(plan.cfg.optimizer, params, **extra)
+        self.autocast = lambda: autocast(pipe.device, tcfg.precision)
+        self.scaler = grad_scaler(pipe.device, tcfg.precision)
         self.scheduler = _instantiate(plan.cfg.scheduler, self.optimizer) if plan.cfg.scheduler is not None else None
         self.per_step_schedule = plan.cfg.scheduler_interval == "step"
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     # ------------------------------------------------------------------------------ modes
     def _set_modes(self) -> None:
@@ -131,12 +144,13 @@ class StageRunner:
         pipe, plan = self.pipe, self.plan
         ns: dict[str, Tensor] = {f"batch.{k}": v for k, v in batch.items()}
         x = batch["input"]
+        call = self.pipe.callables
         with torch.no_grad():
             for name in plan.frozen_models:
-                ns[f"{name}.logits"] = pipe.models[name](x)
+                ns[f"{name}.logits"] = call[name](x)
                 ns.update({f"{name}.{k}": v for k, v in pipe.recorders[name].pop().items()})
         for name in plan.trained_models:
-            ns[f"{name}.logits"] = pipe.models[name](x)
+            ns[f"{name}.logits"] = call[name](x)
             ns.update({f"{name}.{k}": v for k, v in pipe.recorders[name].pop().items()})
         for name in plan.adapters:
             spec = pipe.adapters[name]
@@ -189,7 +203,8 @@ class StageRunner:
                                    "epoch_time_s": seconds, "images_per_s": train_metrics.pop("_samples") / max(seconds, 1e-9)}
             improved = False
             if (epoch + 1) % pipe.cfg.trainer.eval_every == 0 or last:
-                ev = evaluate(pipe.models[plan.eval_model], self.test_loader)
+                with self.autocast():
+                    ev = evaluate(pipe.models[plan.eval_model], self.test_loader)
                 row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
                 stats["last_top1"], stats["last_top5"] = ev["top1"], ev["top5"]
                 if stats["best_top1"] is None or ev["top1"] > stats["best_top1"]:
@@ -218,10 +233,12 @@ class StageRunner:
                    disable=not _show_progress(pipe.cfg.trainer.progress), dynamic_ncols=True)
         epoch_means: dict[str, float] = {}
         for batch in loader:
-            total, values = self.forward_losses(batch, weights)
+            with self.autocast():
+                total, values = self.forward_losses(batch, weights)
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             if self.scheduler is not None and self.per_step_schedule:
                 self.scheduler.step()
             record.step += 1
@@ -266,7 +283,8 @@ class StageRunner:
         for name in self.plan.frozen_models:
             if name in self.record.frozen_top1:
                 continue
-            ev = evaluate(self.pipe.models[name], self.test_loader)
+            with self.autocast():
+                ev = evaluate(self.pipe.models[name], self.test_loader)
             self.record.frozen_top1[name] = ev["top1"]
             self.writer.write({"stage": self.plan.name, "model": name, "frozen_top1": ev["top1"], "frozen_top5": ev["top5"]},
                               self.record.step, tb_prefix=f"{name}/")
@@ -300,6 +318,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     pipe = build(cfg)
+    tcfg = cfg.trainer
+    if tcfg.channels_last:
+        for module in pipe.modules().values():
+            to_channels_last(module)
+    pipe.callables = model_callables(pipe.models, tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)
     record = RunRecord()
     ckpt = None
     if cfg.get("resume"):

@@ -1,0 +1,63 @@
+"""Speed settings of the trainer: mixed precision, channels_last memory format, torch.compile.
+
+- ``trainer.precision``: ``fp32`` | ``bf16`` | ``fp16``. The whole step (teacher included) runs under
+  ``torch.autocast`` with that dtype; ``fp16`` adds a gradient scaler (saved in checkpoints).
+- ``trainer.channels_last``: models and input batches use the NHWC layout (faster convolutions on
+  tensor-core GPUs).
+- ``trainer.compile``: every model's forward is wrapped by ``torch.compile`` (``trainer.compile_mode``,
+  ``trainer.compile_backend``) for training; evaluation runs the eager model, so the test batch size
+  never triggers a recompilation. Tap hooks are traced into the compiled graph.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdrun.errors import KdrunError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision not in DTYPES:
+        raise KdrunError(f"trainer.precision must be one of {', '.join(DTYPES)}, got '{precision}'")
+    dtype = DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled for fp16 only."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    return module.to(memory_format=torch.channels_last)
+
+
+def model_callables(models: nn.ModuleDict, compile_models: bool, mode: str = "default",
+                    backend: str = "inductor") -> dict[str, Callable[[Tensor], Any]]:
+    """What the training step calls for each model: the model itself or its compiled forward."""
+    if not compile_models:
+        return dict(models.items())
+    return {name: torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
+            for name, model in models.items()}
+
+
+def fused_kwargs(optimizer_cls: Any, device: torch.device, enabled: bool) -> dict[str, bool]:
+    """``{'fused': True}`` when asked for, on CUDA, and the optimizer supports it; else ``{}``."""
+    import inspect
+
+    if not enabled or device.type != "cuda":
+        return {}
+    try:
+        params = inspect.signature(optimizer_cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"fused": True} if "fused" in params else {}
