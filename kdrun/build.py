@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from kdrun.config import ADAPTER_KEYS, LOSS_KEYS, model_configs
 from kdrun.data.arrays import ArraySplits
 from kdrun.data.datasets import DatasetSplits
+from kdrun.engine.distributed import DistInfo
 from kdrun.errors import KdrunError
 from kdrun.models.weights import load_weights
 from kdrun.taps import TapRecorder, declared_taps, expand_groups, tap_groups
@@ -77,6 +78,7 @@ class Pipeline:
     adapters: dict[str, AdapterSpec]
     losses: dict[str, LossSpec]
     stages: list[StagePlan]
+    dist: DistInfo = field(default_factory=DistInfo)
     random_models: list[str] = field(default_factory=list)  # frozen somewhere, never loaded nor trained
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     callables: dict[str, Any] = field(default_factory=dict)  # what the step calls per model (compiled or not)
@@ -90,8 +92,11 @@ class Pipeline:
         })
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an unavailable device is a clear error."""
+def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an unavailable device is a clear error. Under DDP a
+    CUDA device is the process's local rank."""
+    if dist is not None and dist.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -170,9 +175,10 @@ def teacher_hint(cfg: DictConfig, name: str) -> str:
             f"or {key}.checkpoint=null for a randomly initialised {name}.")
 
 
-def build(cfg: DictConfig) -> Pipeline:
+def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
     """Instantiate everything ``cfg`` describes (already validated) and check it with a probe forward."""
-    device = resolve_device(cfg.trainer.device)
+    dist = dist or DistInfo()
+    device = resolve_device(cfg.trainer.device, dist)
     data = load_data(cfg)
     mcfgs = model_configs(cfg)
     stage_cfgs = list(cfg.stages.items())
@@ -196,6 +202,10 @@ def build(cfg: DictConfig) -> Pipeline:
             raise
         except Exception as ex:
             raise KdrunError(f"{key}.net: building {mcfg.net._target_} failed: {ex}") from None
+        if cfg.trainer.sync_batchnorm and dist.enabled:
+            if device.type != "cuda":
+                raise KdrunError("trainer.sync_batchnorm=true needs CUDA devices (SyncBatchNorm does not run on CPU)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before taps are hooked
         if mcfg.checkpoint is not None:
             load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
             log.info("%s: %s weights from %s", name, mcfg.name, mcfg.checkpoint)
@@ -309,7 +319,7 @@ def build(cfg: DictConfig) -> Pipeline:
         losses[name] = LossSpec(name, module, float(lcfg.get("weight", 1.0)), inputs, int(lcfg.get("warmup_epochs", 0) or 0))
 
     return Pipeline(cfg=cfg, device=device, data=data, models=models, recorders=recorders, adapters=adapters,
-                    losses=losses, stages=stages, random_models=random_models,
+                    losses=losses, stages=stages, random_models=random_models, dist=dist,
                     shapes={k: tuple(v.shape) for k, v in ns.items()}, callables=dict(models.items()))
 
 

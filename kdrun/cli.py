@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -80,6 +81,8 @@ def _task(cfg: DictConfig) -> float:
             return math.nan
         print(f"kdrun: error: {ex}", file=sys.stderr)
         sys.exit(2)
+    if summary is None:  # ranks above 0 of a DDP run
+        return math.nan
     _report(summary)
     value = summary.get("best_top1")
     return float(value) if value is not None else math.nan
@@ -102,11 +105,28 @@ def _report(s: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _agree_on_run_dir(args: list[str]) -> None:
+    """Under torchrun every rank runs Hydra: join the process group first and give all ranks rank 0's
+    run directory; ranks above 0 write no Hydra files and no logs."""
+    from kdrun.engine import distributed
+
+    if not distributed.launched_info().enabled:
+        return
+    device = next((a.split("=", 1)[1] for a in args if a.startswith("trainer.device=")), "auto")
+    info = distributed.init(device)
+    stamp = distributed.broadcast_object(time.strftime("%Y-%m-%d/%H-%M-%S"), info)
+    extra = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir=outputs/${{name}}/{stamp}"]
+    if not info.is_main:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    sys.argv[1:1] = extra
+
+
 def main() -> None:
     """Console entry point: default to the quickstart recipe, then hand over to Hydra."""
     args = sys.argv[1:]
     if not _uses_recipe(args):
         sys.argv.insert(1, f"+recipe={DEFAULT_RECIPE}")
+    _agree_on_run_dir(args)
     try:
         register_configs()
     except KdrunError as ex:

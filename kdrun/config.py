@@ -94,6 +94,7 @@ class TrainerConfig:
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune
     compile_backend: str = "inductor"
     fused_optimizer: bool = False  # pass fused=True to the optimizer on CUDA when it supports it
+    sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch (CUDA only)
 
 
 @dataclass

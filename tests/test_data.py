@@ -124,3 +124,15 @@ def test_image_folder_through_the_dataloader_path(tmp_path):
     assert splits.subset(3).num_train == 3
     with pytest.raises(KdrunError, match="val"):
         image_folder(str(tmp_path / "train"))
+
+
+def test_ranks_serve_disjoint_halves_of_each_global_batch_augmented_as_alone():
+    data = make_synthetic(num_train=40, num_test=10)
+    alone = loader(data, batch_size=8)
+    ranks = [loader(data, batch_size=8, rank=r, world_size=2) for r in (0, 1)]
+    for ld in (alone, *ranks):
+        ld.set_epoch(5)
+    for full, part0, part1 in zip(alone, *ranks):
+        assert len(part0["index"]) == len(part1["index"]) == 4
+        assert torch.equal(torch.cat([part0["index"], part1["index"]]), full["index"])
+        assert torch.equal(torch.cat([part0["input"], part1["input"]]), full["input"])

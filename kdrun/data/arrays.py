@@ -53,26 +53,34 @@ class ArraySplits:
                            self.test_images[:n_test], self.test_labels[:n_test])
 
 
-def random_crop_flip(x: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
-    """Random crop of the original size from the zero-padded batch, then a random horizontal flip.
+def draw_crop_flip(n: int, padding: int, hflip: bool, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Random crop offsets (dy, dx in [0, 2*padding]) and flip flags for ``n`` images."""
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    flip = torch.rand(n, generator=generator, device=device) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool, device=device)
+    return dy, dx, flip
+
+
+def apply_crop_flip(x: Tensor, padding: int, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
+    """Crop each image of the zero-padded batch at its (dy, dx) and flip where ``flip``.
 
     Vectorised over the batch: one gather with per-sample offsets, no loop over samples.
-    ``generator`` lives on the device of ``x``.
     """
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
-        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]  # B,1,H,1
         cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]  # B,1,1,W
         bidx = torch.arange(b, device=x.device)[:, None, None, None]
-        cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        cidx = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[bidx, cidx, rows, cols]
-    if hflip:
-        flip = torch.rand(b, generator=generator, device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_crop_flip(x: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
+    """Random crop of the original size from the zero-padded batch, then a random horizontal flip."""
+    dy, dx, flip = draw_crop_flip(x.shape[0], padding, hflip, generator, x.device)
+    return apply_crop_flip(x, padding, dy, dx, flip)
 
 
 class ArrayLoader:
@@ -85,12 +93,14 @@ class ArrayLoader:
         mean, std: per-channel normalisation applied to images scaled to [0, 1].
         seed: base of the per-epoch generator.
         max_batches: serve at most this many batches per epoch (smoke tests).
+        rank, world_size: data parallelism: ``batch_size`` is the global batch; this process serves
+            its contiguous share of every global batch, augmented exactly as it would be alone.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, train: bool,
                  mean: list[float], std: list[float], device: torch.device, seed: int = 0,
                  crop_padding: int = 0, hflip: bool = False, drop_last: bool = False,
-                 max_batches: int | None = None) -> None:
+                 max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -101,6 +111,7 @@ class ArrayLoader:
         self.drop_last = drop_last and train
         self.seed = int(seed)
         self.max_batches = max_batches
+        self.rank, self.world_size = int(rank), int(world_size)
         c = images.shape[1]
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, c, 1, 1).to(self.device)
         self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, c, 1, 1).to(self.device)
@@ -112,10 +123,6 @@ class ArrayLoader:
         batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         return min(batches, self.max_batches) if self.max_batches else batches
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.labels)
-
     def set_epoch(self, key: int) -> None:
         """Select the epoch whose order and augmentation the next iteration serves."""
         self.epoch_key = int(key)
@@ -125,11 +132,19 @@ class ArrayLoader:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + self.epoch_key)
         order = torch.randperm(n, generator=gen, device=self.device) if self.train else torch.arange(n, device=self.device)
+        augment = self.crop_padding > 0 or self.hflip
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if augment:  # drawn for the global batch, so every rank sees what one process would
+                dy, dx, flip = draw_crop_flip(len(idx), self.crop_padding, self.hflip, gen, self.device)
+            if self.world_size > 1:
+                part = torch.tensor_split(torch.arange(len(idx), device=self.device), self.world_size)[self.rank]
+                idx = idx[part]
+                if augment:
+                    dy, dx, flip = dy[part], dx[part], flip[part]
             x = self.images[idx]
-            if self.crop_padding or self.hflip:
-                x = random_crop_flip(x, self.crop_padding, self.hflip, gen)
+            if augment:
+                x = apply_crop_flip(x, self.crop_padding, dy, dx, flip)
             x = x.float().mul_(self.scale).sub_(self.shift)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

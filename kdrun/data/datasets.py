@@ -60,21 +60,23 @@ class DatasetLoader:
     """Batches of ``{"input", "target", "index"}`` from a ``Dataset`` through a ``DataLoader``."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, train: bool, device: torch.device, seed: int = 0,
-                 num_workers: int = 4, drop_last: bool = False, max_batches: int | None = None) -> None:
+                 num_workers: int = 4, drop_last: bool = False, max_batches: int | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        from torch.utils.data.distributed import DistributedSampler
+
         self.dataset = _Indexed(dataset)
         self.device = torch.device(device)
         self.train = train
         self.seed = int(seed)
         self.max_batches = max_batches
         self.generator = torch.Generator()
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last and train,
+        self.sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=train, seed=self.seed, drop_last=drop_last and train)
+                        if world_size > 1 else None)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size // world_size, sampler=self.sampler,
+                                 shuffle=train and self.sampler is None, drop_last=drop_last and train,
                                  num_workers=num_workers, pin_memory=self.device.type == "cuda",
                                  persistent_workers=num_workers > 0, generator=self.generator)
         self.epoch_key = 0
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.dataset)
 
     def __len__(self) -> int:
         n = len(self.loader)
@@ -82,6 +84,8 @@ class DatasetLoader:
 
     def set_epoch(self, key: int) -> None:
         self.epoch_key = int(key)
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch_key)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         self.generator.manual_seed(self.seed * 1_000_003 + self.epoch_key)

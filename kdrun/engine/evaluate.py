@@ -5,11 +5,13 @@ import torch
 from torch import nn
 
 from kdrun.data.arrays import ArrayLoader
+from kdrun.engine.distributed import DistInfo, all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: ArrayLoader) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+def evaluate(model: nn.Module, loader: ArrayLoader, dist_info: DistInfo | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``
+    (under DDP each rank evaluates its shard and the counts are summed over ranks)."""
     was_training = model.training
     model.eval()
     device = loader.device
@@ -26,6 +28,10 @@ def evaluate(model: nn.Module, loader: ArrayLoader) -> dict[str, float]:
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         count += y.shape[0]
     model.train(was_training)
-    hits, loss = correct.tolist(), loss_sum.item()
-    n = max(count, 1)
+    totals = torch.cat([correct.double(), loss_sum.double()[None], torch.tensor([float(count)], device=device, dtype=torch.float64)])
+    if dist_info is not None:
+        all_reduce_sum(totals, dist_info)
+    hit1, hit5, loss, n = totals.tolist()
+    hits = [hit1, hit5]
+    n = max(n, 1.0)
     return {"top1": 100.0 * hits[0] / n, "top5": 100.0 * hits[1] / n, "loss": loss / n}

@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kdrun.build import Pipeline, StagePlan, _gather, _instantiate, build
@@ -31,7 +33,9 @@ from kdrun.data.datasets import DatasetLoader, DatasetSplits
 from kdrun.engine.accelerate import autocast, fused_kwargs, grad_scaler, model_callables, to_channels_last
 from kdrun.engine.checkpoint import atomic_save, find_checkpoint, load_checkpoint, rng_state, set_rng_state
 from kdrun.engine.evaluate import evaluate
-from kdrun.engine.metrics import MetricsWriter
+from kdrun.engine import distributed
+from kdrun.engine.distributed import all_reduce_sum, check_batch
+from kdrun.engine.metrics import MetricsWriter, NullWriter
 from kdrun.engine.summary import export_models, write_summary
 from kdrun.errors import KdrunError
 
@@ -65,12 +69,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def make_loaders(pipe: Pipeline) -> tuple[ArrayLoader | DatasetLoader, ArrayLoader | DatasetLoader]:
     """Loaders for the training and test splits: in-memory arrays, or a DataLoader over Datasets."""
     d, t = pipe.cfg.data, pipe.cfg.trainer
+    check_batch(d.batch_size, pipe.dist)
+    shard = dict(rank=pipe.dist.rank, world_size=pipe.dist.world_size)
     if isinstance(pipe.data, DatasetSplits):
-        common = dict(device=pipe.device, seed=pipe.cfg.seed, num_workers=d.num_workers)
+        common = dict(device=pipe.device, seed=pipe.cfg.seed, num_workers=d.num_workers, **shard)
         return (DatasetLoader(pipe.data.train, batch_size=d.batch_size, train=True, drop_last=d.drop_last,
                               max_batches=t.max_steps_per_epoch, **common),
                 DatasetLoader(pipe.data.test, batch_size=d.eval_batch_size, train=False, **common))
-    common = dict(mean=list(d.mean), std=list(d.std), device=pipe.device)
+    common = dict(mean=list(d.mean), std=list(d.std), device=pipe.device, **shard)
     train = ArrayLoader(pipe.data.train_images, pipe.data.train_labels, batch_size=d.batch_size, train=True,
                         seed=pipe.cfg.seed, crop_padding=d.crop_padding, hflip=d.hflip, drop_last=d.drop_last,
                         max_batches=t.max_steps_per_epoch, **common)
@@ -106,10 +112,38 @@ class StageRunner:
 
         extra = fused_kwargs(import_target(target, f"stages.{plan.name}.optimizer"), pipe.device, tcfg.fused_optimizer)
         self.optimizer = _instantiate(plan.cfg.optimizer, params, **extra)
+        self._set_modes()  # DDP wraps only modules whose parameters require grad
+        self.calls = self._callables()
         self.autocast = lambda: autocast(pipe.device, tcfg.precision)
         self.scaler = grad_scaler(pipe.device, tcfg.precision)
         self.scheduler = _instantiate(plan.cfg.scheduler, self.optimizer) if plan.cfg.scheduler is not None else None
         self.per_step_schedule = plan.cfg.scheduler_interval == "step"
+
+    def _callables(self) -> dict[str, Any]:
+        """What the step calls: frozen models as prepared by ``run``; under DDP, the stage's trained
+        models and trainable adapters/loss terms wrapped in DistributedDataParallel (then compiled)."""
+        pipe, plan, tcfg = self.pipe, self.plan, self.pipe.cfg.trainer
+        calls: dict[str, Any] = dict(pipe.callables)
+        calls.update({f"adapters.{a}": pipe.adapters[a].module for a in plan.adapters})
+        calls.update({f"loss.{t}": pipe.losses[t].module for t in plan.losses})
+        if not pipe.dist.enabled:
+            return calls
+        ids = [pipe.device.index if pipe.device.index is not None else torch.cuda.current_device()] if pipe.device.type == "cuda" else None
+
+        def wrap(module: nn.Module, buffers: bool) -> Any:
+            with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rank-local buffers
+                warnings.simplefilter("ignore", FutureWarning)
+                return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=buffers)
+
+        for name in plan.trained_models:
+            ddp = wrap(pipe.models[name], True)
+            calls[name] = model_callables(nn.ModuleDict({name: ddp}), tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)[name]
+        for key in list(calls):
+            module = calls[key]
+            if key.startswith(("adapters.", "loss.")) and any(p.requires_grad for p in module.parameters()):
+                if not (key.startswith("adapters.") and not pipe.adapters[key[9:]].trainable):
+                    calls[key] = wrap(module, False)  # loss state (memory banks) stays per rank
+        return calls
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -144,7 +178,7 @@ class StageRunner:
         pipe, plan = self.pipe, self.plan
         ns: dict[str, Tensor] = {f"batch.{k}": v for k, v in batch.items()}
         x = batch["input"]
-        call = self.pipe.callables
+        call = self.calls
         with torch.no_grad():
             for name in plan.frozen_models:
                 ns[f"{name}.logits"] = call[name](x)
@@ -154,12 +188,12 @@ class StageRunner:
             ns.update({f"{name}.{k}": v for k, v in pipe.recorders[name].pop().items()})
         for name in plan.adapters:
             spec = pipe.adapters[name]
-            ns[f"adapters.{name}"] = spec.module(**_gather(ns, spec.inputs))
+            ns[f"adapters.{name}"] = call[f"adapters.{name}"](**_gather(ns, spec.inputs))
         total = torch.zeros((), device=x.device)
         values: dict[str, Tensor] = {}
         for name in plan.losses:
             spec = pipe.losses[name]
-            out = spec.module(**_gather(ns, spec.inputs))
+            out = call[f"loss.{name}"](**_gather(ns, spec.inputs))
             if isinstance(out, dict):
                 for part, v in out.items():
                     values[f"{name}.{part}"] = v.detach()
@@ -199,12 +233,13 @@ class StageRunner:
                 self.scheduler.step()
             record.epoch = epoch + 1
             last = epoch + 1 == self.epochs
+            samples = train_metrics.pop("_samples")
             row: dict[str, Any] = {"stage": plan.name, "epoch": epoch + 1, "step": record.step, **train_metrics,
-                                   "epoch_time_s": seconds, "images_per_s": train_metrics.pop("_samples") / max(seconds, 1e-9)}
+                                   "epoch_time_s": seconds, "images_per_s": samples / max(seconds, 1e-9)}
             improved = False
             if (epoch + 1) % pipe.cfg.trainer.eval_every == 0 or last:
                 with self.autocast():
-                    ev = evaluate(pipe.models[plan.eval_model], self.test_loader)
+                    ev = evaluate(pipe.models[plan.eval_model], self.test_loader, pipe.dist)
                 row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
                 stats["last_top1"], stats["last_top5"] = ev["top1"], ev["top5"]
                 if stats["best_top1"] is None or ev["top1"] > stats["best_top1"]:
@@ -260,12 +295,15 @@ class StageRunner:
             raise KdrunError(f"stages.{self.plan.name}: the training set gave no batch (data.batch_size larger than the set with drop_last?)")
         if since:
             self._flush(keys, acc / since, epoch)
+        epoch_acc = all_reduce_sum(epoch_acc, pipe.dist) / pipe.dist.world_size
         epoch_means = {f"loss/{k}": v for k, v in zip(keys, (epoch_acc / steps).tolist())}
         epoch_means["lr"] = self.optimizer.param_groups[0]["lr"]
-        epoch_means["_samples"] = samples
+        epoch_means["_samples"] = samples * pipe.dist.world_size
         return epoch_means
 
     def _flush(self, keys: list[str], means: Tensor, epoch: int) -> dict[str, float]:
+        if self.pipe.dist.enabled:  # every rank sees the same means, so every rank stops on a non-finite one
+            means = all_reduce_sum(means.clone(), self.pipe.dist) / self.pipe.dist.world_size
         values = means.tolist()
         for k, v in sorted(zip(keys, values), key=lambda kv: kv[0] == "total"):  # name a term before the total
             if not math.isfinite(v):
@@ -284,7 +322,7 @@ class StageRunner:
             if name in self.record.frozen_top1:
                 continue
             with self.autocast():
-                ev = evaluate(self.pipe.models[name], self.test_loader)
+                ev = evaluate(self.pipe.models[name], self.test_loader, self.pipe.dist)
             self.record.frozen_top1[name] = ev["top1"]
             self.writer.write({"stage": self.plan.name, "model": name, "frozen_top1": ev["top1"], "frozen_top5": ev["top5"]},
                               self.record.step, tb_prefix=f"{name}/")
@@ -292,6 +330,8 @@ class StageRunner:
             log.info("[%s] frozen %s test top-1 %.2f, top-5 %.2f%s", self.plan.name, name, ev["top1"], ev["top5"], note)
 
     def _save(self, best: bool) -> None:
+        if not self.pipe.dist.is_main:
+            return
         state = {
             "modules": self.pipe.modules().state_dict(),
             "stage": self.state_dict(),
@@ -312,12 +352,15 @@ def _warn_random(pipe: Pipeline) -> None:
                     "!! random %s, not of a trained one.\n%s", bar, name, name, name, bar)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run every stage of the experiment ``cfg`` in ``run_dir``; return the summary."""
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Run every stage of the experiment ``cfg`` in ``run_dir``; return the summary (None on ranks > 0)."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    info = distributed.init(cfg.trainer.device)
+    if not info.is_main:
+        log.setLevel(logging.WARNING)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-    pipe = build(cfg)
+    pipe = build(cfg, info)
     tcfg = cfg.trainer
     if tcfg.channels_last:
         for module in pipe.modules().values():
@@ -336,10 +379,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             record = RunRecord(**ckpt["record"])
             set_rng_state(ckpt["rng"])
             log.info("resuming from %s: stage '%s', %d epochs done", path, names[min(record.stage_index, len(names) - 1)], record.epoch)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    _warn_random(pipe)
-    writer = MetricsWriter(run_dir, tensorboard=bool(cfg.trainer.tensorboard))
+    if info.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        _warn_random(pipe)
+    writer = MetricsWriter(run_dir, tensorboard=bool(cfg.trainer.tensorboard)) if info.is_main else NullWriter()
     train_loader, test_loader = make_loaders(pipe)
     try:
         for index, plan in enumerate(pipe.stages):
@@ -353,5 +397,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 record.stage_index, record.epoch = index + 1, 0
     finally:
         writer.close()
+    if not info.is_main:
+        distributed.barrier(info)
+        return None
     exported = export_models(pipe, run_dir)
-    return write_summary(pipe, record, run_dir, exported, wall_time_s=time.perf_counter() - start)
+    summary = write_summary(pipe, record, run_dir, exported, wall_time_s=time.perf_counter() - start)
+    distributed.barrier(info)
+    return summary

@@ -32,3 +32,13 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class NullWriter:
+    """The writer of ranks other than 0: they write nothing."""
+
+    def write(self, record: dict[str, Any], step: int, tb_prefix: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass

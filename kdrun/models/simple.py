@@ -13,10 +13,12 @@ class SimpleCNN(nn.Module):
 
     Args:
         num_classes: classes. in_channels: input channels. width: channels of the first block.
-        depth: number of blocks.
+        depth: number of blocks. norm: ``batch`` (BatchNorm) or ``none`` (a conv bias instead; models
+            whose output does not depend on the rest of the batch, e.g. for exact DDP checks on CPU).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 2) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 2,
+                 norm: str = "batch") -> None:
         super().__init__()
         blocks = []
         c_in = in_channels
@@ -24,8 +26,10 @@ class SimpleCNN(nn.Module):
         for i in range(depth):
             c_out = width * 2**i
             block = nn.Sequential()
-            block.add_module("conv", nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
-            block.add_module("bn", nn.BatchNorm2d(c_out))
+            if norm not in ("batch", "none"):
+                raise ValueError(f"simple_cnn: norm must be 'batch' or 'none', got '{norm}'")
+            block.add_module("conv", nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"))
+            block.add_module("bn", nn.BatchNorm2d(c_out) if norm == "batch" else nn.Identity())
             block.add_module("relu", nn.ReLU())
             if i < depth - 1:
                 block.add_module("pool", nn.MaxPool2d(2))
@@ -43,6 +47,7 @@ class SimpleCNN(nn.Module):
         return self.fc(self.flatten(self.pool(self.blocks(x))))
 
 
-def simple_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 2) -> SimpleCNN:
+def simple_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 2,
+               norm: str = "batch") -> SimpleCNN:
     """Build a :class:`SimpleCNN`."""
-    return SimpleCNN(num_classes=num_classes, in_channels=in_channels, width=width, depth=depth)
+    return SimpleCNN(num_classes=num_classes, in_channels=in_channels, width=width, depth=depth, norm=norm)
