@@ -1,0 +1,204 @@
+"""CRDLoss: NCE by loops, partition constants, memory update, negatives, state round trip."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdrun.losses.crd import CRDLoss
+
+
+def _shapes(b, ds, dt, target=True):
+    shapes = {"student": torch.Size([b, ds]), "teacher": torch.Size([b, dt]), "index": torch.Size([b])}
+    if target:
+        shapes["target"] = torch.Size([b])
+    return shapes
+
+
+def _make(b=3, ds=5, dt=7, n=12, feat_dim=4, k=6, target=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    crd = CRDLoss(feat_dim=feat_dim, num_negatives=k, **kw)
+    crd.setup(_shapes(b, ds, dt, target), n)
+    return crd
+
+
+def _inputs(b=3, ds=5, dt=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, ds, generator=g), torch.randn(b, dt, generator=g)
+
+
+def _embed_by_loops(head, x):
+    w, bias = head.linear.weight.tolist(), head.linear.bias.tolist()
+    out = []
+    for row in x.tolist():
+        v = [sum(wi * xi for wi, xi in zip(wr, row)) + bi for wr, bi in zip(w, bias)]
+        norm = math.sqrt(sum(u * u for u in v))
+        out.append([u / norm for u in v])
+    return out
+
+
+def _nce_by_loops(scores, n, eps=1e-7):
+    b, k = len(scores), len(scores[0]) - 1
+    noise = k / n
+    total = 0.0
+    for row in scores:
+        total += math.log(row[0] / (row[0] + noise + eps))
+        total += sum(math.log(noise / (x + noise + eps)) for x in row[1:])
+    return -total / b
+
+
+def test_crd_matches_loops_and_fixes_z_on_first_batch():
+    n, tau = 12, 0.07
+    crd = _make(n=n)
+    s, t = _inputs()
+    index = torch.tensor([4, 0, 9])
+    mem_s, mem_t = crd.memory_s.tolist(), crd.memory_t.tolist()
+    torch.manual_seed(123)
+    idx = crd.sample_indices(index).tolist()
+    assert [r[0] for r in idx] == [4, 0, 9]
+    torch.manual_seed(123)
+    out = crd(s, t, index)
+
+    es, et = _embed_by_loops(crd.embed_s, s), _embed_by_loops(crd.embed_t, t)
+    raw_s = [[math.exp(sum(a * c for a, c in zip(es[i], mem_t[j])) / tau) for j in idx[i]] for i in range(3)]
+    raw_t = [[math.exp(sum(a * c for a, c in zip(et[i], mem_s[j])) / tau) for j in idx[i]] for i in range(3)]
+    z_s = n * sum(map(sum, raw_s)) / (3 * 7)
+    z_t = n * sum(map(sum, raw_t)) / (3 * 7)
+    want_s = _nce_by_loops([[x / z_s for x in r] for r in raw_s], n)
+    want_t = _nce_by_loops([[x / z_t for x in r] for r in raw_t], n)
+    assert out["student_anchor"].item() == pytest.approx(want_s, rel=1e-4)
+    assert out["teacher_anchor"].item() == pytest.approx(want_t, rel=1e-4)
+    assert crd.z_s.item() == pytest.approx(z_s, rel=1e-5) and crd.z_t.item() == pytest.approx(z_t, rel=1e-5)
+
+    # the constants stay fixed afterwards
+    crd(s * 3.0, t - 1.0, torch.tensor([1, 2, 3]))
+    assert crd.z_s.item() == pytest.approx(z_s, rel=1e-5) and crd.z_t.item() == pytest.approx(z_t, rel=1e-5)
+
+
+def test_crd_memory_moves_by_momentum_at_batch_rows_only():
+    crd = _make(momentum=0.5)
+    s, t = _inputs()
+    index = torch.tensor([2, 7, 5])
+    before_s, before_t = crd.memory_s.clone(), crd.memory_t.clone()
+    with torch.no_grad():
+        es = torch.tensor(_embed_by_loops(crd.embed_s, s))
+        et = torch.tensor(_embed_by_loops(crd.embed_t, t))
+    crd(s, t, index)
+    for mem, before, e in ((crd.memory_s, before_s, es), (crd.memory_t, before_t, et)):
+        for row in range(mem.shape[0]):
+            if row in index.tolist():
+                i = index.tolist().index(row)
+                v = 0.5 * before[row] + 0.5 * e[i]
+                assert torch.allclose(mem[row], v / v.norm(), atol=1e-6)
+                assert mem[row].norm().item() == pytest.approx(1.0, abs=1e-6)
+            else:
+                assert torch.equal(mem[row], before[row])
+    # evaluation mode changes no state
+    crd.eval()
+    state = {k: v.clone() for k, v in crd.state_dict().items()}
+    crd(s, t, torch.tensor([0, 1, 3]))
+    assert all(torch.equal(v, crd.state_dict()[k]) for k, v in state.items())
+
+
+def test_crd_negatives_uniform_without_target():
+    crd = _make(n=9, k=4000)
+    torch.manual_seed(0)
+    idx = crd.sample_indices(torch.tensor([1, 2, 3]))
+    assert idx.shape == (3, 4001) and idx.dtype == torch.long
+    assert idx[:, 0].tolist() == [1, 2, 3]
+    counts = torch.bincount(idx[:, 1:].flatten(), minlength=9).float()
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+
+
+def test_crd_negatives_exclude_same_class_vectorised():
+    n, classes = 30, 3
+    labels = torch.arange(n) % classes
+    torch.manual_seed(0)
+    crd = CRDLoss(feat_dim=4, num_negatives=3000)
+    crd.setup(_shapes(4, 5, 7, target=True), n, train_labels=labels)
+    index, target = torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 2, 1])
+    idx = crd.sample_indices(index, target)
+    neg = idx[:, 1:]
+    assert (labels[neg] != target.unsqueeze(1)).all()
+    for row, y in zip(neg, target.tolist()):  # uniform over the other-class samples
+        counts = torch.bincount(row, minlength=n)[labels != y].float()
+        assert counts.min() > 0.7 * counts.mean()
+
+    # learned online from (index, target) when no labels are given up front
+    crd = _make(b=4, n=n, k=500, target=True)
+    assert (crd.labels == -1).all()
+    s, t = _inputs(b=4)
+    crd(s, t, index, target)
+    assert crd.labels[index].tolist() == target.tolist() and (crd.labels[5:] == -1).all()
+    idx = crd.sample_indices(index, target)
+    seen = set(index.tolist())
+    for i, row in enumerate(idx[:, 1:].tolist()):  # known same-class samples (and the sample itself) excluded
+        same = {j for j in seen if crd.labels[j].item() == target[i].item()}
+        assert not same & set(row)
+
+
+def test_crd_gradients_reach_student_and_heads_not_teacher():
+    crd = _make()
+    s, t = _inputs()
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    out = crd(s, t, torch.tensor([0, 1, 2]))
+    sum(out.values()).backward()
+    assert t.grad is None
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    for p in crd.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_crd_state_round_trip():
+    crd = _make(target=True)
+    s, t = _inputs()
+    index, target = torch.tensor([3, 1, 8]), torch.tensor([0, 1, 0])
+    crd(s, t, index, target)
+    crd(s + 0.5, t, torch.tensor([2, 4, 6]), target)
+    sd = crd.state_dict()
+    assert {"memory_s", "memory_t", "z_s", "z_t", "labels"} <= set(sd)
+
+    fresh = _make(target=True, seed=99)
+    assert not torch.equal(fresh.memory_s, crd.memory_s)
+    fresh.load_state_dict(sd)
+    assert fresh.z_s.item() > 0 and fresh.z_s.item() == crd.z_s.item()
+    torch.manual_seed(7)
+    a = crd(s, t, index, target)
+    torch.manual_seed(7)
+    b = fresh(s, t, index, target)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    for k, v in crd.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k])
+
+
+def test_crd_check_shapes_and_setup_errors():
+    crd = _make(b=3, ds=5, dt=7)
+    crd.check_shapes(student=torch.Size([3, 5]), teacher=torch.Size([3, 7]), index=torch.Size([3]))
+    with pytest.raises(ValueError, match="CRD.*batch size"):
+        crd.check_shapes(student=torch.Size([3, 5]), teacher=torch.Size([4, 7]), index=torch.Size([3]))
+    with pytest.raises(ValueError, match="CRD.*'index'"):
+        crd.check_shapes(student=torch.Size([3, 5]), teacher=torch.Size([3, 7]), index=torch.Size([3, 1]))
+    with pytest.raises(ValueError, match="CRD.*'target'"):
+        crd.check_shapes(student=torch.Size([3, 5]), teacher=torch.Size([3, 7]), index=torch.Size([3]),
+                         target=torch.Size([3, 10]))
+    with pytest.raises(ValueError, match="CRD: the teacher head takes 7"):
+        crd.check_shapes(student=torch.Size([3, 5]), teacher=torch.Size([3, 8]), index=torch.Size([3]))
+    with pytest.raises(RuntimeError, match="setup"):
+        CRDLoss()(torch.zeros(2, 3), torch.zeros(2, 3), torch.arange(2))
+    with pytest.raises(RuntimeError, match="target"):
+        s, t = _inputs()
+        crd(s, t, torch.arange(3), torch.arange(3))
+    with pytest.raises(ValueError, match="temperature"):
+        CRDLoss(temperature=0)
+
+
+def test_crd_full_precision_under_autocast():
+    crd = _make()
+    s, t = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = crd(s, t, torch.tensor([0, 1, 2]))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    assert crd.memory_s.dtype == torch.float32

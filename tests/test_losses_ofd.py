@@ -1,0 +1,194 @@
+"""OFDLoss: partial L2 vs mdistiller's formula, BN margins, online margins, term by loops, state."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdrun.losses.ofd import OFDConnector, OFDLoss, bn_margin, ofd_partial_l2
+
+
+def _maps(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+def _mdistiller_feat_loss_by_loops(s, t, m):
+    """mdistiller's feat_loss: three cases, mean over the batch, sum over the rest; m per channel."""
+    b, c, h, w = s.shape
+    total = 0.0
+    for i in range(b):
+        for ch in range(c):
+            mc = m[ch]
+            for y in range(h):
+                for x in range(w):
+                    a, tt = s[i, ch, y, x].item(), t[i, ch, y, x].item()
+                    if a > mc and tt <= mc:
+                        total += (a - mc) ** 2
+                    if a > tt and mc < tt <= 0:
+                        total += (a - tt) ** 2
+                    if tt > 0:
+                        total += (a - tt) ** 2
+    return total / b
+
+
+def test_partial_l2_matches_mdistiller_three_cases():
+    s, t = _maps(2, 3, 3, 3, seed=1), _maps(2, 3, 3, 3, seed=2)
+    m = [-0.5, -1.0, 0.0]
+    got = ofd_partial_l2(s, t, torch.tensor(m).view(1, 3, 1, 1)).sum() / 2
+    assert got.item() == pytest.approx(_mdistiller_feat_loss_by_loops(s, t, m), rel=1e-5)
+    # by hand: t' = max(t, m) with m = -1
+    s1 = torch.tensor([0.5, -3.0, -0.2, -0.8, 2.0])
+    t1 = torch.tensor([1.0, -2.0, -2.0, -0.5, -0.5])
+    # t' = 1, -1, -1, -0.5, -0.5 ; counted: t' > 0 | s > t'  -> 0.25, 0, 0.64, 0, 6.25
+    assert ofd_partial_l2(s1, t1, torch.tensor(-1.0)).tolist() == pytest.approx([0.25, 0.0, 0.64, 0.0, 6.25])
+    # zero when the student equals the transformed teacher
+    assert ofd_partial_l2(t.clamp(min=-0.5), t, torch.tensor(-0.5)).abs().sum().item() == 0.0
+
+
+def test_bn_margin_closed_form():
+    weight = torch.tensor([1.0, 0.5, -2.0, 0.1])
+    bias = torch.tensor([0.0, 1.0, -1.0, 1.0])
+
+    def ref(g, b):
+        s, m = abs(g), b
+        cdf = 0.5 * (1 + math.erf(-m / s / math.sqrt(2)))
+        if cdf > 0.001:
+            return -s * math.exp(-((m / s) ** 2) / 2) / math.sqrt(2 * math.pi) / cdf + m
+        return -3 * s
+
+    want = [ref(g, b) for g, b in zip(weight.tolist(), bias.tolist())]
+    assert bn_margin(weight, bias).tolist() == pytest.approx(want, rel=1e-6)
+    assert want[0] == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-9)  # half-normal mean
+    assert want[3] == pytest.approx(-0.3, rel=1e-6)  # 10 sigma away: -3 s
+
+
+def _setup(s, t, **kw):
+    torch.manual_seed(0)
+    ofd = OFDLoss(**kw)
+    shapes = {"student": [x.shape for x in s], "teacher": [x.shape for x in t]}
+    ofd.setup(shapes, 10)
+    ofd.check_shapes(**shapes)
+    return ofd
+
+
+def _neg_mean_by_loops(t):
+    b, c, h, w = t.shape
+    out_sum, out_frac = [], []
+    for ch in range(c):
+        vals = [t[i, ch, y, x].item() for i in range(b) for y in range(h) for x in range(w)]
+        out_sum.append(sum(v for v in vals if v < 0) / len(vals))
+        out_frac.append(sum(1 for v in vals if v < 0) / len(vals))
+    return out_sum, out_frac
+
+
+def test_online_margin_is_the_running_expected_negative_response():
+    s = [_maps(2, 3, 2, 2, seed=3)]
+    t1, t2 = [_maps(2, 4, 2, 2, seed=4)], [_maps(2, 4, 2, 2, seed=5) - 0.5]
+    with torch.no_grad():
+        t1[0][:, 3] = t1[0][:, 3].abs() + 0.1  # channel 3 never negative
+    ofd = _setup(s, t1)
+    ofd(s, t1)
+    s1, f1 = _neg_mean_by_loops(t1[0])
+    want1 = [a / f if f > 0 else 0.0 for a, f in zip(s1, f1)]
+    assert ofd.margin(0).tolist() == pytest.approx(want1, rel=1e-5)
+    assert want1[3] == 0.0 and all(v < 0 for v in want1[:3])
+    ofd(s, t2)
+    s2, f2 = _neg_mean_by_loops(t2[0])
+    want2 = [((a + b) / 2) / ((f + g) / 2) if f + g > 0 else 0.0 for a, b, f, g in zip(s1, s2, f1, f2)]
+    assert ofd.margin(0).tolist() == pytest.approx(want2, rel=1e-5)
+    assert ofd.num_batches.item() == 2
+    ofd.eval()
+    ofd(s, [t1[0] - 3.0])
+    assert ofd.margin(0).tolist() == pytest.approx(want2, rel=1e-5)
+
+
+def test_teacher_bn_margins_are_fixed():
+    s, t = [_maps(2, 3, 2, 2, seed=6)], [_maps(2, 4, 2, 2, seed=7)]
+    ofd = _setup(s, t)
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 0.5, 2.0, 0.1]))
+        bn.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 1.0]))
+    ofd.set_teacher_bn([bn])
+    want = bn_margin(bn.weight, bn.bias)
+    assert torch.equal(ofd.margin(0), want) and bool(ofd.margin_fixed)
+    ofd(s, t)
+    ofd(s, [t[0] - 5.0])
+    assert torch.equal(ofd.margin(0), want)
+    ofd.set_teacher_bn([(bn.weight, bn.bias)])
+    with pytest.raises(ValueError, match="OFD: the BatchNorm of stage pair 0"):
+        ofd.set_teacher_bn([torch.nn.BatchNorm2d(5)])
+    with pytest.raises(ValueError, match="2 BatchNorms for 1 stage pairs"):
+        ofd.set_teacher_bn([bn, bn])
+
+
+def test_term_by_loops_with_pooling_and_stage_weights():
+    s = [_maps(2, 3, 4, 4, seed=8), _maps(2, 5, 2, 2, seed=9)]
+    t = [_maps(2, 4, 8, 8, seed=10), _maps(2, 6, 2, 2, seed=11)]
+    ofd = _setup(s, t)
+    bns = []
+    for c, seed in ((4, 12), (6, 13)):
+        g = torch.Generator().manual_seed(seed)
+        bns.append((torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)))
+    ofd.set_teacher_bn(bns)
+    with torch.no_grad():
+        r0, r1 = ofd.connectors[0](s[0]), ofd.connectors[1](s[1])
+    want = (0.5 * _mdistiller_feat_loss_by_loops(r0, F.adaptive_avg_pool2d(t[0], 4), ofd.margin(0).tolist())
+            + 1.0 * _mdistiller_feat_loss_by_loops(r1, t[1], ofd.margin(1).tolist()))
+    assert ofd(s, t).item() == pytest.approx(want, rel=1e-5)
+    assert _setup(s, t, stage_weights=[1.0, 0.0]).weights(2) == [1.0, 0.0]
+
+
+def test_connector_init_and_gradients():
+    conn = OFDConnector(3, 8)
+    assert conn[0].bias is None and conn[0].kernel_size == (1, 1)
+    assert torch.equal(conn[1].weight, torch.ones(8)) and torch.equal(conn[1].bias, torch.zeros(8))
+    assert conn[0].weight.std().item() == pytest.approx(math.sqrt(2 / 8), rel=0.5)
+    assert OFDConnector(3, 8, kernel_size=3)[0].padding == (1, 1)
+    s = [_maps(2, 3, 4, 4, seed=14).requires_grad_(True)]
+    t = [_maps(2, 4, 4, 4, seed=15).requires_grad_(True)]
+    ofd = _setup(s, t)
+    loss = ofd(s, t)
+    loss.backward()
+    assert t[0].grad is None and s[0].grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ofd.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ofd(s, t).dtype == torch.float32
+
+
+def test_state_round_trip():
+    s, t = [_maps(4, 3, 2, 2, seed=16)], [_maps(4, 4, 2, 2, seed=17)]
+    ofd = _setup(s, t)
+    ofd(s, t)
+    ofd(s, [t[0] + 0.3])
+    sd = ofd.state_dict()
+    assert {"margin0", "neg_sum0", "neg_frac0", "num_batches", "margin_fixed"} <= set(sd)
+    torch.manual_seed(3)
+    fresh = OFDLoss()
+    fresh.setup({"student": [s[0].shape], "teacher": [t[0].shape]}, 10)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(s, t), ofd(s, t))  # both update their statistics identically
+    for k, v in ofd.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k])
+
+
+def test_check_shapes():
+    ofd = OFDLoss()
+    with pytest.raises(ValueError, match="OFD.*batch"):
+        ofd.check_shapes(student=[torch.Size([2, 3, 4, 4])], teacher=[torch.Size([3, 3, 4, 4])])
+    with pytest.raises(ValueError, match="OFD.*4-D"):
+        ofd.check_shapes(student=[torch.Size([2, 3])], teacher=[torch.Size([2, 3])])
+    with pytest.raises(ValueError, match="OFD: 1 stage_weights for 2 stage pairs"):
+        OFDLoss(stage_weights=[1.0]).check_shapes(student=[torch.Size([2, 3, 4, 4])] * 2, teacher=[torch.Size([2, 3, 4, 4])] * 2)
+    ofd = _setup([_maps(2, 3, 2, 2)], [_maps(2, 4, 2, 2)])
+    with pytest.raises(ValueError, match="OFD: pair 0 was set up for 3 student and 4 teacher"):
+        ofd.check_shapes(student=[torch.Size([2, 3, 2, 2])], teacher=[torch.Size([2, 5, 2, 2])])
+    with pytest.raises(RuntimeError, match="setup"):
+        OFDLoss()([_maps(2, 3, 2, 2)], [_maps(2, 3, 2, 2)])
+    with pytest.raises(RuntimeError, match="setup"):
+        OFDLoss().set_teacher_bn([torch.nn.BatchNorm2d(3)])
+    with pytest.raises(ValueError, match="kernel_size"):
+        OFDLoss(kernel_size=2)
