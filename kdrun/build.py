@@ -8,6 +8,7 @@ sizes the loss terms' own modules (``setup``) and finds any shape mismatch befor
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,7 +306,10 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
         shapes = _shape_of(ns, inputs)
         try:
             if hasattr(module, "setup"):
-                module.setup(shapes, data.num_train)
+                extra = {}
+                if "train_labels" in inspect.signature(module.setup).parameters and isinstance(data, ArraySplits):
+                    extra["train_labels"] = data.train_labels  # lets CRD exclude same-class negatives from step 1
+                module.setup(shapes, data.num_train, **extra)
             if hasattr(module, "check_shapes"):
                 module.check_shapes(**shapes)
         except ValueError as ex:

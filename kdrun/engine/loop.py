@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kdrun.build import Pipeline, StagePlan, _gather, _instantiate, build
+from kdrun.build import Pipeline, StagePlan, _gather, _instantiate, _names, build
 from kdrun.data.arrays import ArrayLoader
 from kdrun.data.datasets import DatasetLoader, DatasetSplits
 from kdrun.engine.accelerate import autocast, fused_kwargs, grad_scaler, model_callables, to_channels_last
@@ -113,6 +113,9 @@ class StageRunner:
         extra = fused_kwargs(import_target(target, f"stages.{plan.name}.optimizer"), pipe.device, tcfg.fused_optimizer)
         self.optimizer = _instantiate(plan.cfg.optimizer, params, **extra)
         self._set_modes()  # DDP wraps only modules whose parameters require grad
+        for name in plan.losses:  # terms with stage-dependent objectives (FT's init stage)
+            if hasattr(pipe.losses[name].module, "set_stage"):
+                pipe.losses[name].module.set_stage(plan.name)
         self.calls = self._callables()
         self.autocast = lambda: autocast(pipe.device, tcfg.precision)
         self.scaler = grad_scaler(pipe.device, tcfg.precision)
@@ -130,19 +133,22 @@ class StageRunner:
             return calls
         ids = [pipe.device.index if pipe.device.index is not None else torch.cuda.current_device()] if pipe.device.type == "cuda" else None
 
-        def wrap(module: nn.Module, buffers: bool) -> Any:
+        def wrap(module: nn.Module, buffers: bool, unused: bool) -> Any:
             with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rank-local buffers
                 warnings.simplefilter("ignore", FutureWarning)
-                return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=buffers)
+                return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=buffers,
+                                               find_unused_parameters=unused)
 
+        reads = {n for t in plan.losses for n in _names(pipe.losses[t].inputs)}
         for name in plan.trained_models:
-            ddp = wrap(pipe.models[name], True)
+            # a stage that never reads a model's logits leaves its head without gradient (AB/FT init stages)
+            ddp = wrap(pipe.models[name], True, unused=f"{name}.logits" not in reads)
             calls[name] = model_callables(nn.ModuleDict({name: ddp}), tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)[name]
         for key in list(calls):
             module = calls[key]
             if key.startswith(("adapters.", "loss.")) and any(p.requires_grad for p in module.parameters()):
                 if not (key.startswith("adapters.") and not pipe.adapters[key[9:]].trainable):
-                    calls[key] = wrap(module, False)  # loss state (memory banks) stays per rank
+                    calls[key] = wrap(module, False, unused=True)  # loss state (memory banks) stays per rank
         return calls
 
     # ------------------------------------------------------------------------------ state
