@@ -163,6 +163,12 @@ def load_data(cfg: DictConfig) -> ArraySplits | DatasetSplits:
     return splits
 
 
+def ordered_stages(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """The stages in the order they run: by ``order``, then by position in the config."""
+    items = list(cfg.stages.items())
+    return [items[i] for i in sorted(range(len(items)), key=lambda i: (int(items[i][1].get("order", 0) or 0), i))]
+
+
 def teacher_hint(cfg: DictConfig, name: str) -> str:
     """How to get weights for model ``name``: the recipe that trains it, or a random teacher."""
     mname = cfg[name].name if name in ("teacher", "student") else cfg.models[name].name
@@ -182,7 +188,7 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
     device = resolve_device(cfg.trainer.device, dist)
     data = load_data(cfg)
     mcfgs = model_configs(cfg)
-    stage_cfgs = list(cfg.stages.items())
+    stage_cfgs = ordered_stages(cfg)
     adapter_cfgs = cfg.get("adapters") or {}
     loss_cfgs = cfg.loss
 

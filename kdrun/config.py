@@ -108,6 +108,7 @@ class StageConfig:
     optimizer: Any = MISSING
     scheduler: Any = None
     scheduler_interval: str = "epoch"  # epoch | step
+    order: int = 0  # stages run by (order, position in the config): an init stage added by a recipe sets -1
 
 
 @dataclass

@@ -41,7 +41,7 @@ def complete_recipe(recipe: DictConfig) -> DictConfig:
     """A recipe whose stages and loss terms carry every default key (``eval``, ``weight``, ...)."""
     for name in list((recipe.get("stages") or {}).keys()):
         stage = recipe.stages[name]
-        for key, value in (("eval", None), ("scheduler_interval", "epoch")):
+        for key, value in (("eval", None), ("scheduler_interval", "epoch"), ("order", 0)):
             if key not in stage:
                 stage[key] = value
     for name in list((recipe.get("loss") or {}).keys()):
