@@ -86,6 +86,7 @@ class TrainerConfig:
     log_every: int = 50  # steps between reads of the running losses (the only host syncs)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     save_every: int = 1  # epochs between `last` checkpoints (the last epoch is always saved)
+    save_checkpoints: bool = True  # false: no checkpoints at all (smoke tests, throwaway sweeps)
     progress: str = "auto"  # auto (only on a terminal) | on | off
     tensorboard: bool = True
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)

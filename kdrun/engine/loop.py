@@ -336,7 +336,7 @@ class StageRunner:
             log.info("[%s] frozen %s test top-1 %.2f, top-5 %.2f%s", self.plan.name, name, ev["top1"], ev["top5"], note)
 
     def _save(self, best: bool) -> None:
-        if not self.pipe.dist.is_main:
+        if not self.pipe.dist.is_main or not self.pipe.cfg.trainer.save_checkpoints:
             return
         state = {
             "modules": self.pipe.modules().state_dict(),
