@@ -1,0 +1,102 @@
+"""ShuffleNetV2 for CIFAR (Ma et al., "ShuffleNet V2: Practical Guidelines for Efficient CNN
+Architecture Design", ECCV 2018) at width 1x (stage widths 116/232/464, 1024-d head): the CRD
+benchmark's ShuffleNetV2 (RepDistiller's ``ShuffleV2``, whose names and checkpoints this matches).
+
+Taps: ``stem`` (1x1 conv-BN-ReLU), ``stage1..3`` (stage outputs: 16, 8, 4 pixels wide),
+``stage1_pre..3_pre`` (the last unit's concatenation before its branch ReLU and the shuffle, as in
+RepDistiller), ``feat`` (pooled feature after the 1x1 head conv).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kdrun.models.shufflenetv1 import ChannelShuffle
+
+
+class SplitUnit(nn.Module):
+    """Split channels in half; transform one half (1x1 - depthwise 3x3 - 1x1); concatenate; shuffle."""
+
+    def __init__(self, channels: int, is_last: bool = False) -> None:
+        super().__init__()
+        c = channels // 2
+        self.is_last = is_last
+        self.conv1 = nn.Conv2d(c, c, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.shuffle = ChannelShuffle(2)
+        self.relu = nn.ReLU()
+        self.preact = nn.Identity()  # tap point (last unit of a stage only)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        pre = self.bn3(self.conv3(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x2)))))))
+        if self.is_last:
+            self.preact(torch.cat([x1, pre], 1))
+        return self.shuffle(torch.cat([x1, self.relu(pre)], 1))
+
+
+class DownUnit(nn.Module):
+    """Two stride-2 branches (depthwise-pointwise, and pointwise-depthwise-pointwise), concatenated, shuffled."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        mid = c_out // 2
+        self.conv1 = nn.Conv2d(c_in, c_in, kernel_size=3, stride=2, padding=1, groups=c_in, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv2 = nn.Conv2d(c_in, mid, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(c_in, mid, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv4 = nn.Conv2d(mid, mid, kernel_size=3, stride=2, padding=1, groups=mid, bias=False)
+        self.bn4 = nn.BatchNorm2d(mid)
+        self.conv5 = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
+        self.bn5 = nn.BatchNorm2d(mid)
+        self.shuffle = ChannelShuffle(2)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        left = self.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = self.relu(self.bn3(self.conv3(x)))
+        right = self.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
+        return self.shuffle(torch.cat([left, right], 1))
+
+
+class ShuffleNetV2(nn.Module):
+    """Args: widths (3 stage widths + head width), blocks (split units per stage), num_classes."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (116, 232, 464, 1024), blocks: tuple[int, int, int] = (3, 7, 3),
+                 num_classes: int = 100) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.relu = nn.ReLU()
+        c_in = 24
+        for k, (width, n) in enumerate(zip(widths[:3], blocks), start=1):
+            units = [DownUnit(c_in, width)] + [SplitUnit(width, is_last=i == n - 1) for i in range(n)]
+            setattr(self, f"layer{k}", nn.Sequential(*units))
+            c_in = width
+        self.conv2 = nn.Conv2d(widths[2], widths[3], kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(widths[3])
+        self.relu_head = nn.ReLU()
+        self.avgpool = nn.AvgPool2d(4)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(widths[3], num_classes)
+        self.taps = {"stem": "relu", "feat": "flatten"}
+        for k, n in enumerate(blocks, start=1):
+            self.taps[f"stage{k}"] = f"layer{k}"
+            self.taps[f"stage{k}_pre"] = f"layer{k}.{n}.preact"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.relu_head(self.bn2(self.conv2(x)))
+        return self.linear(self.flatten(self.avgpool(x)))
+
+
+def shufflenetv2(num_classes: int = 100) -> ShuffleNetV2:
+    """ShuffleNetV2 1x (1.36M parameters with 100 classes)."""
+    return ShuffleNetV2(num_classes=num_classes)
