@@ -10,6 +10,7 @@ import math
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,26 @@ from kdrun.registry import register_configs
 
 log = logging.getLogger("kdrun")
 DEFAULT_RECIPE = "quickstart"
+
+
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                "--experimental-rerun", "--info", "-i"}
+
+
+def _with_overrides(args: list[str], extra: list[str]) -> list[str]:
+    """``args`` with ``extra`` overrides added after the flags (Hydra's parser wants overrides together)."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-"):
+            flags.append(a)
+            if a in _VALUE_FLAGS and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(a)
+        i += 1
+    return flags + extra + overrides
 
 
 def _uses_recipe(args: list[str]) -> bool:
@@ -76,16 +97,26 @@ def _task(cfg: DictConfig) -> float:
         summary = run(validate(cfg), run_dir)
     except KdrunError as ex:
         if multirun:  # one failed job must not stop the sweep
-            log.error("kdrun: error: %s", ex)
-            (run_dir / "FAILED").write_text(str(ex) + "\n")
-            return math.nan
+            return _job_failed(run_dir, f"kdrun: error: {ex}")
         print(f"kdrun: error: {ex}", file=sys.stderr)
         sys.exit(2)
+    except Exception as ex:  # an unexpected failure: the sweep goes on, the job says why
+        if not multirun:
+            raise
+        return _job_failed(run_dir, "".join(traceback.format_exception(ex)))
     if summary is None:  # ranks above 0 of a DDP run
         return math.nan
     _report(summary)
     value = summary.get("best_top1")
     return float(value) if value is not None else math.nan
+
+
+def _job_failed(run_dir: Path, message: str) -> float:
+    """Record a failed sweep job (``FAILED`` in its directory) and let the sweep continue."""
+    log.error("job failed: %s", message.strip().splitlines()[-1])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "FAILED").write_text(message.rstrip() + "\n")
+    return math.nan
 
 
 def _report(s: dict) -> None:
@@ -118,14 +149,14 @@ def _agree_on_run_dir(args: list[str]) -> None:
     extra = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir=outputs/${{name}}/{stamp}"]
     if not info.is_main:
         extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    sys.argv[1:1] = extra
+    sys.argv[1:] = _with_overrides(sys.argv[1:], extra)
 
 
 def main() -> None:
     """Console entry point: default to the quickstart recipe, then hand over to Hydra."""
     args = sys.argv[1:]
     if not _uses_recipe(args):
-        sys.argv.insert(1, f"+recipe={DEFAULT_RECIPE}")
+        sys.argv[1:] = _with_overrides(args, [f"+recipe={DEFAULT_RECIPE}"])
     _agree_on_run_dir(args)
     try:
         register_configs()
