@@ -121,3 +121,49 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_save({"a": Boom()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_long_tailed_runs_report_shot_groups_and_kept_indices(tmp_path, monkeypatch):
+    import kdrun.data.sources as sources
+    from kdrun.data.longtail import load_cifar_lt
+
+    def fake_cifar(root, variant="cifar100", download=False):  # 500/100 images per class, tiny
+        gen = torch.Generator().manual_seed(0)
+        y_train = torch.arange(100).repeat_interleave(500)
+        y_test = torch.arange(100).repeat_interleave(2)
+        from kdrun.data.arrays import ArraySplits
+        return ArraySplits(torch.randint(0, 255, (50000, 3, 4, 4), generator=gen, dtype=torch.uint8), y_train,
+                           torch.randint(0, 255, (200, 3, 4, 4), generator=gen, dtype=torch.uint8), y_test)
+
+    monkeypatch.setattr(sources, "load_cifar", fake_cifar)
+    import kdrun.data.longtail as longtail
+    monkeypatch.setattr(longtail, "load_cifar", fake_cifar, raising=False)
+    assert len(load_cifar_lt("x", 100).train_labels) == 10847
+    cfg = validate(compose_cfg(["data=cifar100_lt", "data.input_shape=[3,4,4]", "data.crop_padding=0",
+                                "teacher.net.in_channels=3", "student.net.in_channels=3", "trainer.max_epochs=1",
+                                "trainer.max_steps_per_epoch=2", "trainer.progress=off", "trainer.tensorboard=false"]))
+    summary = run(cfg, tmp_path)
+    assert set(summary["shot_top1"]) == {"many", "medium", "few"}
+    kept = json.loads((tmp_path / "kept_indices.json").read_text())
+    assert len(kept["kept_indices"]) == 10847 and kept["train_class_counts"][0] == 500 and kept["train_class_counts"][99] == 5
+
+
+def test_evaluate_group_accuracy_by_hand():
+    from torch import nn
+
+    from kdrun.data.arrays import ArrayLoader
+    from kdrun.engine.evaluate import evaluate
+
+    class Oracle(nn.Module):  # right on classes 0-4, wrong on 5-9; reads the label hidden in the pixels
+        def forward(self, x):
+            y = (x[:, 0, 0, 0] * 0.25 + 0.5).mul(255).round().long()  # undo the loader's normalisation
+            pred = torch.where(y < 5, y, (y + 1) % 10)
+            return nn.functional.one_hot(pred, 10).float()
+
+    labels = torch.arange(10).repeat(3)
+    images = labels.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).to(torch.uint8).contiguous()
+    loader = ArrayLoader(images, labels, batch_size=7, train=False, mean=[0.5], std=[0.25], device="cpu")
+    groups = {"low": torch.arange(10) < 5, "high": torch.arange(10) >= 5, "three": torch.arange(10) == 3}
+    ev = evaluate(Oracle(), loader, class_groups=groups)
+    assert ev["top1"] == pytest.approx(50.0)
+    assert ev["group_top1"] == {"low": pytest.approx(100.0), "high": pytest.approx(0.0), "three": pytest.approx(100.0)}

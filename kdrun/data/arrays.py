@@ -49,8 +49,12 @@ class ArraySplits:
         n_train = len(self.train_labels)
         n = max(1, min(int(n), n_train))
         n_test = max(1, math.ceil(len(self.test_labels) * n / n_train))
-        return ArraySplits(self.train_images[:n], self.train_labels[:n],
-                           self.test_images[:n_test], self.test_labels[:n_test])
+        out = ArraySplits(self.train_images[:n], self.train_labels[:n], self.test_images[:n_test], self.test_labels[:n_test])
+        if getattr(self, "kept_indices", None) is not None:  # long-tailed sets: keep their metadata true
+            out.kept_indices = self.kept_indices[:n]
+            out.train_class_counts = torch.bincount(out.train_labels, minlength=len(self.train_class_counts))
+            out.imbalance_factor = getattr(self, "imbalance_factor", None)
+        return out
 
 
 def draw_crop_flip(n: int, padding: int, hflip: bool, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

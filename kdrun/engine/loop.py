@@ -9,6 +9,7 @@ metrics, and the ``last`` (and, on improvement, ``best``) checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -86,6 +87,16 @@ def make_loaders(pipe: Pipeline) -> tuple[ArrayLoader | DatasetLoader, ArrayLoad
     return train, test
 
 
+def long_tail_groups(data: Any) -> dict[str, Tensor] | None:
+    """many/medium/few-shot class masks for a long-tailed training set (None for balanced sets)."""
+    counts = getattr(data, "train_class_counts", None)
+    if counts is None:
+        return None
+    from kdrun.data.longtail import shot_groups
+
+    return shot_groups(counts)
+
+
 def _show_progress(setting: str) -> bool:
     return setting == "on" or (setting == "auto" and sys.stderr.isatty())
 
@@ -121,6 +132,7 @@ class StageRunner:
         self.scaler = grad_scaler(pipe.device, tcfg.precision)
         self.scheduler = _instantiate(plan.cfg.scheduler, self.optimizer) if plan.cfg.scheduler is not None else None
         self.per_step_schedule = plan.cfg.scheduler_interval == "step"
+        self.class_groups = long_tail_groups(pipe.data)
 
     def _callables(self) -> dict[str, Any]:
         """What the step calls: frozen models as prepared by ``run``; under DDP, the stage's trained
@@ -245,11 +257,16 @@ class StageRunner:
             improved = False
             if (epoch + 1) % pipe.cfg.trainer.eval_every == 0 or last:
                 with self.autocast():
-                    ev = evaluate(pipe.models[plan.eval_model], self.test_loader, pipe.dist)
+                    ev = evaluate(pipe.models[plan.eval_model], self.test_loader, pipe.dist, self.class_groups)
                 row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
+                row.update({f"top1_{g}": v for g, v in ev.get("group_top1", {}).items()})
                 stats["last_top1"], stats["last_top5"] = ev["top1"], ev["top5"]
+                if "group_top1" in ev:
+                    stats["last_shot_top1"] = ev["group_top1"]
                 if stats["best_top1"] is None or ev["top1"] > stats["best_top1"]:
                     stats.update(best_top1=ev["top1"], best_top5=ev["top5"], best_epoch=epoch + 1)
+                    if "group_top1" in ev:
+                        stats["best_shot_top1"] = ev["group_top1"]
                     improved = True
                 row["best_top1"] = stats["best_top1"]
             self.writer.write(row, record.step, tb_prefix=f"{plan.name}/")
@@ -388,6 +405,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if getattr(pipe.data, "kept_indices", None) is not None:  # which training images a long-tailed run used
+            (run_dir / "kept_indices.json").write_text(json.dumps({
+                "imbalance_factor": getattr(pipe.data, "imbalance_factor", None),
+                "train_class_counts": pipe.data.train_class_counts.tolist(),
+                "kept_indices": pipe.data.kept_indices.tolist()}))
         _warn_random(pipe)
     writer = MetricsWriter(run_dir, tensorboard=bool(cfg.trainer.tensorboard)) if info.is_main else NullWriter()
     train_loader, test_loader = make_loaders(pipe)

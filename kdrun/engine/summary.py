@@ -65,6 +65,7 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
         "best_top5": stats.get("best_top5"),
         "last_top5": stats.get("last_top5"),
         "best_epoch": stats.get("best_epoch"),
+        "final_stage": final.name,
         "stages": record.stages,
         "frozen_top1": record.frozen_top1,
         "random_models": list(pipe.random_models),
@@ -76,6 +77,9 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
         "run_dir": str(run_dir),
         "overrides": _overrides(run_dir),
     }
+    if "last_shot_top1" in stats:  # long-tailed data: many/medium/few-shot accuracy
+        summary["shot_top1"] = stats["last_shot_top1"]
+        summary["shot_top1_best"] = stats.get("best_shot_top1")
     pub = published_entry(cfg)
     if pub is not None:
         got = summary["best_top1"] if pub["metric"] == "best" else summary["last_top1"]
