@@ -158,6 +158,13 @@ def load_data(cfg: DictConfig) -> ArraySplits | DatasetSplits:
     shape = tuple(splits.probe_batch(1)[0].shape[1:])
     if shape != tuple(cfg.data.input_shape):
         raise KdrunError(f"data.input_shape is {list(cfg.data.input_shape)} but {cfg.data.name} images are {list(shape)}")
+    if cfg.data.val_split is not None:
+        if getattr(splits, "kept_indices", None) is not None:
+            raise KdrunError("data.val_split is not supported with long-tailed data sets (it would change the class counts)")
+        try:
+            splits = splits.validation_split(cfg.data.val_split, cfg.data.val_seed)
+        except ValueError as ex:
+            raise KdrunError(str(ex)) from None
     if cfg.data.subset is not None:
         splits = splits.subset(cfg.data.subset)
     return splits

@@ -94,7 +94,9 @@ def _task(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = run(validate(cfg), run_dir)
+        cfg = validate(cfg)
+        cfg = _gpu_per_parallel_job(cfg)
+        summary = run(cfg, run_dir)
     except KdrunError as ex:
         if multirun:  # one failed job must not stop the sweep
             return _job_failed(run_dir, f"kdrun: error: {ex}")
@@ -107,8 +109,25 @@ def _task(cfg: DictConfig) -> float:
     if summary is None:  # ranks above 0 of a DDP run
         return math.nan
     _report(summary)
-    value = summary.get("best_top1")
+    value = summary.get(cfg.get("objective") or "best_top1")
     return float(value) if value is not None else math.nan
+
+
+def _gpu_per_parallel_job(cfg: DictConfig) -> DictConfig:
+    """Jobs that a local parallel launcher (joblib) runs side by side each take their own GPU,
+    by job number, when ``trainer.device`` is auto or cuda and the machine has several."""
+    hc = HydraConfig.get()
+    launcher = str(hc.launcher.get("_target_", "")) if hc.mode == RunMode.MULTIRUN else ""
+    if "joblib" not in launcher.lower() or cfg.trainer.device not in ("auto", "cuda"):
+        return cfg
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return cfg
+    out = OmegaConf.create(OmegaConf.to_container(cfg))
+    out.trainer.device = f"cuda:{int(hc.job.num) % count}"
+    return out
 
 
 def _job_failed(run_dir: Path, message: str) -> float:
@@ -121,13 +140,16 @@ def _job_failed(run_dir: Path, message: str) -> float:
 
 def _report(s: dict) -> None:
     lines = [f"kdrun: {s['name']} finished in {s['wall_time_s']:.1f} s"]
+    where = s.get("eval_set", "test")
     for name, top1 in s["frozen_top1"].items():
-        tag = " (random init)" if name in s["random_models"] else ""
-        lines.append(f"  {name} (frozen{tag}) test top-1: {top1:.2f}")
+        tag = ", random init" if name in s["random_models"] else ""
+        lines.append(f"  {name} (frozen{tag}) {where} top-1: {top1:.2f}")
     for stage, st in s["stages"].items():
         if st.get("best_top1") is not None:
-            lines.append(f"  [{stage}] {st['eval_model']} test top-1: best {st['best_top1']:.2f} (epoch {st['best_epoch']}), "
+            lines.append(f"  [{stage}] {st['eval_model']} {where} top-1: best {st['best_top1']:.2f} (epoch {st['best_epoch']}), "
                          f"last {st['last_top1']:.2f}")
+    if s.get("shot_top1"):
+        lines.append("  many / medium / few-shot top-1 (last): " + " / ".join(f"{v:.2f}" for v in s["shot_top1"].values()))
     pub = s.get("published")
     if pub:
         delta = f"{pub['delta']:+.2f}" if pub.get("delta") is not None else "n/a"

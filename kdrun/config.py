@@ -8,6 +8,7 @@ a class (loss terms, adapters, optimizers, data sources) are checked against tha
 Top-level keys::
 
     name        run name (recipes set it; the run directory is outputs/<name>/<time>)
+    objective   the summary value the run returns to Hydra sweepers (best_top1 by default)
     method      method name shown in reports (KD, CRD, ...); "baseline" for a model trained alone
     seed        global seed                      resume  null | auto | PATH
     data        DataConfig                       trainer TrainerConfig
@@ -64,6 +65,8 @@ class DataConfig:
     input_shape: list[int] = MISSING  # C, H, W
     root: Optional[str] = None
     subset: Optional[int] = None
+    val_split: Optional[int] = None  # hold out N training examples (seeded) and evaluate on them, not the test set
+    val_seed: int = 0
     batch_size: int = 64
     eval_batch_size: int = 256
     drop_last: bool = False
@@ -129,8 +132,9 @@ class PublishedConfig:
     table: list[PublishedEntry] = field(default_factory=list)
 
 
+OBJECTIVES = ("best_top1", "last_top1", "best_top5", "last_top5")
 TOP_LEVEL_KEYS = {
-    "name", "method", "seed", "resume", "data", "trainer", "teacher", "student", "models",
+    "objective", "name", "method", "seed", "resume", "data", "trainer", "teacher", "student", "models",
     "adapters", "loss", "stages", "published", "teachers_dir", "hydra",
 }
 LOSS_KEYS = {"_target_", "weight", "inputs", "warmup_epochs"}
@@ -154,6 +158,9 @@ def validate(cfg: DictConfig) -> DictConfig:
                 f"Valid keys: {', '.join(sorted(TOP_LEVEL_KEYS - {'hydra'}))}."
             )
     _check_section(cfg, "data", DataConfig)
+    if cfg.get("objective", "best_top1") not in OBJECTIVES:
+        raise KdrunError(f"objective must be one of {', '.join(OBJECTIVES)} (the summary value a sweep optimises), "
+                         f"got '{cfg.objective}'")
     _check_section(cfg, "trainer", TrainerConfig)
     if cfg.trainer.get("progress", "auto") not in ("auto", "on", "off"):
         raise KdrunError(f"trainer.progress must be auto, on or off, got '{cfg.trainer.progress}'")

@@ -1,107 +1,284 @@
-"""The CIFAR zoo: parameter counts of the benchmark, checkpoint-compatible names, taps and their shapes."""
+"""The CIFAR zoo of the CRD/DKD benchmark: parameter counts, output shapes, standard taps (declared,
+resolvable, hooked shapes, relations to each other and to the logits), checkpoint-compatible
+parameter/buffer names and state-dict sizes, and the model configs.
+
+Reference facts (names, shapes, counts) come from the model definitions of RepDistiller
+(github.com/HobbitLong/RepDistiller, models/) and mdistiller (megvii-research/mdistiller,
+mdistiller/models/cifar), whose names are identical.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from torch import Tensor, nn
 
 from kdrun.models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
-from kdrun.taps import TapRecorder, declared_taps, tap_groups
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 BUILDERS = {
-    **{n: getattr(resnet, n) for n in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-                                       "resnet8x4", "resnet32x4")},
+    **{n: getattr(resnet, n) for n in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
+                                       "resnet110", "resnet8x4", "resnet32x4")},
+    "resnet50": resnetv2.resnet50,
     **{n: getattr(wrn, n) for n in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")},
     **{n: getattr(vgg, n) for n in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
-    "mobilenetv2": mobilenetv2.mobilenetv2, "shufflenetv1": shufflenetv1.shufflenetv1,
-    "shufflenetv2": shufflenetv2.shufflenetv2, "resnet50": resnetv2.resnet50,
+    "mobilenetv2": mobilenetv2.mobilenetv2,
+    "shufflenetv1": shufflenetv1.shufflenetv1,
+    "shufflenetv2": shufflenetv2.shufflenetv2,
 }
-# millions of parameters with 100 classes, as the CRD/DKD benchmark reports them
+NAMES = sorted(BUILDERS)
+
+# Millions of parameters with 100 classes, to 3 decimals: the benchmark's published numbers ...
 PARAMS = {"resnet20": 0.278, "resnet56": 0.862, "resnet110": 1.737, "resnet8x4": 1.234, "resnet32x4": 7.434,
           "wrn_16_2": 0.703, "wrn_40_1": 0.570, "wrn_40_2": 2.255, "vgg8": 3.965, "vgg13": 9.462, "resnet50": 23.705,
           "mobilenetv2": 0.813, "shufflenetv1": 0.949, "shufflenetv2": 1.356}
-# (stem, stage shapes (C, H) per stage, feat dim) for a 32x32 input
+# ... and, for the other builders, counted by instantiating the reference definitions.
+PARAMS_REFERENCE = {"resnet8": 0.084, "resnet14": 0.181, "resnet32": 0.473, "resnet44": 0.667, "wrn_16_1": 0.181,
+                    "vgg11": 9.277, "vgg16": 14.774, "vgg19": 20.087}
+
+
+def _shapes(stem: tuple[int, int], stages: list[tuple[int, int]], feat: int) -> dict[str, tuple[int, ...]]:
+    """Expected tap shapes for a batch of 2 from (channels, side) of the stem and of each stage."""
+    out = {"stem": (2, stem[0], stem[1], stem[1]), "feat": (2, feat)}
+    for k, (c, s) in enumerate(stages, start=1):
+        out[f"stage{k}"] = out[f"stage{k}_pre"] = (2, c, s, s)
+    return out
+
+
+def _cifar_resnet(w: tuple[int, int, int, int]) -> dict[str, tuple[int, ...]]:
+    return _shapes((w[0], 32), [(w[1], 32), (w[2], 16), (w[3], 8)], w[3])
+
+
+def _wrn(k: int) -> dict[str, tuple[int, ...]]:
+    return _shapes((16, 32), [(16 * k, 32), (32 * k, 16), (64 * k, 8)], 64 * k)
+
+
+# tap name -> shape for a 2x3x32x32 input
 SHAPES = {
-    "resnet8x4": ((32, 32), [(64, 32), (128, 16), (256, 8)], 256),
-    "resnet32x4": ((32, 32), [(64, 32), (128, 16), (256, 8)], 256),
-    "resnet56": ((16, 32), [(16, 32), (32, 16), (64, 8)], 64),
-    "wrn_40_2": ((16, 32), [(32, 32), (64, 16), (128, 8)], 128),
-    "vgg13": ((64, 32), [(128, 16), (256, 8), (512, 4), (512, 4)], 512),
-    "mobilenetv2": ((16, 16), [(12, 16), (16, 8), (48, 4), (160, 2)], 1280),
-    "shufflenetv1": ((24, 32), [(240, 16), (480, 8), (960, 4)], 960),
-    "shufflenetv2": ((24, 32), [(116, 16), (232, 8), (464, 4)], 1024),
-    "resnet50": ((64, 32), [(256, 32), (512, 16), (1024, 8), (2048, 4)], 2048),
+    **{n: _cifar_resnet((16, 16, 32, 64)) for n in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
+                                                    "resnet56", "resnet110")},
+    **{n: _cifar_resnet((32, 64, 128, 256)) for n in ("resnet8x4", "resnet32x4")},
+    "resnet50": _shapes((64, 32), [(256, 32), (512, 16), (1024, 8), (2048, 4)], 2048),
+    "wrn_16_1": _wrn(1), "wrn_40_1": _wrn(1), "wrn_16_2": _wrn(2), "wrn_40_2": _wrn(2),
+    # block 0 is the stem; the max-pool after block 3 only acts on 64x64 inputs
+    **{n: _shapes((64, 32), [(128, 16), (256, 8), (512, 4), (512, 4)], 512)
+       for n in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
+    # stride-2 stem; stages = groups 1, 2, 4, 6; the head is 1280-d
+    "mobilenetv2": _shapes((16, 16), [(12, 16), (16, 8), (48, 4), (160, 2)], 1280),
+    "shufflenetv1": _shapes((24, 32), [(240, 16), (480, 8), (960, 4)], 960),
+    "shufflenetv2": _shapes((24, 32), [(116, 16), (232, 8), (464, 4)], 1024),
 }
-# a sample of the parameter/buffer names of the published checkpoints (RepDistiller's models)
+
+# the classifier fed by the ``feat`` tap
+HEAD = {n: "fc" for n in BUILDERS if n.startswith(("resnet", "wrn"))}
+HEAD.update({n: "classifier" for n in BUILDERS if n.startswith("vgg")})
+HEAD.update(resnet50="linear", mobilenetv2="classifier", shufflenetv1="linear", shufflenetv2="linear")
+
+# how stage<k>_pre relates to stage<k>: ReLU(pre) == stage, except where noted
+RELATION = {n: "relu" for n in BUILDERS}
+RELATION.update({n: "bn" for n in BUILDERS if n.startswith("wrn")})  # pre == the next BatchNorm(stage)
+RELATION.update(mobilenetv2="same", shufflenetv2="shuffle_relu")  # linear blocks; pre is taken before the shuffle
+
+# A sample of the reference's state-dict names with their shapes (100 classes) ...
 KEYS = {
-    "resnet8x4": ["conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.0.downsample.0.weight",
-                  "layer1.0.downsample.1.running_var", "layer3.0.bn2.num_batches_tracked", "fc.weight", "fc.bias"],
-    "wrn_40_2": ["conv1.weight", "block1.layer.0.bn1.weight", "block1.layer.0.convShortcut.weight",
-                 "block3.layer.5.conv2.weight", "bn1.running_var", "fc.bias"],
-    "vgg13": ["block0.0.weight", "block0.0.bias", "block0.1.running_mean", "block0.3.weight", "block4.4.weight",
-              "classifier.weight"],
-    "mobilenetv2": ["conv1.0.weight", "conv1.1.weight", "blocks.0.0.conv.0.weight", "blocks.6.0.conv.7.running_mean",
-                    "conv2.0.weight", "conv2.1.bias", "classifier.0.weight"],
-    "shufflenetv1": ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.0.bn3.running_var",
-                     "layer3.3.conv3.weight", "linear.weight"],
-    "shufflenetv2": ["conv1.weight", "layer1.0.conv1.weight", "layer1.0.bn5.weight", "layer1.3.conv3.weight",
-                     "conv2.weight", "bn2.running_mean", "linear.bias"],
-    "resnet50": ["conv1.weight", "layer1.0.shortcut.0.weight", "layer1.0.shortcut.1.running_mean", "layer4.2.bn3.weight",
-                 "linear.weight"],
+    "resnet56": {"conv1.weight": (16, 3, 3, 3), "bn1.running_mean": (16,), "layer1.0.conv1.weight": (16, 16, 3, 3),
+                 "layer1.0.bn2.num_batches_tracked": (), "layer2.0.downsample.0.weight": (32, 16, 1, 1),
+                 "layer2.0.downsample.1.running_var": (32,), "layer3.8.conv2.weight": (64, 64, 3, 3),
+                 "fc.weight": (100, 64), "fc.bias": (100,)},
+    "resnet8x4": {"conv1.weight": (32, 3, 3, 3), "layer1.0.conv1.weight": (64, 32, 3, 3),
+                  "layer1.0.downsample.0.weight": (64, 32, 1, 1), "layer3.0.bn2.running_var": (256,),
+                  "fc.weight": (100, 256)},
+    "resnet50": {"conv1.weight": (64, 3, 3, 3), "bn1.weight": (64,), "layer1.0.conv3.weight": (256, 64, 1, 1),
+                 "layer1.0.shortcut.0.weight": (256, 64, 1, 1), "layer1.0.shortcut.1.running_mean": (256,),
+                 "layer4.2.bn3.weight": (2048,), "linear.weight": (100, 2048)},
+    "wrn_40_2": {"conv1.weight": (16, 3, 3, 3), "block1.layer.0.bn1.weight": (16,),
+                 "block1.layer.0.convShortcut.weight": (32, 16, 1, 1), "block1.layer.5.conv2.weight": (32, 32, 3, 3),
+                 "block3.layer.0.convShortcut.weight": (128, 64, 1, 1), "bn1.running_var": (128,),
+                 "fc.weight": (100, 128)},
+    "wrn_16_1": {"block1.layer.0.conv1.weight": (16, 16, 3, 3), "block2.layer.0.convShortcut.weight": (32, 16, 1, 1),
+                 "fc.weight": (100, 64)},
+    "vgg13": {"block0.0.weight": (64, 3, 3, 3), "block0.0.bias": (64,), "block0.1.running_mean": (64,),
+              "block0.3.weight": (64, 64, 3, 3), "block0.4.num_batches_tracked": (), "block4.4.weight": (512,),
+              "classifier.weight": (100, 512)},
+    "vgg8": {"block0.0.weight": (64, 3, 3, 3), "block0.1.weight": (64,), "block4.0.weight": (512, 512, 3, 3),
+             "classifier.bias": (100,)},
+    "mobilenetv2": {"conv1.0.weight": (16, 3, 3, 3), "conv1.1.running_var": (16,),
+                    "blocks.0.0.conv.0.weight": (16, 16, 1, 1), "blocks.1.1.conv.3.weight": (72, 1, 3, 3),
+                    "blocks.6.0.conv.7.running_mean": (160,), "conv2.0.weight": (1280, 160, 1, 1),
+                    "classifier.0.weight": (100, 1280)},
+    "shufflenetv1": {"conv1.weight": (24, 3, 1, 1), "bn1.weight": (24,), "layer1.0.conv1.weight": (54, 24, 1, 1),
+                     "layer1.0.conv3.weight": (216, 18, 1, 1), "layer1.0.bn3.running_var": (216,),
+                     "layer2.1.conv1.weight": (120, 160, 1, 1), "layer3.3.conv3.weight": (960, 80, 1, 1),
+                     "linear.weight": (100, 960)},
+    "shufflenetv2": {"conv1.weight": (24, 3, 1, 1), "layer1.0.conv1.weight": (24, 1, 3, 3),
+                     "layer1.0.bn5.weight": (58,), "layer1.3.conv3.weight": (58, 58, 1, 1),
+                     "layer2.7.bn3.running_mean": (116,), "conv2.weight": (1024, 464, 1, 1),
+                     "bn2.running_mean": (1024,), "linear.bias": (100,)},
 }
-# state-dict sizes of the reference models, counted from their definitions: a conv has 1 entry, a
-# BatchNorm 5 (weight, bias, running mean/var, num_batches_tracked), a linear layer 2
-KEY_COUNTS = {
-    "resnet8x4": 6 + 3 * (12 + 6) + 2,  # stem; 3 stages of one block (2 conv-BN) with a projection; fc
-    "resnet20": 6 + 9 * 12 + 2 * 6 + 2,  # stem; 9 blocks; projections in stages 2 and 3; fc
-    "vgg8": 5 * (2 + 5) + 2,  # 5 blocks of one conv (with bias) + BN; classifier
+# ... and names the reference does not have (identity shortcuts carry no weights).
+ABSENT = {
+    "resnet56": ["layer1.0.downsample.0.weight", "layer2.1.downsample.0.weight"],
+    "resnet50": ["layer1.1.shortcut.0.weight"],
+    "wrn_16_1": ["block1.layer.0.convShortcut.weight", "block2.layer.1.convShortcut.weight"],
+    "vgg8": ["block0.3.weight"],
+    "shufflenetv1": ["layer1.1.shortcut.0.weight"],
+}
+# len(state_dict()) of the reference models (conv 1 entry, +1 with bias; BatchNorm 5; linear 2),
+# counted by instantiating the reference definitions. E.g. resnet20: stem 1 + 5, 9 blocks of 2 x (1 + 5),
+# projections (1 + 5) in stages 2 and 3, fc 2 -> 6 + 108 + 12 + 2 = 128.
+STATE_DICT_SIZES = {
+    "resnet8": 56, "resnet14": 92, "resnet20": 128, "resnet32": 200, "resnet44": 272, "resnet56": 344,
+    "resnet110": 668, "resnet8x4": 62, "resnet32x4": 206, "resnet50": 320,
+    "wrn_16_1": 82, "wrn_16_2": 83, "wrn_40_1": 226, "wrn_40_2": 227,
+    "vgg8": 37, "vgg11": 58, "vgg13": 72, "vgg16": 93, "vgg19": 114,
+    "mobilenetv2": 320, "shufflenetv1": 296, "shufflenetv2": 338,
 }
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_builds_runs_and_declares_standard_taps(name):
-    model = BUILDERS[name](num_classes=100).eval()
-    with torch.no_grad():
-        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
-    taps = declared_taps(model)
-    stages = tap_groups(taps)["stages"]
-    assert {"stem", "feat"} <= set(taps) and stages[0] == "stage1"
-    for tap in stages:
-        assert f"{tap}_pre" in taps
-    for path in taps.values():
-        model.get_submodule(path)
-    if name in PARAMS:
-        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 3) == PARAMS[name]
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Batch-2 forwards gain nothing from intra-op threads, and busy-waiting threads crawl on a loaded
+    2-core machine, so this module runs single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", sorted(SHAPES))
-def test_tap_shapes_and_preactivations(name):
-    model = BUILDERS[name](num_classes=100).eval()
-    taps = declared_taps(model)
-    rec = TapRecorder(model, name, taps, set(taps))
+@functools.cache
+def _model(name: str) -> nn.Module:
+    """One shared instance per builder (100 classes, eval mode); tests must not modify it."""
+    return BUILDERS[name](num_classes=100).eval()
+
+
+@functools.cache
+def _run(name: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits and every declared tap's output, recorded with forward hooks, for a fixed 2x3x32x32 input."""
+    model = _model(name)
+    outputs: dict[str, Tensor] = {}
+
+    def recorder(tap: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            outputs[tap] = output
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_hook(recorder(tap)) for tap, path in model.taps.items()]
+    try:
+        with torch.no_grad():
+            logits = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, outputs
+
+
+def _standard_taps(name: str) -> set[str]:
+    k = sum(1 for t in SHAPES[name] if t.startswith("stage") and not t.endswith("_pre"))
+    return {"stem", "feat"} | {f"stage{i}" for i in range(1, k + 1)} | {f"stage{i}_pre" for i in range(1, k + 1)}
+
+
+def test_every_builder_is_covered():
+    assert set(SHAPES) == set(HEAD) == set(STATE_DICT_SIZES) == set(BUILDERS)
+    assert set(PARAMS) | set(PARAMS_REFERENCE) == set(BUILDERS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_count(name):
+    millions = sum(p.numel() for p in _model(name).parameters()) / 1e6
+    assert round(millions, 3) == {**PARAMS, **PARAMS_REFERENCE}[name], millions
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_shape(name):
+    logits, _ = _run(name)
+    assert logits.shape == (2, 100)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet50", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1",
+                                  "shufflenetv2"])
+def test_num_classes(name):
+    model = BUILDERS[name](num_classes=10).eval()
     with torch.no_grad():
-        logits = model(torch.randn(2, 3, 32, 32))
-    out = rec.pop()
-    (stem_c, stem_h), stages, feat = SHAPES[name]
-    assert out["stem"].shape == (2, stem_c, stem_h, stem_h)
-    for k, (c, h) in enumerate(stages, start=1):
-        assert out[f"stage{k}"].shape == (2, c, h, h), (k, out[f"stage{k}"].shape)
-        assert out[f"stage{k}_pre"].shape == (2, c, h, h)
-    assert out["feat"].shape == (2, feat)
-    assert torch.allclose(model.get_submodule([p for p in dict(model.named_modules()) if p.endswith(("fc", "linear", "classifier"))][-1])(out["feat"]), logits, atol=1e-5)
-    if name not in ("mobilenetv2", "wrn_40_2"):  # these stage outputs are linear (no ReLU after them)
-        last = len(stages)
-        assert (out[f"stage{last}_pre"] < 0).any() and (out[f"stage{last}"] >= 0).all()
-        assert torch.allclose(out[f"stage{last}"], torch.relu(out[f"stage{last}_pre"])) or name == "shufflenetv2"
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_standard_taps_are_declared_and_resolve(name):
+    model = _model(name)
+    assert isinstance(model.taps, dict)
+    assert set(model.taps) == _standard_taps(name)
+    for tap, path in model.taps.items():
+        assert isinstance(path, str)
+        module = model.get_submodule(path)  # raises if the path does not exist
+        assert path in dict(model.named_modules()), (tap, path)
+        assert module is not model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hooked_tap_shapes(name):
+    _, outputs = _run(name)
+    assert set(outputs) == set(_model(name).taps), "a tap's module did not run in forward"
+    got = {tap: tuple(t.shape) for tap, t in outputs.items()}
+    assert got == SHAPES[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_feat_feeds_the_classifier(name):
+    logits, outputs = _run(name)
+    head = _model(name).get_submodule(HEAD[name])
+    with torch.no_grad():
+        assert torch.allclose(head(outputs["feat"]), logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stage_and_preactivation_taps(name):
+    model, (_, outputs) = _model(name), _run(name)
+    stages = sorted(t for t in outputs if t.startswith("stage") and not t.endswith("_pre"))
+    for stage in stages:
+        out, pre = outputs[stage], outputs[f"{stage}_pre"]
+        relation = RELATION[name]
+        if relation == "relu":  # the stage output is the ReLU of the residual sum
+            assert (out >= 0).all() and torch.equal(out, torch.relu(pre))
+            assert (pre < 0).any()
+        elif relation == "shuffle_relu":  # ShuffleNetV2: pre is the concatenation before the shuffle
+            n, c, h, w = pre.shape
+            shuffled = torch.relu(pre).reshape(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            assert torch.equal(out, shuffled)
+        elif relation == "bn":  # WRN: pre is the stage output through the BatchNorm that follows it
+            with torch.no_grad():
+                assert torch.allclose(pre, model.get_submodule(model.taps[f"{stage}_pre"])(out))
+            assert (out < 0).any()  # pre-activation blocks: no ReLU at the end of a stage
+        else:  # MobileNetV2: linear bottlenecks, the reference's preact features are the features
+            assert pre is out
 
 
 @pytest.mark.parametrize("name", sorted(KEYS))
-def test_checkpoint_names(name):
-    keys = set(BUILDERS[name](num_classes=100).state_dict())
-    missing = [k for k in KEYS[name] if k not in keys]
-    assert not missing, missing
+def test_checkpoint_names_and_shapes(name):
+    state = _model(name).state_dict()
+    assert {k: tuple(state[k].shape) for k in KEYS[name] if k in state} == KEYS[name]
+    assert not [k for k in ABSENT.get(name, []) if k in state]
 
 
-@pytest.mark.parametrize("name", sorted(KEY_COUNTS))
-def test_state_dict_sizes(name):
-    assert len(BUILDERS[name](num_classes=100).state_dict()) == KEY_COUNTS[name]
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_size(name):
+    assert len(_model(name).state_dict()) == STATE_DICT_SIZES[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_config(name):
+    path = CONFIGS / f"{name}.yaml"
+    text = path.read_text()
+    assert text.startswith("# ") and "\n" in text
+    assert yaml.safe_load(text) == {"name": name, "net": {"_target_": BUILDERS[name].__module__ + "." + name,
+                                                          "num_classes": "${data.num_classes}"}}
+    module, _, attr = yaml.safe_load(text)["net"]["_target_"].rpartition(".")
+    assert getattr(importlib.import_module(module), attr) is BUILDERS[name]
 
 
 def test_a_saved_state_dict_loads_strictly_into_a_fresh_model(tmp_path):

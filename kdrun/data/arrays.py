@@ -44,6 +44,16 @@ class ArraySplits:
         """``k`` training images scaled to [0, 1] (inputs, labels) for the builder's probe forward."""
         return self.train_images[:k].float() / 255.0, self.train_labels[:k]
 
+    def validation_split(self, n: int, seed: int = 0) -> ArraySplits:
+        """Hold out ``n`` training examples (a seeded random choice) as the evaluation set; the test set
+        is not used. The remaining training examples keep their order."""
+        total = self.num_train
+        if not 0 < n < total:
+            raise ValueError(f"data.val_split must be between 1 and {total - 1}, got {n}")
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+        val, train = perm[:n].sort().values, perm[n:].sort().values
+        return ArraySplits(self.train_images[train], self.train_labels[train], self.train_images[val], self.train_labels[val])
+
     def subset(self, n: int) -> ArraySplits:
         """The first ``n`` training examples and a proportional slice of the test set."""
         n_train = len(self.train_labels)

@@ -50,6 +50,16 @@ class DatasetSplits:
         n = max(1, min(int(n), n_train))
         return DatasetSplits(Subset(self.train, range(n)), Subset(self.test, range(max(1, math.ceil(n_test * n / n_train)))))
 
+    def validation_split(self, n: int, seed: int = 0) -> DatasetSplits:
+        """Hold out ``n`` training items (seeded) as the evaluation set instead of the test set.
+
+        The held-out items keep the training transforms (augmentation included) of the training set."""
+        total = self.num_train
+        if not 0 < n < total:
+            raise ValueError(f"data.val_split must be between 1 and {total - 1}, got {n}")
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+        return DatasetSplits(Subset(self.train, perm[n:].sort().values.tolist()), Subset(self.train, perm[:n].sort().values.tolist()))
+
     def probe_batch(self, k: int = 2) -> tuple[Tensor, Tensor]:
         """``k`` test items as a batch (inputs, labels) for the builder's probe forward."""
         items = [self.test[i] for i in range(min(k, len(self.test)))]  # type: ignore[arg-type]

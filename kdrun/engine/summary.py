@@ -66,6 +66,7 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
         "last_top5": stats.get("last_top5"),
         "best_epoch": stats.get("best_epoch"),
         "final_stage": final.name,
+        "eval_set": "validation" if cfg.data.get("val_split") else "test",
         "stages": record.stages,
         "frozen_top1": record.frozen_top1,
         "random_models": list(pipe.random_models),
@@ -80,7 +81,7 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
     if "last_shot_top1" in stats:  # long-tailed data: many/medium/few-shot accuracy
         summary["shot_top1"] = stats["last_shot_top1"]
         summary["shot_top1_best"] = stats.get("best_shot_top1")
-    pub = published_entry(cfg)
+    pub = published_entry(cfg) if not cfg.data.get("val_split") else None  # published numbers are test-set numbers
     if pub is not None:
         got = summary["best_top1"] if pub["metric"] == "best" else summary["last_top1"]
         pub["reproduced"] = got
@@ -88,7 +89,25 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
         summary["published"] = pub
     with open(Path(run_dir) / "summary.json", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
+    if cfg.trainer.tensorboard:
+        _tensorboard_hparams(summary, run_dir)
     return summary
+
+
+def _tensorboard_hparams(summary: dict[str, Any], run_dir: Path) -> None:
+    """One hparams record per run (its overrides, model names, seed -> its accuracies), so that
+    TensorBoard's HParams tab compares the runs of a sweep."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    hparams: dict[str, Any] = {"method": str(summary["method"]), "teacher": str(summary["teacher"]),
+                               "student": str(summary["student"]), "seed": summary["seed"]}
+    for item in summary["overrides"]:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key and not key.startswith("hydra"):
+            hparams[key] = value
+    metrics = {f"hparam/{k}": float(summary[k]) for k in ("best_top1", "last_top1") if summary.get(k) is not None}
+    with SummaryWriter(str(Path(run_dir) / "tb")) as writer:
+        writer.add_hparams(hparams, metrics, run_name="hparams")
 
 
 def _overrides(run_dir: Path) -> list[str]:

@@ -1,12 +1,20 @@
 """ResNets for CIFAR (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, Sec. 4.2).
 
-Three stages of basic blocks on 32x32 inputs (32x32, 16x16, 8x8 maps), depth 6n+2. ``resnet8x4`` and
-``resnet32x4`` widen the stages to 64/128/256 channels (a 32-channel stem): the CRD/DKD benchmark's
-teacher and student. Parameter and buffer names equal those of the CRD code base (RepDistiller), so
-its published ``{'model': state_dict}`` checkpoints load as they are.
+A 3x3 conv-BN-ReLU stem and three stages of ``n`` basic blocks on 32x32, 16x16 and 8x8 maps (depth
+6n + 2), 8x8 average pooling and one linear classifier. Where a block changes width or stride its
+shortcut is a 1x1 conv + BN projection (the paper's option B; its CIFAR experiments used option A,
+zero padding, so these nets have slightly more parameters than the paper's). ``resnet8x4`` and
+``resnet32x4`` use 64/128/256 stage channels after a 32-channel stem instead of 16/32/64 after 16.
 
-Taps: ``stem`` (conv-BN-ReLU), ``stage1..3`` (stage outputs), ``stage1_pre..3_pre`` (the last block's
-sum before its final ReLU), ``feat`` (pooled feature).
+These are the networks of the CRD (Tian et al., ICLR 2020) and DKD (Zhao et al., CVPR 2022) CIFAR-100
+benchmark: parameter and buffer names equal those of RepDistiller's ``models/resnet.py`` (and
+mdistiller's copy), so the published ``{'model': state_dict}`` checkpoints load with ``strict=True``.
+
+Taps (see :mod:`kdrun.taps`), the reference's ``is_feat`` features:
+
+* ``stem``: conv-BN-ReLU output (feature 0), ``feat``: the pooled, flattened feature;
+* ``stage1..3``: stage outputs (after the last block's ReLU);
+* ``stage1_pre..3_pre``: the last block's residual sum before that ReLU (``preact=True``).
 """
 from __future__ import annotations
 
@@ -18,9 +26,10 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus the (projected) input, then ReLU."""
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the input (or its projection), then ReLU.
 
-    expansion = 1
+    ``preact`` (an identity) marks the sum before the final ReLU as a hook point.
+    """
 
     def __init__(self, c_in: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
@@ -29,8 +38,8 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU()
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.preact = nn.Identity()  # tap point: the sum before the final ReLU
+        self.downsample = downsample  # name of the reference (and its checkpoints)
+        self.preact = nn.Identity()
         self.relu_out = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -40,24 +49,25 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """Stem conv3x3-BN-ReLU, three stages of ``n`` basic blocks, 8x8 average pool, linear classifier.
+    """Stem, three stages of basic blocks, global average pooling, linear classifier.
 
     Args:
-        depth: 6n + 2. widths: stem and stage channels (4 numbers). num_classes: classes.
+        depth: 6n + 2 (n blocks per stage).
+        widths: channels of the stem and of the three stages.
+        num_classes: size of the output.
     """
 
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100) -> None:
         super().__init__()
         if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise ValueError(f"a CIFAR ResNet has depth 6n+2, got {depth}")
         n = (depth - 2) // 6
-        self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
-        self.layer1 = self._make_layer(widths[1], n, stride=1)
-        self.layer2 = self._make_layer(widths[2], n, stride=2)
-        self.layer3 = self._make_layer(widths[3], n, stride=2)
+        self.layer1 = self._make_stage(widths[0], widths[1], n, stride=1)
+        self.layer2 = self._make_stage(widths[1], widths[2], n, stride=2)
+        self.layer3 = self._make_stage(widths[2], widths[3], n, stride=2)
         self.avgpool = nn.AvgPool2d(8)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(widths[3], num_classes)
@@ -67,20 +77,20 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        last = n - 1
-        self.taps = {"stem": "relu", "feat": "flatten"}
+        self.taps: dict[str, str] = {"stem": "relu"}
         for k in (1, 2, 3):
             self.taps[f"stage{k}"] = f"layer{k}"
-            self.taps[f"stage{k}_pre"] = f"layer{k}.{last}.preact"
+            self.taps[f"stage{k}_pre"] = f"layer{k}.{n - 1}.preact"
+        self.taps["feat"] = "flatten"
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    @staticmethod
+    def _make_stage(c_in: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
+        if stride != 1 or c_in != planes:
+            downsample = nn.Sequential(nn.Conv2d(c_in, planes, kernel_size=1, stride=stride, bias=False),
                                        nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        layers = [BasicBlock(c_in, planes, stride, downsample)]
+        layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -93,46 +103,46 @@ _THIN = (16, 16, 32, 64)
 _WIDE = (32, 64, 128, 256)
 
 
-def resnet8(num_classes: int = 100) -> CifarResNet:
-    """ResNet-8 (0.08M parameters with 100 classes)."""
+def resnet8(num_classes: int = 100) -> nn.Module:
+    """ResNet-8 (0.084M parameters with 100 classes)."""
     return CifarResNet(8, _THIN, num_classes)
 
 
-def resnet14(num_classes: int = 100) -> CifarResNet:
-    """ResNet-14 (0.18M)."""
+def resnet14(num_classes: int = 100) -> nn.Module:
+    """ResNet-14 (0.181M parameters with 100 classes)."""
     return CifarResNet(14, _THIN, num_classes)
 
 
-def resnet20(num_classes: int = 100) -> CifarResNet:
-    """ResNet-20 (0.28M)."""
+def resnet20(num_classes: int = 100) -> nn.Module:
+    """ResNet-20 (0.278M parameters with 100 classes)."""
     return CifarResNet(20, _THIN, num_classes)
 
 
-def resnet32(num_classes: int = 100) -> CifarResNet:
-    """ResNet-32 (0.47M)."""
+def resnet32(num_classes: int = 100) -> nn.Module:
+    """ResNet-32 (0.473M parameters with 100 classes)."""
     return CifarResNet(32, _THIN, num_classes)
 
 
-def resnet44(num_classes: int = 100) -> CifarResNet:
-    """ResNet-44 (0.67M)."""
+def resnet44(num_classes: int = 100) -> nn.Module:
+    """ResNet-44 (0.667M parameters with 100 classes)."""
     return CifarResNet(44, _THIN, num_classes)
 
 
-def resnet56(num_classes: int = 100) -> CifarResNet:
-    """ResNet-56 (0.86M)."""
+def resnet56(num_classes: int = 100) -> nn.Module:
+    """ResNet-56 (0.862M parameters with 100 classes)."""
     return CifarResNet(56, _THIN, num_classes)
 
 
-def resnet110(num_classes: int = 100) -> CifarResNet:
-    """ResNet-110 (1.74M)."""
+def resnet110(num_classes: int = 100) -> nn.Module:
+    """ResNet-110 (1.737M parameters with 100 classes)."""
     return CifarResNet(110, _THIN, num_classes)
 
 
-def resnet8x4(num_classes: int = 100) -> CifarResNet:
-    """ResNet-8 with 4x wider stages (1.23M): the benchmark's student."""
+def resnet8x4(num_classes: int = 100) -> nn.Module:
+    """ResNet-8 with 64/128/256 stage channels (1.234M parameters with 100 classes): the benchmark's student."""
     return CifarResNet(8, _WIDE, num_classes)
 
 
-def resnet32x4(num_classes: int = 100) -> CifarResNet:
-    """ResNet-32 with 4x wider stages (7.43M): the benchmark's teacher."""
+def resnet32x4(num_classes: int = 100) -> nn.Module:
+    """ResNet-32 with 64/128/256 stage channels (7.434M parameters with 100 classes): the benchmark's teacher."""
     return CifarResNet(32, _WIDE, num_classes)

@@ -1,9 +1,15 @@
-"""ShuffleNet for CIFAR (Zhang et al., "ShuffleNet: An Extremely Efficient Convolutional Neural Network
-for Mobile Devices", CVPR 2018), groups 3, stage widths 240/480/960: the CRD benchmark's ShuffleNetV1
-(RepDistiller's ``ShuffleV1``, whose names and checkpoints this matches).
+"""ShuffleNet (V1) for CIFAR (Zhang et al., "ShuffleNet: An Extremely Efficient Convolutional Neural
+Network for Mobile Devices", CVPR 2018) with 3 groups and 240/480/960 stage channels.
 
-Taps: ``stem`` (1x1 conv-BN-ReLU), ``stage1..3`` (stage outputs: 16, 8, 4 pixels wide),
-``stage1_pre..3_pre`` (the last unit's output before its ReLU), ``feat`` (pooled feature).
+A 1x1 conv-BN-ReLU stem to 24 channels (no stride, no max-pool), three stages of 4, 8 and 4 ShuffleNet
+units on 16x16, 8x8 and 4x4 maps, 4x4 average pooling and a linear classifier. The first unit of a
+stage has stride 2 and concatenates its 3x3 average-pooled input to its branch; the others add it.
+
+This is the CRD (Tian et al., ICLR 2020) / DKD (Zhao et al., CVPR 2022) benchmark's ``ShuffleV1``
+(RepDistiller's ``models/ShuffleNetv1.py``), whose parameter names this keeps.
+
+Taps: ``stem`` (conv-BN-ReLU), ``stage1..3`` (stage outputs), ``stage1_pre..3_pre`` (the last unit's
+sum before its final ReLU), ``feat`` (the pooled 960-d feature).
 """
 from __future__ import annotations
 
@@ -20,18 +26,24 @@ class ChannelShuffle(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return x.reshape(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 class ShuffleUnit(nn.Module):
-    """Grouped 1x1 - shuffle - depthwise 3x3 - grouped 1x1; added to the input, or concatenated with its
-    3x3 average pool when the unit downsamples (stride 2)."""
+    """Grouped 1x1 conv, channel shuffle, depthwise 3x3 (carrying the stride), grouped 1x1 conv, each
+    with BN (ReLU after the first two); then the input added (stride 1) or its 3x3 average pool
+    concatenated (stride 2), and ReLU. ``preact`` marks the tensor before that ReLU as a hook point.
+
+    Args:
+        c_in: input channels. c_out: branch output channels (the unit's output has ``c_out + c_in``
+            channels when it concatenates). stride: 1 or 2. groups: groups of the 1x1 convs.
+    """
 
     def __init__(self, c_in: int, c_out: int, stride: int, groups: int) -> None:
         super().__init__()
         self.stride = stride
         mid = c_out // 4
-        g = 1 if c_in == 24 else groups
+        g = 1 if c_in == 24 else groups  # the first unit, on the 24-channel stem, is not grouped
         self.conv1 = nn.Conv2d(c_in, mid, kernel_size=1, groups=g, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
         self.shuffle1 = ChannelShuffle(g)
@@ -41,7 +53,7 @@ class ShuffleUnit(nn.Module):
         self.bn3 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
         self.relu = nn.ReLU()
-        self.preact = nn.Identity()  # tap point: before the final ReLU
+        self.preact = nn.Identity()
         self.relu_out = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -53,7 +65,14 @@ class ShuffleUnit(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
-    """Args: widths (3 stage widths), blocks (units per stage), groups, num_classes."""
+    """ShuffleNet for 32x32 inputs.
+
+    Args:
+        widths: output channels of the three stages.
+        blocks: units per stage.
+        groups: groups of the 1x1 convs.
+        num_classes: size of the output.
+    """
 
     def __init__(self, widths: tuple[int, int, int] = (240, 480, 960), blocks: tuple[int, int, int] = (4, 8, 4),
                  groups: int = 3, num_classes: int = 100) -> None:
@@ -63,19 +82,19 @@ class ShuffleNetV1(nn.Module):
         self.relu = nn.ReLU()
         c_in = 24
         for k, (width, n) in enumerate(zip(widths, blocks), start=1):
-            units = []
-            for i in range(n):
-                # the downsampling unit concatenates its input, so its branch makes width - c_in channels
-                units.append(ShuffleUnit(c_in, width - (c_in if i == 0 else 0), 2 if i == 0 else 1, groups))
-                c_in = width
+            # the first unit concatenates its input, so its branch makes width - c_in channels
+            units = [ShuffleUnit(c_in, width - c_in, stride=2, groups=groups)]
+            units += [ShuffleUnit(width, width, stride=1, groups=groups) for _ in range(n - 1)]
             setattr(self, f"layer{k}", nn.Sequential(*units))
+            c_in = width
         self.avgpool = nn.AvgPool2d(4)
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(widths[-1], num_classes)
-        self.taps = {"stem": "relu", "feat": "flatten"}
+        self.taps: dict[str, str] = {"stem": "relu"}
         for k, n in enumerate(blocks, start=1):
             self.taps[f"stage{k}"] = f"layer{k}"
             self.taps[f"stage{k}_pre"] = f"layer{k}.{n - 1}.preact"
+        self.taps["feat"] = "flatten"
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -83,6 +102,6 @@ class ShuffleNetV1(nn.Module):
         return self.linear(self.flatten(self.avgpool(x)))
 
 
-def shufflenetv1(num_classes: int = 100) -> ShuffleNetV1:
-    """ShuffleNet g=3 (0.95M parameters with 100 classes)."""
+def shufflenetv1(num_classes: int = 100) -> nn.Module:
+    """ShuffleNet with 3 groups (0.949M parameters with 100 classes)."""
     return ShuffleNetV1(num_classes=num_classes)

@@ -1,10 +1,17 @@
-"""ShuffleNetV2 for CIFAR (Ma et al., "ShuffleNet V2: Practical Guidelines for Efficient CNN
-Architecture Design", ECCV 2018) at width 1x (stage widths 116/232/464, 1024-d head): the CRD
-benchmark's ShuffleNetV2 (RepDistiller's ``ShuffleV2``, whose names and checkpoints this matches).
+"""ShuffleNetV2 for CIFAR (Ma et al., "ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture
+Design", ECCV 2018) at width 1x: 116/232/464 stage channels and a 1024-d head.
 
-Taps: ``stem`` (1x1 conv-BN-ReLU), ``stage1..3`` (stage outputs: 16, 8, 4 pixels wide),
-``stage1_pre..3_pre`` (the last unit's concatenation before its branch ReLU and the shuffle, as in
-RepDistiller), ``feat`` (pooled feature after the 1x1 head conv).
+A 1x1 conv-BN-ReLU stem to 24 channels (no stride, no max-pool), three stages (a stride-2 down-sampling
+unit followed by 3, 7 and 3 split units) on 16x16, 8x8 and 4x4 maps, a 1x1 conv-BN-ReLU to 1024
+channels, 4x4 average pooling and a linear classifier.
+
+This is the CRD (Tian et al., ICLR 2020) / DKD (Zhao et al., CVPR 2022) benchmark's ``ShuffleV2``
+(RepDistiller's ``models/ShuffleNetv2.py``), whose parameter names this keeps.
+
+Taps: ``stem`` (conv-BN-ReLU), ``stage1..3`` (stage outputs), ``feat`` (the pooled 1024-d feature after
+the head conv), and ``stage1_pre..3_pre``: as in the reference, the last split unit's concatenation of
+its untouched half and its branch before the branch's final ReLU, taken *before* the channel shuffle,
+so its channel order differs from that of ``stage<k>`` (``stage = shuffle(relu(stage_pre))``).
 """
 from __future__ import annotations
 
@@ -15,7 +22,14 @@ from kdrun.models.shufflenetv1 import ChannelShuffle
 
 
 class SplitUnit(nn.Module):
-    """Split channels in half; transform one half (1x1 - depthwise 3x3 - 1x1); concatenate; shuffle."""
+    """Split the channels in half; transform the second half (1x1 conv-BN-ReLU, depthwise 3x3-BN, 1x1
+    conv-BN-ReLU); concatenate with the first half; shuffle.
+
+    Args:
+        channels: input and output channels.
+        is_last: whether this is a stage's last unit, the one whose ``preact`` (the concatenation
+            before the branch's final ReLU) is computed, as the reference does only there.
+    """
 
     def __init__(self, channels: int, is_last: bool = False) -> None:
         super().__init__()
@@ -29,18 +43,20 @@ class SplitUnit(nn.Module):
         self.bn3 = nn.BatchNorm2d(c)
         self.shuffle = ChannelShuffle(2)
         self.relu = nn.ReLU()
-        self.preact = nn.Identity()  # tap point (last unit of a stage only)
+        self.preact = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = x.chunk(2, dim=1)
-        pre = self.bn3(self.conv3(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x2)))))))
+        branch = self.bn3(self.conv3(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x2)))))))
         if self.is_last:
-            self.preact(torch.cat([x1, pre], 1))
-        return self.shuffle(torch.cat([x1, self.relu(pre)], 1))
+            self.preact(torch.cat([x1, branch], 1))  # computed only as a hook point
+        return self.shuffle(torch.cat([x1, self.relu(branch)], 1))
 
 
 class DownUnit(nn.Module):
-    """Two stride-2 branches (depthwise-pointwise, and pointwise-depthwise-pointwise), concatenated, shuffled."""
+    """Two stride-2 branches on the whole input, concatenated and shuffled: depthwise 3x3-BN then 1x1
+    conv-BN-ReLU (``conv1``, ``conv2``), and 1x1 conv-BN-ReLU, depthwise 3x3-BN, 1x1 conv-BN-ReLU
+    (``conv3`` ... ``conv5``)."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
@@ -66,10 +82,16 @@ class DownUnit(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    """Args: widths (3 stage widths + head width), blocks (split units per stage), num_classes."""
+    """ShuffleNetV2 for 32x32 inputs.
 
-    def __init__(self, widths: tuple[int, int, int, int] = (116, 232, 464, 1024), blocks: tuple[int, int, int] = (3, 7, 3),
-                 num_classes: int = 100) -> None:
+    Args:
+        widths: output channels of the three stages and of the head conv.
+        blocks: split units per stage (after its down-sampling unit).
+        num_classes: size of the output.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int] = (116, 232, 464, 1024),
+                 blocks: tuple[int, int, int] = (3, 7, 3), num_classes: int = 100) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
@@ -85,10 +107,11 @@ class ShuffleNetV2(nn.Module):
         self.avgpool = nn.AvgPool2d(4)
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(widths[3], num_classes)
-        self.taps = {"stem": "relu", "feat": "flatten"}
+        self.taps: dict[str, str] = {"stem": "relu"}
         for k, n in enumerate(blocks, start=1):
             self.taps[f"stage{k}"] = f"layer{k}"
-            self.taps[f"stage{k}_pre"] = f"layer{k}.{n}.preact"
+            self.taps[f"stage{k}_pre"] = f"layer{k}.{n}.preact"  # unit 0 is the down-sampling unit
+        self.taps["feat"] = "flatten"
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -97,6 +120,6 @@ class ShuffleNetV2(nn.Module):
         return self.linear(self.flatten(self.avgpool(x)))
 
 
-def shufflenetv2(num_classes: int = 100) -> ShuffleNetV2:
-    """ShuffleNetV2 1x (1.36M parameters with 100 classes)."""
+def shufflenetv2(num_classes: int = 100) -> nn.Module:
+    """ShuffleNetV2 1x (1.356M parameters with 100 classes)."""
     return ShuffleNetV2(num_classes=num_classes)

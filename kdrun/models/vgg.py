@@ -1,12 +1,22 @@
-"""VGG with BatchNorm for CIFAR (Simonyan & Zisserman, ICLR 2015), without the large FC layers.
+"""VGG with BatchNorm for CIFAR (Simonyan & Zisserman, "Very Deep Convolutional Networks for
+Large-Scale Image Recognition", ICLR 2015), without the large fully connected layers.
 
-Five conv blocks (the last ReLU of each block is applied outside it, so the block output is the
-pre-activation), max-pooling between blocks 0-3 except before block 4 on 32x32 inputs, global average
-pooling and one linear classifier, as in the CRD code base (RepDistiller) whose names and checkpoints
-this matches. ``vgg8`` is its configuration "S" (one conv per block).
+Five blocks of conv3x3(+bias)-BN-ReLU layers (configurations A, B, D, E of the paper for VGG-11/13/16/19,
+and "S", one conv per block, for VGG-8), 2x2 max-pooling after blocks 0, 1 and 2, global average pooling
+and one 512 -> num_classes linear layer. On 32x32 inputs blocks 3 and 4 both run on 4x4 maps: the
+max-pool after block 3 is applied to 64x64 inputs only, as in the reference.
 
-Taps: ``stem`` (block 0 after ReLU), ``stage1..4`` (blocks 1-4 after ReLU), ``stage1_pre..4_pre``
-(blocks 1-4 before it), ``feat`` (pooled feature).
+These are the CRD (Tian et al., ICLR 2020) / DKD (Zhao et al., CVPR 2022) benchmark's ``vgg*`` models
+(RepDistiller's ``vgg*_bn``): each block is an ``nn.Sequential`` of conv, BN, ReLU, ..., conv, BN (the
+block's last ReLU is applied outside it), so names such as ``block0.0.weight``, ``block0.1.running_mean``
+and ``classifier.weight`` equal the reference's and its checkpoints (``vgg13_vanilla``) load strictly.
+
+Taps, the reference's ``is_feat`` features (block 0 is the stem, blocks 1-4 the four stages):
+
+* ``stem``: block 0 after its ReLU (``relu0``);
+* ``stage1..4``: blocks 1-4 after their ReLU (``relu1..relu4``);
+* ``stage1_pre..4_pre``: blocks 1-4 before it, i.e. their last BN's output (``block1..block4``);
+* ``feat``: the pooled 512-d feature.
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ import math
 
 from torch import Tensor, nn
 
+# conv widths of the five blocks
 CONFIGS: dict[str, list[list[int]]] = {
     "S": [[64], [128], [256], [512], [512]],
     "A": [[64], [128], [256, 256], [512, 512], [512, 512]],
@@ -23,8 +34,8 @@ CONFIGS: dict[str, list[list[int]]] = {
 }
 
 
-def _block(widths: list[int], c_in: int) -> nn.Sequential:
-    """conv3x3-BN-ReLU for each width, without the final ReLU."""
+def _block(c_in: int, widths: list[int]) -> nn.Sequential:
+    """conv3x3-BN-ReLU for each width, without the last ReLU."""
     layers: list[nn.Module] = []
     for w in widths:
         layers += [nn.Conv2d(c_in, w, kernel_size=3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
@@ -33,26 +44,32 @@ def _block(widths: list[int], c_in: int) -> nn.Sequential:
 
 
 class VGG(nn.Module):
-    """VGG-BN for CIFAR. Args: cfg: widths per block (5 lists). num_classes: classes."""
+    """VGG-BN for CIFAR.
+
+    Args:
+        cfg: conv widths of the five blocks (the last block must end with 512).
+        num_classes: size of the output.
+    """
 
     def __init__(self, cfg: list[list[int]], num_classes: int = 100) -> None:
         super().__init__()
         c_in = 3
         for i, widths in enumerate(cfg):
-            setattr(self, f"block{i}", _block(widths, c_in))
-            setattr(self, f"relu{i}", nn.ReLU())
+            setattr(self, f"block{i}", _block(c_in, widths))
             c_in = widths[-1]
+        for i in range(len(cfg)):
+            setattr(self, f"relu{i}", nn.ReLU())
         self.pool0 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)  # used for 64x64 inputs only
+        self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)  # 64x64 inputs only
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(512, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -60,43 +77,44 @@ class VGG(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
-        self.taps = {"stem": "relu0", "feat": "flatten"}
+        self.taps: dict[str, str] = {"stem": "relu0"}
         for k in (1, 2, 3, 4):
             self.taps[f"stage{k}"] = f"relu{k}"
             self.taps[f"stage{k}_pre"] = f"block{k}"
+        self.taps["feat"] = "flatten"
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.shape[2]
+        size = x.shape[2]
         x = self.pool0(self.relu0(self.block0(x)))
         x = self.pool1(self.relu1(self.block1(x)))
         x = self.pool2(self.relu2(self.block2(x)))
         x = self.relu3(self.block3(x))
-        if h == 64:
+        if size == 64:
             x = self.pool3(x)
         x = self.relu4(self.block4(x))
         return self.classifier(self.flatten(self.pool4(x)))
 
 
-def vgg8(num_classes: int = 100) -> VGG:
-    """VGG-8 with BN (3.97M parameters with 100 classes)."""
+def vgg8(num_classes: int = 100) -> nn.Module:
+    """VGG-8 with BN, configuration "S" (3.965M parameters with 100 classes)."""
     return VGG(CONFIGS["S"], num_classes)
 
 
-def vgg11(num_classes: int = 100) -> VGG:
-    """VGG-11 with BN (9.28M)."""
+def vgg11(num_classes: int = 100) -> nn.Module:
+    """VGG-11 with BN, configuration "A" (9.277M parameters with 100 classes)."""
     return VGG(CONFIGS["A"], num_classes)
 
 
-def vgg13(num_classes: int = 100) -> VGG:
-    """VGG-13 with BN (9.46M)."""
+def vgg13(num_classes: int = 100) -> nn.Module:
+    """VGG-13 with BN, configuration "B" (9.462M parameters with 100 classes)."""
     return VGG(CONFIGS["B"], num_classes)
 
 
-def vgg16(num_classes: int = 100) -> VGG:
-    """VGG-16 with BN (14.77M)."""
+def vgg16(num_classes: int = 100) -> nn.Module:
+    """VGG-16 with BN, configuration "D" (14.774M parameters with 100 classes)."""
     return VGG(CONFIGS["D"], num_classes)
 
 
-def vgg19(num_classes: int = 100) -> VGG:
-    """VGG-19 with BN (20.09M)."""
+def vgg19(num_classes: int = 100) -> nn.Module:
+    """VGG-19 with BN, configuration "E" (20.087M parameters with 100 classes)."""
     return VGG(CONFIGS["E"], num_classes)
