@@ -7,6 +7,18 @@ from pathlib import Path
 from typing import Any
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, at any depth, so that the
+    JSON files stay standard JSON (e.g. a few-shot group with no test classes has no accuracy)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsWriter:
     """Append records to ``<run_dir>/metrics.jsonl`` and scalars to TensorBoard (``<run_dir>/tb``)."""
 
@@ -20,8 +32,7 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def write(self, record: dict[str, Any], step: int, tb_prefix: str = "") -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
+        self.file.write(json.dumps(json_safe(record)) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from kdrun.engine.checkpoint import atomic_save
+from kdrun.engine.metrics import json_safe
 
 if TYPE_CHECKING:
     from kdrun.build import Pipeline
@@ -88,7 +89,7 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
         pub["delta"] = None if got is None else got - pub["top1"]
         summary["published"] = pub
     with open(Path(run_dir) / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(json_safe(summary), f, indent=2)
     if cfg.trainer.tensorboard:
         _tensorboard_hparams(summary, run_dir)
     return summary

@@ -10,10 +10,12 @@ from kdrun.losses.logits import CrossEntropy, DISTLoss, DKDLoss, KDLoss, standar
 from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
+from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRGLocalLoss, TRGLoss
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReviewKDLoss", "SPLoss", "VIDLoss",
+    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReviewKDLoss", "SPLoss", "TokenSampler",
+    "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]
