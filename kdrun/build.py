@@ -23,7 +23,7 @@ from kdrun.config import ADAPTER_KEYS, LOSS_KEYS, model_configs
 from kdrun.data.arrays import ArraySplits
 from kdrun.data.datasets import DatasetSplits
 from kdrun.engine.distributed import DistInfo
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, did_you_mean
 from kdrun.models.weights import load_weights
 from kdrun.taps import TapRecorder, declared_taps, expand_groups, tap_groups
 
@@ -54,6 +54,22 @@ class AdapterSpec:
 
 
 @dataclass
+class GroupPlan:
+    """One optimizer group of a stage: the models, trainable adapters and loss terms it updates.
+
+    ``name`` is ``main`` for the stage's own ``train``/``losses``, else the ``co_train`` key. The
+    group's parameters are its models', its adapters' and its terms' own (CRD's embeddings...).
+    """
+
+    name: str
+    models: list[str]
+    adapters: list[str]
+    losses: list[str]
+    optimizer: Any
+    scheduler: Any
+
+
+@dataclass
 class StagePlan:
     """What one stage runs: models (frozen ones first), adapters in order, loss terms, what trains."""
 
@@ -65,6 +81,7 @@ class StagePlan:
     losses: list[str]
     eval_model: str
     cfg: DictConfig
+    groups: list[GroupPlan] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +100,16 @@ class Pipeline:
     random_models: list[str] = field(default_factory=list)  # frozen somewhere, never loaded nor trained
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     callables: dict[str, Any] = field(default_factory=dict)  # what the step calls per model (compiled or not)
+    batch_transform: Any = None  # mixup/cutmix/...: batch -> batch, applied before every model in training
+
+    def fresh_model(self, name: str) -> nn.Module:
+        """Model ``name`` as at the start of the run: built, its checkpoint loaded, ``init_from``
+        applied (self-distillation rounds restart the student from here)."""
+        model = make_model(self.cfg, name, self.device, self.dist)
+        mcfg = model_configs(self.cfg)[name]
+        if mcfg.get("init_from"):
+            init_close_to(model, self.models[mcfg.init_from], float(mcfg.init_noise), name)
+        return model
 
     def modules(self) -> nn.ModuleDict:
         """Every stateful module by kind, for checkpoints: models, adapters, loss terms."""
@@ -189,6 +216,54 @@ def teacher_hint(cfg: DictConfig, name: str) -> str:
             f"or {key}.checkpoint=null for a randomly initialised {name}.")
 
 
+def make_model(cfg: DictConfig, name: str, device: torch.device, dist: DistInfo) -> nn.Module:
+    """Instantiate model ``name`` and load its ``checkpoint`` (SyncBatchNorm under DDP if asked)."""
+    mcfg = model_configs(cfg)[name]
+    key = name if name in ("teacher", "student") else f"models.{name}"
+    try:
+        model = _instantiate(mcfg.net)
+    except KdrunError:
+        raise
+    except Exception as ex:
+        raise KdrunError(f"{key}.net: building {mcfg.net._target_} failed: {ex}") from None
+    if cfg.trainer.sync_batchnorm and dist.enabled:
+        if device.type != "cuda":
+            raise KdrunError("trainer.sync_batchnorm=true needs CUDA devices (SyncBatchNorm does not run on CPU)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before taps are hooked
+    if mcfg.checkpoint is not None:
+        load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
+        log.info("%s: %s weights from %s", name, mcfg.name, mcfg.checkpoint)
+    return model.to(device)
+
+
+@torch.no_grad()
+def init_close_to(model: nn.Module, source: nn.Module, noise: float, name: str = "model",
+                  fresh: nn.Module | None = None) -> None:
+    """Copy ``source``'s weights into ``model``; with ``noise = eps > 0`` move every floating-point
+    parameter towards a fresh random initialisation ``w_fresh`` (``fresh``, or ``model``'s own
+    weights before the copy), keeping its variance:
+
+    ``w <- (w_source + eps * w_fresh) / sqrt(1 + eps^2)``.
+
+    Buffers (BatchNorm statistics) are copied. Sarnthein et al., "Random Teachers are Good
+    Teachers", ICML 2023, show that a student initialised close to its random teacher learns much
+    better features; this is the "neighbourhood" initialisation of their code (eps = 0: an exact copy,
+    their default).
+    """
+    own = {k: v.clone() for k, v in (fresh or model).state_dict().items()} if noise > 0 else {}
+    src, dst = source.state_dict(), model.state_dict()
+    mismatch = [k for k in dst if k not in src or src[k].shape != dst[k].shape]
+    if mismatch or len(src) != len(dst):
+        raise KdrunError(f"{name}.init_from: {type(model).__name__} and {type(source).__name__} differ in their weights "
+                         f"(e.g. {mismatch[:1] or sorted(set(src) - set(dst))[:1]}); init_from needs the same architecture")
+    model.load_state_dict(src)
+    if noise > 0:
+        params = dict(model.named_parameters())
+        for k, p in params.items():
+            if p.is_floating_point():
+                p.copy_((p + noise * own[k].to(p.device)) / (1 + noise * noise) ** 0.5)
+
+
 def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
     """Instantiate everything ``cfg`` describes (already validated) and check it with a probe forward."""
     dist = dist or DistInfo()
@@ -203,27 +278,23 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
     raw_loss_inputs = {n: OmegaConf.to_container(c.inputs, resolve=True) for n, c in loss_cfgs.items()}
     raw_adapter_inputs = {n: OmegaConf.to_container(c.inputs, resolve=True) for n, c in adapter_cfgs.items()}
     named = [n for ins in [*raw_loss_inputs.values(), *raw_adapter_inputs.values()] for n in _names(ins)]
-    used_models = {n.split(".", 1)[0] for n in named} | {m for _, s in stage_cfgs for m in s.train}
+    used_models = {n.split(".", 1)[0] for n in named} | {m for _, s in stage_cfgs for m in _stage_train(s)}
+    rounds, probe = cfg.get("rounds"), cfg.get("probe")
+    if rounds is not None:
+        used_models |= {rounds.teacher, rounds.student}
+    if probe is not None:
+        used_models.update(probe.models)
+    used_models = {m for m in used_models if m in mcfgs}
+    for name in list(used_models):  # a model initialised from another needs that one built first
+        while mcfgs[name].get("init_from") and mcfgs[name].init_from not in used_models:
+            name = mcfgs[name].init_from
+            used_models.add(name)
     models = nn.ModuleDict()
     for name in mcfgs:
-        if name not in used_models:
-            continue
-        mcfg = mcfgs[name]
-        key = name if name in ("teacher", "student") else f"models.{name}"
-        try:
-            model = _instantiate(mcfg.net)
-        except KdrunError:
-            raise
-        except Exception as ex:
-            raise KdrunError(f"{key}.net: building {mcfg.net._target_} failed: {ex}") from None
-        if cfg.trainer.sync_batchnorm and dist.enabled:
-            if device.type != "cuda":
-                raise KdrunError("trainer.sync_batchnorm=true needs CUDA devices (SyncBatchNorm does not run on CPU)")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before taps are hooked
-        if mcfg.checkpoint is not None:
-            load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
-            log.info("%s: %s weights from %s", name, mcfg.name, mcfg.checkpoint)
-        models[name] = model.to(device)
+        if name in used_models:
+            models[name] = make_model(cfg, name, device, dist)
+    for name in _init_order(mcfgs, models):
+        init_close_to(models[name], models[mcfgs[name].init_from], float(mcfgs[name].init_noise), _model_name_key(name))
 
     # -- tap groups (student.stages -> [student.stage1, ...]) expanded in every input
     taps_of = {name: declared_taps(models[name], dict(mcfgs[name].taps)) for name in models}
@@ -234,7 +305,7 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
     # -- what every stage reads, expanded through the adapters it uses
     stage_reads: dict[str, tuple[list[str], list[str]]] = {}
     for sname, scfg in stage_cfgs:
-        todo = [n for t in scfg.losses for n in _names(loss_inputs[t])]
+        todo = [n for t in _stage_losses(scfg) for n in _names(loss_inputs[t])]
         reads, used_adapters = set(), []
         while todo:
             n = todo.pop()
@@ -255,6 +326,11 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
     all_reads = {n for reads, _ in stage_reads.values() for n in reads}
     for name, model in models.items():
         wanted = {n.split(".", 1)[1] for n in all_reads if n.split(".", 1)[0] == name} - {"logits"}
+        if probe is not None and name in probe.models:
+            if probe.tap not in taps_of[name]:
+                raise KdrunError(f"probe.tap: {name} has no tap '{probe.tap}'.{did_you_mean(probe.tap, list(taps_of[name]))} "
+                                 f"Its taps: {', '.join(taps_of[name])}.")
+            wanted.add(probe.tap)
         recorders[name] = TapRecorder(model, name, taps_of[name], wanted)
 
     # -- stage plans
@@ -263,22 +339,27 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
     random_models: list[str] = []
     for sname, scfg in stage_cfgs:
         reads, used_adapters = stage_reads[sname]
-        run = [m for m in models if m in {n.split(".", 1)[0] for n in reads} | set(scfg.train)]
-        for m in scfg.train:
+        train = _stage_train(scfg)
+        run = [m for m in models if m in {n.split(".", 1)[0] for n in reads} | set(train)]
+        for m in train:
             if m not in {n.split(".", 1)[0] for n in reads}:
                 raise KdrunError(f"stages.{sname} trains '{m}' but none of its loss terms reads a tensor of '{m}'")
-        frozen = [m for m in run if m not in scfg.train]
+        frozen = [m for m in run if m not in train]
         for m in frozen:
-            if mcfgs[m].checkpoint is None and m not in trained_so_far and m not in random_models:
+            if (mcfgs[m].checkpoint is None and not mcfgs[m].get("allow_random") and m not in trained_so_far
+                    and m not in random_models and not _teacher_of_later_rounds(cfg, m, loss_inputs)):
                 random_models.append(m)
-        trained_so_far.update(scfg.train)
+        trained_so_far.update(train)
+        groups = _group_plans(sname, scfg, used_adapters)
         stages.append(StagePlan(
-            name=str(sname), epochs=int(scfg.epochs), trained_models=list(scfg.train), frozen_models=frozen,
-            adapters=used_adapters, losses=list(scfg.losses), eval_model=scfg.eval or scfg.train[0], cfg=scfg,
+            name=str(sname), epochs=int(scfg.epochs), trained_models=train, frozen_models=frozen,
+            adapters=used_adapters, losses=_stage_losses(scfg), eval_model=scfg.eval or scfg.train[0], cfg=scfg,
+            groups=groups,
         ))
 
     # -- probe forward: shapes of every tensor any stage reads
     ns = probe_namespace(models, recorders, data, device)
+    ns["batch.soft_target"] = torch.nn.functional.one_hot(ns["batch.target"], int(cfg.data.num_classes)).float()
     adapters: dict[str, AdapterSpec] = {}
     used_anywhere = {a for _, ads in stage_reads.values() for a in ads}
     for name, acfg in adapter_cfgs.items():
@@ -306,7 +387,7 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
         adapters[name] = AdapterSpec(name, module, inputs, bool(node.get("trainable", True)))
 
     losses: dict[str, LossSpec] = {}
-    used_terms = {t for _, s in stage_cfgs for t in s.losses}
+    used_terms = {t for _, s in stage_cfgs for t in _stage_losses(s)}
     for name, lcfg in loss_cfgs.items():
         if name not in used_terms:
             continue
@@ -335,9 +416,82 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
             raise KdrunError(f"loss.{name} ({lcfg._target_}) cannot use its inputs {_describe(ns, inputs)}: {str(ex).splitlines()[0]}") from None
         losses[name] = LossSpec(name, module, float(lcfg.get("weight", 1.0)), inputs, int(lcfg.get("warmup_epochs", 0) or 0))
 
+    transform = None
+    if cfg.get("batch_transform") is not None:
+        try:
+            transform = _instantiate(cfg.batch_transform, num_classes=int(cfg.data.num_classes))
+        except KdrunError:
+            raise
+        except Exception as ex:
+            raise KdrunError(f"batch_transform: building {cfg.batch_transform._target_} failed: {ex}") from None
     return Pipeline(cfg=cfg, device=device, data=data, models=models, recorders=recorders, adapters=adapters,
                     losses=losses, stages=stages, random_models=random_models, dist=dist,
-                    shapes={k: tuple(v.shape) for k, v in ns.items()}, callables=dict(models.items()))
+                    shapes={k: tuple(v.shape) for k, v in ns.items()}, callables=dict(models.items()),
+                    batch_transform=transform)
+
+
+def _model_name_key(name: str) -> str:
+    return name if name in ("teacher", "student") else f"models.{name}"
+
+
+def _init_order(mcfgs: dict[str, DictConfig], models: nn.ModuleDict) -> list[str]:
+    """Models with ``init_from``, each after the model it copies (a cycle is a config error)."""
+    order: list[str] = []
+    for name in models:
+        chain, cur = [], name
+        while mcfgs[cur].get("init_from") and cur not in order:
+            if cur in chain:
+                raise KdrunError(f"{_model_name_key(name)}.init_from: the models {' -> '.join(chain + [cur])} initialise each other in a cycle")
+            chain.append(cur)
+            cur = mcfgs[cur].init_from
+        order.extend(reversed([c for c in chain if c not in order]))
+    return order
+
+
+def _stage_train(scfg: DictConfig) -> list[str]:
+    """Every model a stage trains: its own ``train`` and its co-trained groups' (adapters excluded)."""
+    out = list(scfg.train)
+    for gcfg in (scfg.get("co_train") or {}).values():
+        out += [m for m in gcfg.train if not str(m).startswith("adapters.")]
+    return out
+
+
+def _stage_losses(scfg: DictConfig) -> list[str]:
+    out = list(scfg.losses)
+    for gcfg in (scfg.get("co_train") or {}).values():
+        out += list(gcfg.losses)
+    return out
+
+
+def _group_plans(sname: str, scfg: DictConfig, used_adapters: list[str]) -> list[GroupPlan]:
+    """The stage's optimizer groups; trainable adapters not claimed by a co-trained group are the main group's."""
+    co = scfg.get("co_train") or {}
+    claimed = {str(m)[len("adapters."):] for g in co.values() for m in g.train if str(m).startswith("adapters.")}
+    for a in claimed:
+        if a not in used_adapters:
+            raise KdrunError(f"stages.{sname}.co_train trains adapters.{a}, which none of the stage's loss terms reads")
+    groups = [GroupPlan("main", list(scfg.train), [a for a in used_adapters if a not in claimed], list(scfg.losses),
+                        scfg.optimizer, scfg.scheduler)]
+    for gname, g in co.items():
+        groups.append(GroupPlan(
+            str(gname), [m for m in g.train if not str(m).startswith("adapters.")],
+            [str(m)[len("adapters."):] for m in g.train if str(m).startswith("adapters.")], list(g.losses),
+            g.optimizer if g.optimizer is not None else scfg.optimizer,
+            g.scheduler if g.scheduler is not None else scfg.scheduler,
+        ))
+    return groups
+
+
+def _teacher_of_later_rounds(cfg: DictConfig, model: str, loss_inputs: dict[str, Inputs]) -> bool:
+    """True for a self-distillation teacher that round 1 does not use (every term reading it has
+    weight 0 in round 1): it only ever holds a trained student's weights."""
+    rounds = cfg.get("rounds")
+    if rounds is None or rounds.teacher != model:
+        return False
+    from kdrun.engine.rounds import round_weight
+
+    readers = [t for t, ins in loss_inputs.items() if any(n.split(".", 1)[0] == model for n in _names(ins))]
+    return all(round_weight(rounds, t, 0, float(cfg.loss[t].get("weight", 1.0))) == 0 for t in readers)
 
 
 def _require(ns: dict[str, Tensor], inputs: Inputs, key: str) -> None:

@@ -18,6 +18,9 @@ Top-level keys::
     loss        {name: {_target_, weight, inputs, warmup_epochs, ...}}
     stages      {name: StageConfig}, run in order
     published   PublishedConfig or null          teachers_dir  where recipes look for teacher weights
+    batch_transform  {_target_, ...} or null: mixup/cutmix applied to every training batch (kdrun.data.mix)
+    rounds      RoundsConfig or null: self-distillation rounds (student -> next round's teacher)
+    probe       ProbeConfig or null: linear-probe evaluation of a model's features after training
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     strict: bool = True
     taps: dict[str, str] = field(default_factory=dict)
+    init_from: Optional[str] = None  # start from another model's weights (after its checkpoint is loaded)
+    init_noise: float = 0.0  # eps: w = (w_from + eps * w_fresh) / sqrt(1 + eps^2), w_fresh a new random init
+    allow_random: bool = False  # a deliberately random frozen model (Random Teachers): no warning
 
 
 @dataclass
@@ -102,8 +108,25 @@ class TrainerConfig:
 
 
 @dataclass
+class CoTrainConfig:
+    """More models trained in the same stage, with their own loss terms, optimizer and schedule
+    (online distillation). ``train`` lists model names and ``adapters.<name>`` of trainable adapters;
+    ``optimizer``/``scheduler`` default to the stage's (with the stage's settings)."""
+
+    train: list[str] = MISSING
+    losses: list[str] = MISSING
+    optimizer: Any = None
+    scheduler: Any = None
+
+
+@dataclass
 class StageConfig:
-    """One stage: which models train, with which loss terms, optimizer and schedule, for how long."""
+    """One stage: which models train, with which loss terms, optimizer and schedule, for how long.
+
+    ``co_train`` adds optimizer groups that train other models in the same steps. Each group's
+    parameters receive the gradient of that group's own loss terms only (``share_gradients: true``
+    gives every parameter the gradient of the whole weighted total instead).
+    """
 
     epochs: int = MISSING
     train: list[str] = MISSING
@@ -113,6 +136,37 @@ class StageConfig:
     scheduler: Any = None
     scheduler_interval: str = "epoch"  # epoch | step
     order: int = 0  # stages run by (order, position in the config): an init stage added by a recipe sets -1
+    co_train: dict[str, CoTrainConfig] = field(default_factory=dict)
+    share_gradients: bool = False
+
+
+@dataclass
+class RoundsConfig:
+    """Self-distillation over rounds (born-again networks): every stage runs ``count`` times; after
+    round r the ``student``'s weights become the ``teacher``'s and the student starts again from its
+    initialisation. ``weights`` overrides loss-term weights per round: ``{term: [w_1, ..., w_count]}``
+    (e.g. the ground-truth / teacher balance alpha_r, 1 - alpha_r of Borup & Andersen, "Even your
+    Teacher Needs Guidance", NeurIPS 2021)."""
+
+    count: int = MISSING
+    teacher: str = "teacher"
+    student: str = "student"
+    reinit_student: bool = True
+    weights: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProbeConfig:
+    """Linear-probe evaluation: a linear classifier trained on the frozen features ``<model>.<tap>``
+    of the (unaugmented) training set, tested on the test set, for every model of ``models``, after
+    the last stage (of every round). The first model's result is the summary's ``probe_top1``."""
+
+    models: list[str] = field(default_factory=lambda: ["student"])
+    tap: str = "feat"
+    epochs: int = 30
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    batch_size: int = 512
 
 
 @dataclass
@@ -132,10 +186,10 @@ class PublishedConfig:
     table: list[PublishedEntry] = field(default_factory=list)
 
 
-OBJECTIVES = ("best_top1", "last_top1", "best_top5", "last_top5")
+OBJECTIVES = ("best_top1", "last_top1", "best_top5", "last_top5", "probe_top1")
 TOP_LEVEL_KEYS = {
     "objective", "name", "method", "seed", "resume", "data", "trainer", "teacher", "student", "models",
-    "adapters", "loss", "stages", "published", "teachers_dir", "hydra",
+    "adapters", "loss", "stages", "published", "teachers_dir", "hydra", "batch_transform", "rounds", "probe",
 }
 LOSS_KEYS = {"_target_", "weight", "inputs", "warmup_epochs"}
 ADAPTER_KEYS = {"_target_", "inputs", "target", "trainable"}
@@ -161,6 +215,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if cfg.get("objective", "best_top1") not in OBJECTIVES:
         raise KdrunError(f"objective must be one of {', '.join(OBJECTIVES)} (the summary value a sweep optimises), "
                          f"got '{cfg.objective}'")
+    if cfg.get("objective") == "probe_top1" and cfg.get("probe") is None:
+        raise KdrunError("objective=probe_top1 needs a linear probe: set probe (e.g. +probe.models=[student] +probe.tap=feat)")
     _check_section(cfg, "trainer", TrainerConfig)
     if cfg.trainer.get("progress", "auto") not in ("auto", "on", "off"):
         raise KdrunError(f"trainer.progress must be auto, on or off, got '{cfg.trainer.progress}'")
@@ -181,6 +237,26 @@ def validate(cfg: DictConfig) -> DictConfig:
     for name, lcfg in (cfg.get("loss") or {}).items():
         _check_component(lcfg, f"loss.{name}", LOSS_KEYS, names)
     _check_stages(cfg, models)
+    for name, mcfg in models.items():
+        src = mcfg.get("init_from")
+        if src is not None and (src not in models or src == name):
+            raise KdrunError(f"{_model_key(name)}.init_from: no other model '{src}'.{did_you_mean(str(src), models)} "
+                             f"Models: {', '.join(models)}.")
+        if float(mcfg.get("init_noise", 0.0) or 0.0) < 0:
+            raise KdrunError(f"{_model_key(name)}.init_noise must be >= 0, got {mcfg.init_noise}")
+    if cfg.get("batch_transform") is not None:
+        _check_target(cfg.batch_transform, "batch_transform")
+    _check_rounds(cfg, models)
+    if cfg.get("probe") is not None:
+        _check_node(cfg.probe, "probe", ProbeConfig)
+        probe = OmegaConf.merge(OmegaConf.structured(ProbeConfig), cfg.probe)
+        if not probe.models:
+            raise KdrunError("probe.models is empty: name the models to probe, e.g. [student]")
+        for m in probe.models:
+            if m not in models:
+                raise KdrunError(f"probe.models: no model '{m}'.{did_you_mean(m, models)} Models: {', '.join(models)}.")
+        if probe.epochs < 1 or probe.lr <= 0 or probe.batch_size < 1:
+            raise KdrunError("probe.epochs and probe.batch_size must be at least 1 and probe.lr positive")
     if cfg.get("resume") not in (None, "auto") and not isinstance(cfg.get("resume"), str):
         raise KdrunError("resume must be null, 'auto' or the path of a run directory or checkpoint")
     return _complete(cfg)
@@ -204,6 +280,12 @@ def _complete(cfg: DictConfig) -> DictConfig:
             out.models[name] = fill(out.models[name], ModelConfig)
     for name in list(out.stages.keys()):
         out.stages[name] = fill(out.stages[name], StageConfig)
+        for group in list(out.stages[name].co_train.keys()):
+            out.stages[name].co_train[group] = fill(out.stages[name].co_train[group], CoTrainConfig)
+    if out.get("rounds") is not None:
+        out.rounds = fill(out.rounds, RoundsConfig)
+    if out.get("probe") is not None:
+        out.probe = fill(out.probe, ProbeConfig)
     if out.get("published") is not None:
         out.published = fill(out.published, PublishedConfig)
     return out
@@ -377,11 +459,53 @@ def _check_stages(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
             raise KdrunError(f"{key}.epochs must be at least 1, got {scfg.epochs}")
         if not scfg.train:
             raise KdrunError(f"{key}.train is empty: name the models this stage trains, e.g. [student]")
-        for m in scfg.train:
-            if m not in models:
-                raise KdrunError(f"{key}.train: no model '{m}'.{did_you_mean(m, models)} Models: {', '.join(models)}.")
-        for term in scfg.losses:
-            if term not in losses:
-                raise KdrunError(f"{key}.losses: no loss term '{term}'.{did_you_mean(term, losses)} Terms: {', '.join(sorted(losses))}.")
+        adapters = {f"adapters.{a}" for a in (cfg.get("adapters") or {})}
+        owner: dict[str, str] = {}
+        groups = [(key, scfg.train, scfg.losses)]
+        for gname, gcfg in (scfg.co_train or {}).items():
+            gkey = f"{key}.co_train.{gname}"
+            _check_node(gcfg, gkey, CoTrainConfig)
+            for part in ("optimizer", "scheduler"):
+                if gcfg.get(part) is not None:
+                    _check_target(gcfg[part], f"{gkey}.{part}")
+            if not gcfg.train or not gcfg.losses:
+                raise KdrunError(f"{gkey} needs 'train' (models it updates) and 'losses' (the terms that update them)")
+            groups.append((gkey, gcfg.train, gcfg.losses))
+        for gkey, train, terms in groups:
+            for m in train:
+                if m not in models and not (gkey != key and m in adapters):
+                    raise KdrunError(f"{gkey}.train: no model '{m}'.{did_you_mean(m, list(models) + sorted(adapters))} "
+                                     f"Models: {', '.join(models)}.")
+                if m in owner:
+                    raise KdrunError(f"{gkey}.train: '{m}' is already trained by {owner[m]}; a model belongs to one optimizer group")
+                owner[m] = gkey
+            for term in terms:
+                if term not in losses:
+                    raise KdrunError(f"{gkey}.losses: no loss term '{term}'.{did_you_mean(term, losses)} Terms: {', '.join(sorted(losses))}.")
+                if term in owner:
+                    raise KdrunError(f"{gkey}.losses: the term '{term}' is already used by {owner[term]}; give each group its own terms")
+                owner[term] = gkey
         if scfg.eval is not None and scfg.eval not in models:
             raise KdrunError(f"{key}.eval: no model '{scfg.eval}'.{did_you_mean(scfg.eval, models)}")
+
+
+def _check_rounds(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
+    if cfg.get("rounds") is None:
+        return
+    _check_node(cfg.rounds, "rounds", RoundsConfig)
+    rounds = OmegaConf.merge(OmegaConf.structured(RoundsConfig), cfg.rounds)
+    if rounds.count < 1:
+        raise KdrunError(f"rounds.count must be at least 1, got {rounds.count}")
+    for part in ("teacher", "student"):
+        name = rounds[part]
+        if name not in models:
+            raise KdrunError(f"rounds.{part}: no model '{name}'.{did_you_mean(name, models)} Models: {', '.join(models)}.")
+    if rounds.teacher == rounds.student:
+        raise KdrunError("rounds.teacher and rounds.student must be different models")
+    losses = set((cfg.get("loss") or {}).keys())
+    for term, value in rounds.weights.items():
+        if term not in losses:
+            raise KdrunError(f"rounds.weights.{term}: no loss term '{term}'.{did_you_mean(term, losses)}")
+        if not isinstance(value, ListConfig) or len(value) != rounds.count \
+                or not all(isinstance(v, (int, float)) for v in value):
+            raise KdrunError(f"rounds.weights.{term} must list one number per round ({rounds.count}), got {value!r}")

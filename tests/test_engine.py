@@ -103,7 +103,7 @@ def test_warmup_ramps_the_weight(tmp_path):
 
     pipe = build(cfg)
     runner = StageRunner.__new__(StageRunner)
-    runner.pipe, runner.plan = pipe, pipe.stages[1]
+    runner.pipe, runner.plan, runner.round_weights = pipe, pipe.stages[1], {}
     assert runner._weights(0)["kd"] == pytest.approx(0.9 / 4)
     assert runner._weights(3)["kd"] == pytest.approx(0.9)
     assert runner._weights(10)["ce"] == pytest.approx(0.1)

@@ -37,6 +37,7 @@ def smoke_overrides(recipe: str) -> list[str]:
     cfg = compose_cfg(out, recipe=recipe)
     if cfg.get("teacher") is not None:
         out += ["teacher.checkpoint=null"]
+    out += [f"models.{name}.checkpoint=null" for name in (cfg.get("models") or {})]
     if cfg.data.get("val_split"):
         out += ["data.val_split=4"]
     # wiring, not learning: a small lr keeps random deep teachers' feature losses finite

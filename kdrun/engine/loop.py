@@ -23,17 +23,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kdrun.build import Pipeline, StagePlan, _gather, _instantiate, _names, build
+from kdrun.build import GroupPlan, Pipeline, StagePlan, _gather, _instantiate, _names, build
 from kdrun.data.arrays import ArrayLoader
 from kdrun.data.datasets import DatasetLoader, DatasetSplits
 from kdrun.engine.accelerate import autocast, fused_kwargs, grad_scaler, model_callables, to_channels_last
 from kdrun.engine.checkpoint import atomic_save, find_checkpoint, load_checkpoint, rng_state, set_rng_state
 from kdrun.engine.evaluate import evaluate
+from kdrun.engine.probe import linear_probe
+from kdrun.engine.rounds import next_round, round_weights
 from kdrun.engine import distributed
 from kdrun.engine.distributed import all_reduce_sum, check_batch
 from kdrun.engine.metrics import MetricsWriter, NullWriter
@@ -53,6 +56,20 @@ class RunRecord:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     frozen_top1: dict[str, float] = field(default_factory=dict)
     train_time_s: float = 0.0
+    round: int = 0  # self-distillation rounds completed
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: accuracies, exported student
+    probe: dict[str, Any] = field(default_factory=dict)  # the last linear probe's result
+
+
+@dataclass
+class OptimizerGroup:
+    """A stage's optimizer group at run time: its parameters, loss terms, optimizer and scheduler."""
+
+    name: str
+    params: list[nn.Parameter]
+    losses: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -105,24 +122,20 @@ class StageRunner:
     """Trains one stage: owns its optimizer and scheduler."""
 
     def __init__(self, pipe: Pipeline, plan: StagePlan, index: int, record: RunRecord, writer: MetricsWriter,
-                 run_dir: Path, train_loader: ArrayLoader, test_loader: ArrayLoader) -> None:
+                 run_dir: Path, train_loader: ArrayLoader, test_loader: ArrayLoader,
+                 round_weights: dict[str, float] | None = None, stats_key: str | None = None) -> None:
         self.pipe, self.plan, self.index, self.record = pipe, plan, index, record
         self.writer, self.run_dir = writer, run_dir
         self.train_loader, self.test_loader = train_loader, test_loader
         cap = pipe.cfg.trainer.max_epochs
         self.epochs = min(plan.epochs, cap) if cap else plan.epochs
-        self.trainable: list[nn.Module] = [pipe.models[m] for m in plan.trained_models]
-        self.trainable += [pipe.adapters[a].module for a in plan.adapters if pipe.adapters[a].trainable]
-        self.trainable += [pipe.losses[t].module for t in plan.losses]
-        params = [p for m in self.trainable for p in m.parameters()]
-        if not params:
-            raise KdrunError(f"stages.{plan.name}: nothing to train (its models and loss terms have no parameters)")
         tcfg = pipe.cfg.trainer
-        target = pipe.cfg.stages[plan.name].optimizer._target_
-        from kdrun.config import import_target
-
-        extra = fused_kwargs(import_target(target, f"stages.{plan.name}.optimizer"), pipe.device, tcfg.fused_optimizer)
-        self.optimizer = _instantiate(plan.cfg.optimizer, params, **extra)
+        self.groups: list[OptimizerGroup] = [self._make_group(g) for g in plan.groups]
+        self.optimizer = self.groups[0].optimizer  # the main group's (its lr is the one logged as `lr`)
+        self.scheduler = self.groups[0].scheduler
+        # each group's parameters get the gradient of its own terms only, unless the stage shares them
+        self.routed = len(self.groups) > 1 and not bool(plan.cfg.get("share_gradients", False))
+        self.round_weights = dict(round_weights or {})
         self._set_modes()  # DDP wraps only modules whose parameters require grad
         for name in plan.losses:  # terms with stage-dependent objectives (FT's init stage)
             if hasattr(pipe.losses[name].module, "set_stage"):
@@ -131,9 +144,31 @@ class StageRunner:
         precision = str(tcfg.precision)  # read once: a DictConfig lookup per step costs ~12 us
         self.autocast = lambda: autocast(pipe.device, precision)
         self.scaler = grad_scaler(pipe.device, precision)
-        self.scheduler = _instantiate(plan.cfg.scheduler, self.optimizer) if plan.cfg.scheduler is not None else None
         self.per_step_schedule = plan.cfg.scheduler_interval == "step"
+        self.transform = pipe.batch_transform
+        reads = {n for t in plan.losses for n in _names(pipe.losses[t].inputs)}
+        reads |= {n for a in plan.adapters for n in _names(pipe.adapters[a].inputs)}
+        # without a mixing transform, `batch.soft_target` is the one-hot target
+        self.num_classes = int(pipe.cfg.data.num_classes) if "batch.soft_target" in reads and self.transform is None else 0
+        self.stats_key = stats_key or plan.name
         self.class_groups = long_tail_groups(pipe.data)
+
+    def _make_group(self, group: GroupPlan) -> OptimizerGroup:
+        pipe, plan = self.pipe, self.plan
+        modules = [pipe.models[m] for m in group.models]
+        modules += [pipe.adapters[a].module for a in group.adapters if pipe.adapters[a].trainable]
+        modules += [pipe.losses[t].module for t in group.losses]
+        params = [p for m in modules for p in m.parameters()]
+        key = f"stages.{plan.name}" + ("" if group.name == "main" else f".co_train.{group.name}")
+        if not params:
+            raise KdrunError(f"{key}: nothing to train (its models and loss terms have no parameters)")
+        from kdrun.config import import_target
+
+        target = import_target(group.optimizer._target_, f"{key}.optimizer")
+        extra = fused_kwargs(target, pipe.device, pipe.cfg.trainer.fused_optimizer)
+        optimizer = _instantiate(group.optimizer, params, **extra)
+        scheduler = _instantiate(group.scheduler, optimizer) if group.scheduler is not None else None
+        return OptimizerGroup(group.name, params, list(group.losses), optimizer, scheduler)
 
     def _callables(self) -> dict[str, Any]:
         """What the step calls: frozen models as prepared by ``run``; under DDP, the stage's trained
@@ -166,14 +201,21 @@ class StageRunner:
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+        """Every optimizer group's optimizer and scheduler state, and the grad scaler's."""
+        return {"groups": {g.name: {"optimizer": g.optimizer.state_dict(),
+                                    "scheduler": g.scheduler.state_dict() if g.scheduler else None}
+                           for g in self.groups},
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        groups = state.get("groups") or {"main": {"optimizer": state["optimizer"], "scheduler": state.get("scheduler")}}
+        if set(groups) != {g.name for g in self.groups}:
+            raise KdrunError(f"resume: the checkpoint's stage '{self.plan.name}' has optimizer groups {sorted(groups)}, "
+                             f"this config has {sorted(g.name for g in self.groups)}")
+        for g in self.groups:
+            g.optimizer.load_state_dict(groups[g.name]["optimizer"])
+            if g.scheduler is not None and groups[g.name].get("scheduler") is not None:
+                g.scheduler.load_state_dict(groups[g.name]["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -194,6 +236,12 @@ class StageRunner:
     # ------------------------------------------------------------------------------ step
     def forward_losses(self, batch: dict[str, Tensor], weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
         """The namespace of one batch, every loss term, and the weighted total."""
+        total, values, _ = self._forward(batch, weights)
+        return total, values
+
+    def _forward(self, batch: dict[str, Tensor], weights: dict[str, float]
+                 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Weighted total, detached term values, and every weighted term (for gradient routing)."""
         pipe, plan = self.pipe, self.plan
         ns: dict[str, Tensor] = {f"batch.{k}": v for k, v in batch.items()}
         x = batch["input"]
@@ -210,6 +258,7 @@ class StageRunner:
             ns[f"adapters.{name}"] = call[f"adapters.{name}"](**_gather(ns, spec.inputs))
         total = torch.zeros((), device=x.device)
         values: dict[str, Tensor] = {}
+        weighted: dict[str, Tensor] = {}
         for name in plan.losses:
             spec = pipe.losses[name]
             out = call[f"loss.{name}"](**_gather(ns, spec.inputs))
@@ -218,7 +267,40 @@ class StageRunner:
                     values[f"{name}.{part}"] = v.detach()
                 out = torch.stack([v.float() for v in out.values()]).sum()
             values[name] = out.detach()
-            total = total + weights[name] * out
+            weighted[name] = weights[name] * out
+            total = total + weighted[name]
+        return total, values, weighted
+
+    def train_step(self, batch: dict[str, Tensor], weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimizer step of every group on ``batch``: batch transform, forward, backward, step.
+
+        With several optimizer groups (``co_train``) and routing on, group g's parameters receive
+        ``d(sum of g's weighted terms)/d(theta_g)`` only: one backward per group, restricted to
+        the group's parameters (``inputs=``), so a student's loss never reaches a co-trained
+        teacher (and the reverse). Returns the weighted total and the detached term values.
+        """
+        if self.transform is not None:
+            batch = self.transform(batch)
+        elif self.num_classes:
+            batch = {**batch, "soft_target": F.one_hot(batch["target"], self.num_classes).float()}
+        with self.autocast():
+            total, values, weighted = self._forward(batch, weights)
+        for g in self.groups:
+            g.optimizer.zero_grad(set_to_none=True)
+        if self.routed:
+            last = len(self.groups) - 1
+            for i, g in enumerate(self.groups):
+                objective = torch.stack([weighted[t].float() for t in g.losses]).sum()
+                self.scaler.scale(objective).backward(inputs=g.params, retain_graph=i < last)
+        else:
+            self.scaler.scale(total).backward()
+        for g in self.groups:
+            self.scaler.step(g.optimizer)
+        self.scaler.update()
+        if self.per_step_schedule:
+            for g in self.groups:
+                if g.scheduler is not None:
+                    g.scheduler.step()
         return total, values
 
     def _weights(self, epoch: int) -> dict[str, float]:
@@ -226,14 +308,14 @@ class StageRunner:
         for name in self.plan.losses:
             spec = self.pipe.losses[name]
             ramp = min(1.0, (epoch + 1) / spec.warmup_epochs) if spec.warmup_epochs > 0 else 1.0
-            out[name] = spec.weight * ramp
+            out[name] = self.round_weights.get(name, spec.weight) * ramp
         return out
 
     # ------------------------------------------------------------------------------ epochs
     def run(self) -> None:
         pipe, plan, record = self.pipe, self.plan, self.record
         self._measure_frozen()
-        stats = record.stages.setdefault(plan.name, {
+        stats = record.stages.setdefault(self.stats_key, {
             "eval_model": plan.eval_model, "epochs": self.epochs, "best_top1": None, "best_top5": None,
             "best_epoch": None, "last_top1": None, "last_top5": None,
         })
@@ -248,8 +330,10 @@ class StageRunner:
                 torch.cuda.synchronize(pipe.device)
             seconds = time.perf_counter() - t0
             record.train_time_s += seconds
-            if self.scheduler is not None and not self.per_step_schedule:
-                self.scheduler.step()
+            if not self.per_step_schedule:
+                for g in self.groups:
+                    if g.scheduler is not None:
+                        g.scheduler.step()
             record.epoch = epoch + 1
             last = epoch + 1 == self.epochs
             samples = train_metrics.pop("_samples")
@@ -270,8 +354,19 @@ class StageRunner:
                         stats["best_shot_top1"] = ev["group_top1"]
                     improved = True
                 row["best_top1"] = stats["best_top1"]
-            self.writer.write(row, record.step, tb_prefix=f"{plan.name}/")
-            log.info("[%s] epoch %d/%d  loss %.4f  %s %.0f img/s  %.1fs", plan.name, epoch + 1, self.epochs,
+                for name in plan.trained_models:  # co-trained models (DML peers, online teachers)
+                    if name == plan.eval_model:
+                        continue
+                    with self.autocast():
+                        other = evaluate(pipe.models[name], self.test_loader, pipe.dist)["top1"]
+                    row[f"top1/{name}"] = other
+                    m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
+                    m["last_top1"] = other
+                    m["best_top1"] = other if m["best_top1"] is None else max(m["best_top1"], other)
+            if self.stats_key != plan.name:
+                row["round"] = self.stats_key.split("/", 1)[0]
+            self.writer.write(row, record.step, tb_prefix=f"{self.stats_key}/")
+            log.info("[%s] epoch %d/%d  loss %.4f  %s %.0f img/s  %.1fs", self.stats_key, epoch + 1, self.epochs,
                      row.get("loss/total", float("nan")),
                      f"{plan.eval_model} top-1 {row['top1']:.2f} (best {stats['best_top1']:.2f}) " if "top1" in row else "",
                      row["images_per_s"], seconds)
@@ -292,14 +387,7 @@ class StageRunner:
                    disable=not _show_progress(pipe.cfg.trainer.progress), dynamic_ncols=True)
         epoch_means: dict[str, float] = {}
         for batch in loader:
-            with self.autocast():
-                total, values = self.forward_losses(batch, weights)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.scheduler is not None and self.per_step_schedule:
-                self.scheduler.step()
+            total, values = self.train_step(batch, weights)
             record.step += 1
             steps += 1
             samples += batch["target"].shape[0]
@@ -322,6 +410,8 @@ class StageRunner:
         epoch_acc = all_reduce_sum(epoch_acc, pipe.dist) / pipe.dist.world_size
         epoch_means = {f"loss/{k}": v for k, v in zip(keys, (epoch_acc / steps).tolist())}
         epoch_means["lr"] = self.optimizer.param_groups[0]["lr"]
+        for g in self.groups[1:]:
+            epoch_means[f"lr/{g.name}"] = g.optimizer.param_groups[0]["lr"]
         epoch_means["_samples"] = samples * pipe.dist.world_size
         return epoch_means
 
@@ -343,30 +433,71 @@ class StageRunner:
 
     def _measure_frozen(self) -> None:
         for name in self.plan.frozen_models:
-            if name in self.record.frozen_top1:
+            key = name if self.stats_key == self.plan.name else f"{self.stats_key.split('/', 1)[0]}/{name}"
+            if key in self.record.frozen_top1:
                 continue
             with self.autocast():
                 ev = evaluate(self.pipe.models[name], self.test_loader, self.pipe.dist)
-            self.record.frozen_top1[name] = ev["top1"]
+            self.record.frozen_top1[key] = ev["top1"]
             self.writer.write({"stage": self.plan.name, "model": name, "frozen_top1": ev["top1"], "frozen_top5": ev["top5"]},
                               self.record.step, tb_prefix=f"{name}/")
             note = "  (RANDOMLY INITIALISED)" if name in self.pipe.random_models else ""
             log.info("[%s] frozen %s test top-1 %.2f, top-5 %.2f%s", self.plan.name, name, ev["top1"], ev["top5"], note)
 
     def _save(self, best: bool) -> None:
-        if not self.pipe.dist.is_main or not self.pipe.cfg.trainer.save_checkpoints:
-            return
-        state = {
-            "modules": self.pipe.modules().state_dict(),
-            "stage": self.state_dict(),
-            "record": dataclasses.asdict(self.record),
-            "rng": rng_state(),
-            "stage_names": [p.name for p in self.pipe.stages],
-        }
-        ckpt_dir = self.run_dir / "checkpoints"
-        atomic_save(state, ckpt_dir / "last.pt")
-        if best:
-            atomic_save(state, ckpt_dir / "best.pt")
+        save_checkpoint(self.pipe, self.record, self.state_dict(), self.run_dir, best)
+
+
+def save_checkpoint(pipe: Pipeline, record: RunRecord, stage_state: dict[str, Any] | None, run_dir: Path,
+                    best: bool = False) -> None:
+    """``checkpoints/last.pt`` (and ``best.pt``): every module, the stage's optimizer groups, where
+    the run stands (round, stage, epoch, step), its records and every RNG state."""
+    if not pipe.dist.is_main or not pipe.cfg.trainer.save_checkpoints:
+        return
+    state = {
+        "modules": pipe.modules().state_dict(),
+        "stage": stage_state,
+        "record": dataclasses.asdict(record),
+        "rng": rng_state(),
+        "stage_names": [p.name for p in pipe.stages],
+    }
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    atomic_save(state, ckpt_dir / "last.pt")
+    if best:
+        atomic_save(state, ckpt_dir / "best.pt")
+
+
+def _finish_round(pipe: Pipeline, record: RunRecord, writer: MetricsWriter, run_dir: Path, r: int, count: int) -> None:
+    """After the last stage (of round ``r``): the linear probe; with rounds, the round's record and
+    exported student, then the student becomes the next round's teacher (checkpointed)."""
+    cfg = pipe.cfg
+    if cfg.get("probe") is not None:
+        record.probe = linear_probe(pipe)
+        row = {"probe_top1": record.probe["probe_top1"], **{f"probe_top1/{k}": v for k, v in record.probe["probe"].items()}}
+        writer.write({"round": r + 1, **row} if cfg.get("rounds") is not None else row, record.step, tb_prefix="probe/")
+        for name, top1 in record.probe["probe"].items():
+            log.info("linear probe on %s.%s: test top-1 %.2f", name, cfg.probe.tap, top1)
+    rounds = cfg.get("rounds")
+    if rounds is None:
+        return
+    final = record.stages.get(f"round{r + 1}/{pipe.stages[-1].name}", {})
+    entry: dict[str, Any] = {"round": r + 1, "best_top1": final.get("best_top1"), "last_top1": final.get("last_top1"),
+                             "teacher_top1": record.frozen_top1.get(f"round{r + 1}/{rounds.teacher}"),
+                             "weights": round_weights(cfg, r)}
+    if record.probe:
+        entry["probe_top1"] = record.probe["probe_top1"]
+    if pipe.dist.is_main:
+        path = Path(run_dir) / f"{rounds.student}_round{r + 1}.pt"
+        atomic_save({"model": {k: v.detach().cpu() for k, v in pipe.models[rounds.student].state_dict().items()}}, path)
+        entry["exported"] = str(path)
+    record.rounds = [e for e in record.rounds if e["round"] != r + 1] + [entry]
+    writer.write({"round": r + 1, "round_best_top1": entry["best_top1"], "round_last_top1": entry["last_top1"]},
+                 record.step, tb_prefix="rounds/")
+    log.info("round %d/%d: %s top-1 %s (best %s)", r + 1, count, rounds.student, entry["last_top1"], entry["best_top1"])
+    if r + 1 < count:
+        next_round(pipe, r)
+        record.round, record.stage_index, record.epoch = r + 1, 0, 0
+        save_checkpoint(pipe, record, None, run_dir)
 
 
 def _warn_random(pipe: Pipeline) -> None:
@@ -414,16 +545,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         _warn_random(pipe)
     writer = MetricsWriter(run_dir, tensorboard=bool(cfg.trainer.tensorboard)) if info.is_main else NullWriter()
     train_loader, test_loader = make_loaders(pipe)
+    rounds = cfg.get("rounds")
+    count = int(rounds.count) if rounds is not None else 1
     try:
-        for index, plan in enumerate(pipe.stages):
-            if index < record.stage_index:
-                continue
-            runner = StageRunner(pipe, plan, index, record, writer, run_dir, train_loader, test_loader)
-            if ckpt is not None and index == record.stage_index and record.epoch > 0:
-                runner.load_state_dict(ckpt["stage"])
-            runner.run()
-            if index + 1 < len(pipe.stages):
-                record.stage_index, record.epoch = index + 1, 0
+        for r in range(record.round, count):
+            weights = round_weights(cfg, r) if rounds is not None else None
+            for index, plan in enumerate(pipe.stages):
+                if index < record.stage_index:
+                    continue
+                key = f"round{r + 1}/{plan.name}" if rounds is not None else None
+                runner = StageRunner(pipe, plan, index, record, writer, run_dir, train_loader, test_loader,
+                                     round_weights=weights, stats_key=key)
+                if ckpt is not None and index == record.stage_index and record.epoch > 0:
+                    runner.load_state_dict(ckpt["stage"])
+                ckpt = None
+                runner.run()
+                if index + 1 < len(pipe.stages):
+                    record.stage_index, record.epoch = index + 1, 0
+            _finish_round(pipe, record, writer, run_dir, r, count)
     finally:
         writer.close()
     if not info.is_main:

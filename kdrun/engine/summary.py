@@ -52,7 +52,9 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
     published number and the difference, parameters and time."""
     cfg = pipe.cfg
     final = pipe.stages[-1]
-    stats = record.stages.get(final.name, {})
+    rounds = cfg.get("rounds")
+    final_key = f"round{int(rounds.count)}/{final.name}" if rounds is not None else final.name
+    stats = record.stages.get(final_key, {})
     summary: dict[str, Any] = {
         "name": cfg.get("name"),
         "method": cfg.get("method"),
@@ -79,6 +81,12 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
         "run_dir": str(run_dir),
         "overrides": _overrides(run_dir),
     }
+    if stats.get("models"):  # co-trained models of the final stage (DML peers, online teachers)
+        summary["co_trained"] = stats["models"]
+    if rounds is not None:
+        summary["rounds"] = record.rounds
+    if record.probe:
+        summary.update(record.probe)
     if "last_shot_top1" in stats:  # long-tailed data: many/medium/few-shot accuracy
         summary["shot_top1"] = stats["last_shot_top1"]
         summary["shot_top1_best"] = stats.get("best_shot_top1")

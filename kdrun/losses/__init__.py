@@ -6,7 +6,8 @@ from kdrun.losses.base import LossTerm
 from kdrun.losses.crd import CRDLoss
 from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss
 from kdrun.losses.ft import FTLoss
-from kdrun.losses.logits import CrossEntropy, DISTLoss, DKDLoss, KDLoss, standardize_logits
+from kdrun.losses.logits import (BalancedKLLoss, CrossEntropy, DISTLoss, DKDLoss, KDLoss, ReverseKLLoss,
+                                 standardize_logits)
 from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
@@ -14,8 +15,8 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "ATLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReviewKDLoss", "SPLoss", "TokenSampler",
+    "ABLoss", "ATLoss", "BalancedKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
+    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SPLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]
