@@ -417,7 +417,7 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
         losses[name] = LossSpec(name, module, float(lcfg.get("weight", 1.0)), inputs, int(lcfg.get("warmup_epochs", 0) or 0))
 
     transform = None
-    if cfg.get("batch_transform") is not None:
+    if cfg.get("batch_transform"):
         try:
             transform = _instantiate(cfg.batch_transform, num_classes=int(cfg.data.num_classes))
         except KdrunError:

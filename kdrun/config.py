@@ -244,7 +244,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                              f"Models: {', '.join(models)}.")
         if float(mcfg.get("init_noise", 0.0) or 0.0) < 0:
             raise KdrunError(f"{_model_key(name)}.init_noise must be >= 0, got {mcfg.init_noise}")
-    if cfg.get("batch_transform") is not None:
+    if cfg.get("batch_transform"):  # an empty node (batch_transform=none) is no transform
         _check_target(cfg.batch_transform, "batch_transform")
     _check_rounds(cfg, models)
     if cfg.get("probe") is not None:
@@ -448,6 +448,9 @@ def _check_stages(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
     losses = set((cfg.get("loss") or {}).keys())
     for name, scfg in stages.items():
         key = f"stages.{name}"
+        if isinstance(scfg, DictConfig) and isinstance(scfg.get("co_train"), DictConfig):
+            for gname, gcfg in scfg.co_train.items():  # before the stage, so that a group's unknown key is named
+                _check_node(gcfg, f"{key}.co_train.{gname}", CoTrainConfig)
         _check_node(scfg, key, StageConfig)
         scfg = OmegaConf.merge(OmegaConf.structured(StageConfig), scfg)
         _check_target(scfg.optimizer, f"{key}.optimizer")
@@ -464,7 +467,6 @@ def _check_stages(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
         groups = [(key, scfg.train, scfg.losses)]
         for gname, gcfg in (scfg.co_train or {}).items():
             gkey = f"{key}.co_train.{gname}"
-            _check_node(gcfg, gkey, CoTrainConfig)
             for part in ("optimizer", "scheduler"):
                 if gcfg.get(part) is not None:
                     _check_target(gcfg[part], f"{gkey}.{part}")

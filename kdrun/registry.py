@@ -41,9 +41,13 @@ def complete_recipe(recipe: DictConfig) -> DictConfig:
     """A recipe whose stages and loss terms carry every default key (``eval``, ``weight``, ...)."""
     for name in list((recipe.get("stages") or {}).keys()):
         stage = recipe.stages[name]
-        for key, value in (("eval", None), ("scheduler_interval", "epoch"), ("order", 0)):
+        for key, value in (("eval", None), ("scheduler_interval", "epoch"), ("order", 0), ("share_gradients", False)):
             if key not in stage:
                 stage[key] = value
+        for group in (stage.get("co_train") or {}).values():
+            for key in ("optimizer", "scheduler"):
+                if key not in group:
+                    group[key] = None
     for name in list((recipe.get("loss") or {}).keys()):
         term = recipe.loss[name]
         for key, value in (("weight", 1.0), ("warmup_epochs", 0)):

@@ -123,7 +123,8 @@ class StageRunner:
 
     def __init__(self, pipe: Pipeline, plan: StagePlan, index: int, record: RunRecord, writer: MetricsWriter,
                  run_dir: Path, train_loader: ArrayLoader, test_loader: ArrayLoader,
-                 round_weights: dict[str, float] | None = None, stats_key: str | None = None) -> None:
+                 round_weights: dict[str, float] | None = None, stats_key: str | None = None,
+                 round_index: int = 0) -> None:
         self.pipe, self.plan, self.index, self.record = pipe, plan, index, record
         self.writer, self.run_dir = writer, run_dir
         self.train_loader, self.test_loader = train_loader, test_loader
@@ -151,6 +152,7 @@ class StageRunner:
         # without a mixing transform, `batch.soft_target` is the one-hot target
         self.num_classes = int(pipe.cfg.data.num_classes) if "batch.soft_target" in reads and self.transform is None else 0
         self.stats_key = stats_key or plan.name
+        self.round_index = int(round_index)
         self.class_groups = long_tail_groups(pipe.data)
 
     def _make_group(self, group: GroupPlan) -> OptimizerGroup:
@@ -376,7 +378,7 @@ class StageRunner:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         pipe, record = self.pipe, self.record
         loader = self.train_loader
-        loader.set_epoch(self.index * 100_003 + epoch)
+        loader.set_epoch((self.round_index * 1009 + self.index) * 100_003 + epoch)  # a new order per round, stage, epoch
         weights = self._weights(epoch)
         log_every = max(1, int(pipe.cfg.trainer.log_every))
         keys: list[str] | None = None
@@ -503,8 +505,9 @@ def _finish_round(pipe: Pipeline, record: RunRecord, writer: MetricsWriter, run_
 def _warn_random(pipe: Pipeline) -> None:
     for name in pipe.random_models:
         bar = "!" * 78
+        key = name if name in ("teacher", "student") else f"models.{name}"
         log.warning("\n%s\n!! %s is RANDOMLY INITIALISED (%s.checkpoint=null) and used frozen: the results are those of a\n"
-                    "!! random %s, not of a trained one.\n%s", bar, name, name, name, bar)
+                    "!! random %s, not of a trained one.\n%s", bar, name, key, name, bar)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -555,7 +558,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
                     continue
                 key = f"round{r + 1}/{plan.name}" if rounds is not None else None
                 runner = StageRunner(pipe, plan, index, record, writer, run_dir, train_loader, test_loader,
-                                     round_weights=weights, stats_key=key)
+                                     round_weights=weights, stats_key=key, round_index=r)
                 if ckpt is not None and index == record.stage_index and record.epoch > 0:
                     runner.load_state_dict(ckpt["stage"])
                 ckpt = None
