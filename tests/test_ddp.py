@@ -40,3 +40,21 @@ def test_two_ranks_match_one_process(tmp_path):
     assert s1["steps"] == s2["steps"] == 2 * 2 * (256 // 32)
     assert abs(s1["last_top1"] - s2["last_top1"]) < 1.0
     assert not (tmp_path / "outputs").exists()  # rank 1 made no run directory of its own
+
+
+def test_two_ranks_co_train_both_models_like_one_process(tmp_path):
+    """Deep mutual learning under DDP: both trained models (each in its own optimizer group, updated by
+    two routed backward passes) are wrapped and all-reduced, so 2 ranks train the weights 1 process does."""
+    args = ["+recipe=cifar100_dml", "data=digits", "data.subset=256", "data.batch_size=32", "data.drop_last=true",
+            "student=cnn_tiny", "model@models.peer=cnn_tiny", "+student.net.norm=none", "+models.peer.net.norm=none",
+            "stages.main.epochs=1", "stages.main.optimizer.lr=0.1", "trainer.progress=off", "trainer.tensorboard=false",
+            "trainer.deterministic=true", "trainer.device=cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
+         f"hydra.run.dir={two}"], tmp_path)
+    for name in ("student.pt", "peer.pt"):
+        a = torch.load(one / name, weights_only=True)["model"]
+        b = torch.load(two / name, weights_only=True)["model"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=2e-3)
