@@ -196,3 +196,70 @@ def test_dist_gradient_student_only_and_checks():
         DISTLoss().check_shapes(student=torch.Size([5, 8]), teacher=torch.Size([5, 9]))
     with pytest.raises(ValueError, match="batch, classes"):
         DISTLoss().check_shapes(student=torch.Size([5, 8, 2]), teacher=torch.Size([5, 8, 2]))
+
+
+# ------------------------------------------------------------------ reverse and balanced KL, MixSTD CE
+
+
+def _kl_loop(p, q):
+    """KL(p || q) of one pair of probability vectors, by an explicit sum."""
+    return sum(float(pi) * (math.log(float(pi)) - math.log(float(qi))) for pi, qi in zip(p, q))
+
+
+def test_reverse_kl_matches_explicit_sums():
+    from kdrun.losses.logits import ReverseKLLoss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    temp = 2.0
+    ps, pt = F.softmax(s / temp, -1), F.softmax(t / temp, -1)
+    expected = statistics.mean(_kl_loop(ps[i], pt[i]) for i in range(3)) * temp ** 2
+    assert float(ReverseKLLoss(temperature=temp)(s, t)) == pytest.approx(expected, rel=1e-5)
+    assert float(ReverseKLLoss()(s, s)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_balanced_kl_weights_forward_and_reverse_by_the_entropy_gap():
+    from kdrun.losses.logits import BalancedKLLoss
+
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 6) * 2, torch.randn(4, 6)
+    loss = BalancedKLLoss(temperature=1.0, tau=0.5)
+    ps, pt = F.softmax(s, -1), F.softmax(t, -1)
+    terms = []
+    for i in range(4):
+        h_s = -sum(float(p) * math.log(float(p)) for p in ps[i])
+        h_t = -sum(float(p) * math.log(float(p)) for p in pt[i])
+        a = 1 / (1 + math.exp(-(h_t - h_s) / 0.5))
+        terms.append(a * _kl_loop(pt[i], ps[i]) + (1 - a) * _kl_loop(ps[i], pt[i]))
+    assert float(loss(s, t)) == pytest.approx(statistics.mean(terms), rel=1e-5)
+    # a very confident student (low entropy) is weighted towards the forward KL, an unsure one to the reverse
+    sharp, flat = torch.tensor([[10.0, 0, 0, 0]]), torch.tensor([[0.1, 0, 0, 0]])
+    mid = torch.tensor([[2.0, 0, 0, 0]])
+    assert float(BalancedKLLoss(tau=0.01).balance(sharp, mid)) > 0.99
+    assert float(BalancedKLLoss(tau=0.01).balance(flat, mid)) < 0.01
+
+
+def test_balanced_kl_weight_carries_no_gradient():
+    from kdrun.losses.logits import BalancedKLLoss
+
+    s = torch.randn(2, 5, requires_grad=True)
+    t = torch.randn(2, 5)
+    loss = BalancedKLLoss(tau=0.3)
+    a = loss.balance(s, t)
+    grad = torch.autograd.grad(loss(s, t), s)[0]
+    ps, pt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    fixed = (a * (pt.exp() * (pt - ps)).sum(-1) + (1 - a) * (ps.exp() * (ps - pt)).sum(-1)).mean()
+    torch.testing.assert_close(grad, torch.autograd.grad(fixed, s)[0])
+
+
+def test_cross_entropy_standardized_and_soft_targets():
+    from kdrun.losses.logits import CrossEntropy
+
+    torch.manual_seed(2)
+    z = torch.randn(4, 5) * 3
+    q = F.softmax(torch.randn(4, 5), -1)
+    zs = z / z.std(-1, keepdim=True)
+    expected = -(q * F.log_softmax(zs, -1)).sum(-1).mean()
+    torch.testing.assert_close(CrossEntropy(standardize=True)(z, q), expected, rtol=1e-5, atol=1e-6)
+    y = torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(CrossEntropy()(z, F.one_hot(y, 5).float()), F.cross_entropy(z, y))
