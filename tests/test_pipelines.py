@@ -341,3 +341,22 @@ def test_probe_config_errors():
         build(validate(compose_cfg(DIGITS + ["teacher=cnn_small", "probe.tap=fet"], recipe="cifar10_random_teacher")))
     with pytest.raises(KdrunError, match="objective=probe_top1 needs a linear probe"):
         validate(compose_cfg(DIGITS + ["teacher=cnn_small", "probe=null"], recipe="cifar10_random_teacher"))
+
+
+# ------------------------------------------------------------------ from the command line
+
+
+def test_cli_runs_a_co_trained_recipe_and_names_a_bad_round_weight(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli(["+recipe=cifar100_dml", "data=digits", "data.subset=64", "student=cnn_tiny", "model@models.peer=cnn_tiny",
+                    "stages.main.epochs=1", "trainer.progress=off", "trainer.tensorboard=false", "trainer.device=cpu",
+                    f"hydra.run.dir={tmp_path / 'dml'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "dml" / "summary.json").read_text())
+    assert summary["method"] == "DML" and "peer" in summary["co_trained"]
+    proc = run_cli(["+recipe=cifar100_bornagain", "data=digits", "student=cnn_tiny", "teacher.checkpoint=null",
+                    "rounds.weights.kd=[1]", f"hydra.run.dir={tmp_path / 'ban'}"], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "rounds.weights.kd must list one number per round (3)" in out
+    assert "Traceback" not in out
