@@ -148,6 +148,11 @@ def _report(s: dict) -> None:
         if st.get("best_top1") is not None:
             lines.append(f"  [{stage}] {st['eval_model']} {where} top-1: best {st['best_top1']:.2f} (epoch {st['best_epoch']}), "
                          f"last {st['last_top1']:.2f}")
+        for model, ms in (st.get("models") or {}).items():  # co-trained models
+            if ms.get("best_top1") is not None:
+                lines.append(f"  [{stage}] {model} (co-trained) {where} top-1: best {ms['best_top1']:.2f}, last {ms['last_top1']:.2f}")
+    for name, top1 in (s.get("probe") or {}).items():
+        lines.append(f"  linear probe on {name}: {where} top-1 {top1:.2f}")
     if s.get("shot_top1"):
         lines.append("  many / medium / few-shot top-1 (last): " + " / ".join(f"{v:.2f}" for v in s["shot_top1"].values()))
     pub = s.get("published")

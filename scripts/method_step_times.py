@@ -7,7 +7,9 @@
 Each recipe is built as `kdrun +recipe=NAME teacher=T student=S data=synthetic data.num_classes=100
 teacher.checkpoint=null` would build it, and its last stage's real training step (teacher forward,
 student forward, adapters, loss terms, backward, optimizer step, loss accumulation) is timed with the
-engine's own `StageRunner`. Recipes are measured in interleaved rounds (every recipe once per round) and
+engine's own `StageRunner.train_step` (batch transforms, co-trained models with their own backward
+passes and optimizers, and routers included). A DML peer is the student's architecture; every other
+named model keeps its recipe's architecture with random weights. Recipes are measured in interleaved rounds (every recipe once per round) and
 the median time per step is reported, so slow phases of a shared machine hit all recipes alike.
 """
 from __future__ import annotations
@@ -44,6 +46,10 @@ def make_runner(recipe: str, args: argparse.Namespace) -> tuple[StageRunner, lis
                  f"teacher={args.teacher}", f"student={args.student}", f"trainer.device={args.device}",
                  "trainer.progress=off", "trainer.tensorboard=false", "trainer.save_checkpoints=false"]
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        models = compose("kdrun", overrides=overrides).get("models") or {}
+        # more named models: random weights; a DML peer is the student's architecture
+        overrides += [f"models.{name}.checkpoint=null" for name in models]
+        overrides += [f"model@models.peer={args.student}"] if "peer" in models else []
         cfg = validate(compose("kdrun", overrides=overrides))
     pipe = build(cfg)
     train_loader, test_loader = make_loaders(pipe)
@@ -63,12 +69,7 @@ def time_steps(runner: StageRunner, batches: list[dict], steps: int, device: tor
     start = time.perf_counter()
     for i in range(steps):
         batch = batches[i % len(batches)]
-        with runner.autocast():
-            total, values = runner.forward_losses(batch, weights)
-        runner.optimizer.zero_grad(set_to_none=True)
-        runner.scaler.scale(total).backward()
-        runner.scaler.step(runner.optimizer)
-        runner.scaler.update()
+        total, values = runner.train_step(batch, weights)
         vec = torch.stack([total.detach().float(), *(v.float() for v in values.values())])
         acc = vec if acc is None else acc + vec
     acc.tolist()  # one read, as the engine does per logging interval
