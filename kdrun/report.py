@@ -373,6 +373,11 @@ def has_shots(groups: Sequence[Group]) -> bool:
     return any(isinstance(r.summary.get("shot_top1"), dict) for g in groups for r in g.runs)
 
 
+def has_probe(groups: Sequence[Group]) -> bool:
+    """Whether some run has a linear-probe result (``probe_top1``): the table gets a column for it."""
+    return any(r.summary.get("probe_top1") is not None for g in groups for r in g.runs)
+
+
 def _fmt(v: float | None, signed: bool = False) -> str:
     if v is None:
         return DASH
@@ -387,6 +392,9 @@ def markdown_table(groups: Sequence[Group]) -> str:
     head = ["method", "data", "teacher", "student", "n", "best top-1", "last top-1", "published", "Δ vs published"]
     if shots:
         head += ["many", "medium", "few"]
+    probe = has_probe(groups)
+    if probe:
+        head += ["probe top-1"]
     if show_ov:
         head += ["overrides"]
     rows = []
@@ -397,11 +405,13 @@ def markdown_table(groups: Sequence[Group]) -> str:
                g.stat("best_top1").text(), g.stat("last_top1").text(), pub_text, _fmt(g.delta, signed=True)]
         if shots:
             row += [g.shot(s).text() for s in SHOTS]
+        if probe:
+            row += [g.stat("probe_top1").text()]
         if show_ov:
             row += [" ".join(extra[i]) or DASH]
         rows.append([c.replace("|", "\\|") for c in row])
     widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
-    right = {"n", "best top-1", "last top-1", "published", "Δ vs published", *SHOTS}
+    right = {"n", "best top-1", "last top-1", "published", "Δ vs published", "probe top-1", *SHOTS}
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(cells, widths, head)) + " |"
@@ -431,6 +441,8 @@ def table_records(groups: Sequence[Group]) -> list[dict[str, Any]]:
             "reproduced_mean": rep.mean if rep else None, "reproduced_std": rep.std if rep else None,
             "delta": g.delta,
         }
+        if has_probe(groups):
+            rec["probe_top1_mean"], rec["probe_top1_std"] = g.stat("probe_top1").mean, g.stat("probe_top1").std
         if shots:
             for s in SHOTS:
                 st = g.shot(s)

@@ -224,3 +224,18 @@ def test_real_sweep_end_to_end(tmp_path):
     assert rows[0]["best top-1"].split(" ± ")[0] == f"{statistics.fmean(best):.2f}"
     assert "Not in the table" not in proc.stdout
     print(proc.stdout)
+
+
+def test_probe_column_appears_with_linear_probe_runs(tmp_path):
+    for seed, probe in ((0, 40.0), (1, 42.0)):
+        s = write_run(tmp_path / f"rt{seed}", seed=seed, best=1.0, last=1.0, method="random teacher",
+                      name="cifar10_random_teacher", data="cifar10", teacher="vgg11", student="vgg11")
+        s["probe_top1"] = probe
+        (tmp_path / f"rt{seed}" / "summary.json").write_text(json.dumps(s))
+    write_run(tmp_path / "kd", seed=0, best=70.0, last=69.0)
+    groups = report.group_runs(report.find_runs([tmp_path])[0])
+    rows = {r["method"]: r for r in table_rows(report.markdown_table(groups))}
+    assert rows["random teacher"]["probe top-1"] == mean_std([40.0, 42.0])
+    assert rows["KD"]["probe top-1"] == "—"
+    rec = {r["method"]: r for r in report.table_records(groups)}
+    assert rec["random teacher"]["probe_top1_mean"] == pytest.approx(41.0)
