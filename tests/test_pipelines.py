@@ -315,32 +315,64 @@ def test_linear_probe_separates_separable_features():
     assert res["probe_top1"] > 95
 
 
+RANDOM = DIGITS + ["model@teacher.net.backbone=cnn_small", "teacher.net.out_dim=64", "teacher.net.hidden_dims=[32]",
+                   "teacher.net.bottleneck_dim=16", "stages.main.epochs=1", "probe.epochs=2"]
+
+
 def test_random_teacher_recipe_distils_a_frozen_random_teacher_and_probes_both(tmp_path):
-    cfg = validate(compose_cfg(DIGITS + ["teacher=cnn_small", "stages.main.epochs=1", "probe.epochs=2"],
-                               recipe="cifar10_random_teacher"))
+    cfg = validate(compose_cfg(RANDOM, recipe="cifar10_random_teacher"))
     seed_everything(int(cfg.seed), False)
     pipe = build(cfg)
     assert all(torch.equal(a, b) for a, b in zip(pipe.models["student"].parameters(), pipe.models["teacher"].parameters()))
+    assert pipe.shapes["student.logits"][1] == 64 and "student.feat" in {f"student.{t}" for t in pipe.models["student"].taps}
     teacher0 = {k: v.clone() for k, v in pipe.models["teacher"].state_dict().items()}
     assert pipe.random_models == []  # allow_random: a deliberate random teacher is not warned about
     del pipe
     summary = run(cfg, tmp_path)
     assert set(summary["probe"]) == {"student", "teacher"} and summary["probe_top1"] == summary["probe"]["student"]
-    assert summary["best_top1"] is not None  # the student's own head is evaluated as well
+    assert summary["best_top1"] is None  # a projection head has no class scores to rank
     after = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["modules"]
     for k, v in teacher0.items():
         assert torch.equal(after[f"models.teacher.{k}"], v), k
+    student = weights(tmp_path / "student.pt")
+    assert any(not torch.equal(student[k], teacher0[k]) for k in student)  # the student moved away from its copy
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("probe_top1/teacher" in r for r in rows)
 
 
+def test_random_teacher_with_a_class_head_is_evaluated_by_its_own_head_and_the_probe(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(RANDOM, recipe="cifar10_random_teacher")
+    OmegaConf.set_struct(cfg, False)
+    cfg.teacher.net = OmegaConf.create({"_target_": "kdrun.models.simple.simple_cnn", "num_classes": 10, "in_channels": 1})
+    cfg.teacher.name = "cnn"
+    summary = run(validate(cfg), tmp_path)
+    assert summary["best_top1"] is not None and summary["probe_top1"] is not None
+    assert summary["frozen_top1"]["teacher"] is not None
+
+
+def test_projection_head_replaces_the_unused_classifier():
+    from kdrun.models.heads import WithProjectionHead
+    from kdrun.models.resnet import resnet8
+
+    model = WithProjectionHead({"name": "resnet8", "net": resnet8(num_classes=10)}, [3, 32, 32], hidden_dims=[16],
+                               bottleneck_dim=8, out_dim=32)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 32) and float(out.detach().abs().max()) <= 1 + 1e-5  # cosine similarities
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # no parameter without a gradient (DDP-safe)
+    with pytest.raises(ValueError, match="no tap 'fet'"):
+        WithProjectionHead(resnet8(num_classes=10), [3, 32, 32], tap="fet")
+
+
 def test_probe_config_errors():
     with pytest.raises(KdrunError, match="probe.models: no model 'studnet'"):
-        validate(compose_cfg(DIGITS + ["teacher=cnn_small", "probe.models=[studnet]"], recipe="cifar10_random_teacher"))
+        validate(compose_cfg(RANDOM + ["probe.models=[studnet]"], recipe="cifar10_random_teacher"))
     with pytest.raises(KdrunError, match="probe.tap: teacher has no tap 'fet'. Did you mean 'feat'"):
-        build(validate(compose_cfg(DIGITS + ["teacher=cnn_small", "probe.tap=fet"], recipe="cifar10_random_teacher")))
+        build(validate(compose_cfg(RANDOM + ["probe.tap=fet"], recipe="cifar10_random_teacher")))
     with pytest.raises(KdrunError, match="objective=probe_top1 needs a linear probe"):
-        validate(compose_cfg(DIGITS + ["teacher=cnn_small", "probe=null"], recipe="cifar10_random_teacher"))
+        validate(compose_cfg(RANDOM + ["probe=null"], recipe="cifar10_random_teacher"))
 
 
 # ------------------------------------------------------------------ from the command line

@@ -78,7 +78,9 @@ def test_recipe_trains_a_step_with_its_default_models(recipe, tmp_path):
     torch.manual_seed(0)
     cfg = validate(compose_cfg(smoke_overrides(recipe), recipe=recipe))
     summary = run(cfg, tmp_path)
-    assert summary["steps"] >= 1 and summary["last_top1"] is not None
+    assert summary["steps"] >= 1
+    # a model without class scores (a projection head) is judged by its linear probe instead
+    assert summary["last_top1"] is not None or summary["probe_top1"] is not None
     if cfg.get("published") is not None:
         assert summary["published"]["top1"] > 0
 

@@ -317,6 +317,10 @@ class StageRunner:
     def run(self) -> None:
         pipe, plan, record = self.pipe, self.plan, self.record
         self._measure_frozen()
+        if record.epoch == 0 and not has_class_head(pipe, plan.eval_model):
+            log.info("[%s] %s's output %s has no column per class (%d): its top-1 is not measured%s", self.stats_key,
+                     plan.eval_model, tuple(pipe.shapes[f"{plan.eval_model}.logits"]), int(pipe.cfg.data.num_classes),
+                     "; the linear probe judges its features" if pipe.cfg.get("probe") is not None else "")
         stats = record.stages.setdefault(self.stats_key, {
             "eval_model": plan.eval_model, "epochs": self.epochs, "best_top1": None, "best_top5": None,
             "best_epoch": None, "last_top1": None, "last_top5": None,
@@ -342,7 +346,7 @@ class StageRunner:
             row: dict[str, Any] = {"stage": plan.name, "epoch": epoch + 1, "step": record.step, **train_metrics,
                                    "epoch_time_s": seconds, "images_per_s": samples / max(seconds, 1e-9)}
             improved = False
-            if (epoch + 1) % pipe.cfg.trainer.eval_every == 0 or last:
+            if ((epoch + 1) % pipe.cfg.trainer.eval_every == 0 or last) and has_class_head(pipe, plan.eval_model):
                 with self.autocast():
                     ev = evaluate(pipe.models[plan.eval_model], self.test_loader, pipe.dist, self.class_groups)
                 row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
@@ -356,8 +360,9 @@ class StageRunner:
                         stats["best_shot_top1"] = ev["group_top1"]
                     improved = True
                 row["best_top1"] = stats["best_top1"]
+            if (epoch + 1) % pipe.cfg.trainer.eval_every == 0 or last:
                 for name in plan.trained_models:  # co-trained models (DML peers, online teachers)
-                    if name == plan.eval_model:
+                    if name == plan.eval_model or not has_class_head(pipe, name):
                         continue
                     with self.autocast():
                         other = evaluate(pipe.models[name], self.test_loader, pipe.dist)["top1"]
@@ -435,6 +440,8 @@ class StageRunner:
 
     def _measure_frozen(self) -> None:
         for name in self.plan.frozen_models:
+            if not has_class_head(self.pipe, name):
+                continue
             key = name if self.stats_key == self.plan.name else f"{self.stats_key.split('/', 1)[0]}/{name}"
             if key in self.record.frozen_top1:
                 continue
@@ -448,6 +455,13 @@ class StageRunner:
 
     def _save(self, best: bool) -> None:
         save_checkpoint(self.pipe, self.record, self.state_dict(), self.run_dir, best)
+
+
+def has_class_head(pipe: Pipeline, name: str) -> bool:
+    """Whether model ``name``'s output has one column per class (a projection head has not: its top-1
+    is not measured; a linear probe judges its features)."""
+    shape = pipe.shapes.get(f"{name}.logits")
+    return shape is None or (len(shape) == 2 and shape[1] == int(pipe.cfg.data.num_classes))
 
 
 def save_checkpoint(pipe: Pipeline, record: RunRecord, stage_state: dict[str, Any] | None, run_dir: Path,
