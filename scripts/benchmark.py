@@ -4,7 +4,7 @@
 Three comparisons (docs/performance.md explains each and records measured tables):
 
 1. ``overhead``     kdrun's real training step (``StageRunner._train_epoch``: batch from the
-                    ArrayLoader, ``forward_losses``, backward, optimizer step, on-device loss
+                    ArrayLoader, ``train_step``: forward, backward, optimizer step; on-device loss
                     accumulation and the periodic metrics flush) against a minimal hand-written
                     PyTorch KD loop doing the same arithmetic on the same device-resident data.
                     The ratio kdrun / hand is the framework overhead (target <= 1.03).
