@@ -1,7 +1,9 @@
 """The training loop shared by every stage of every method.
 
-One step: batch -> frozen models (eval mode, no autograd) -> trained models -> adapters -> loss
-terms -> ``total = sum(weight * term)`` -> backward -> optimizer step. Loss values are accumulated
+One step (:meth:`StageRunner.train_step`): batch -> batch transform (mixup, if any) -> frozen models
+(eval mode, no autograd) -> trained models -> adapters -> loss terms -> ``total = sum(weight * term)``
+-> backward -> optimizer step (with co-trained optimizer groups: one backward per group over its own
+terms, restricted to its parameters, then every group's step). Loss values are accumulated
 on the device and read every ``trainer.log_every`` steps (the only host-device synchronisation in
 training besides the end of an epoch). After every epoch: evaluation of the stage's ``eval`` model,
 metrics, and the ``last`` (and, on improvement, ``best``) checkpoint.
@@ -119,7 +121,8 @@ def _show_progress(setting: str) -> bool:
 
 
 class StageRunner:
-    """Trains one stage: owns its optimizer and scheduler."""
+    """Trains one stage: owns its optimizer groups (the main one and any ``co_train`` ones), each with
+    its optimizer and scheduler, and the grad scaler."""
 
     def __init__(self, pipe: Pipeline, plan: StagePlan, index: int, record: RunRecord, writer: MetricsWriter,
                  run_dir: Path, train_loader: ArrayLoader, test_loader: ArrayLoader,
