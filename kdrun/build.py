@@ -416,6 +416,9 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
             raise KdrunError(f"loss.{name} ({lcfg._target_}) cannot use its inputs {_describe(ns, inputs)}: {str(ex).splitlines()[0]}") from None
         losses[name] = LossSpec(name, module, float(lcfg.get("weight", 1.0)), inputs, int(lcfg.get("warmup_epochs", 0) or 0))
 
+    if rounds is not None and rounds.student not in {m for plan in stages for m in plan.trained_models}:
+        raise KdrunError(f"rounds.student: no stage trains '{rounds.student}'; name the model the stages train "
+                         f"(e.g. rounds.student=student)")
     transform = None
     if cfg.get("batch_transform"):
         try:

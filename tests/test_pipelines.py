@@ -226,6 +226,10 @@ def test_rounds_config_errors():
         validate(compose_cfg(BAN + ["rounds.weights.kd=[0.9]"], recipe="cifar100_bornagain"))
     with pytest.raises(KdrunError, match="rounds.weights.kdd: no loss term"):
         validate(compose_cfg(BAN + ["+rounds.weights.kdd=[1,1]"], recipe="cifar100_bornagain"))
+    with pytest.raises(KdrunError, match="rounds.teacher and rounds.student must be different"):
+        validate(compose_cfg(BAN + ["rounds.teacher=student"], recipe="cifar100_bornagain"))
+    with pytest.raises(KdrunError, match="rounds.student: no stage trains 'teacher'"):
+        build(validate(compose_cfg(BAN + ["rounds.student=teacher", "rounds.teacher=student"], recipe="cifar100_bornagain")))
 
 
 # ------------------------------------------------------------------ batch transforms
