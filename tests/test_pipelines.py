@@ -396,3 +396,39 @@ def test_cli_runs_a_co_trained_recipe_and_names_a_bad_round_weight(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "rounds.weights.kd must list one number per round (3)" in out
     assert "Traceback" not in out
+
+
+def test_ddp_wraps_exactly_the_trained_models(tmp_path, monkeypatch):
+    """Under DDP (a one-rank gloo group here) every trained model and trainable adapter of every
+    optimizer group is wrapped, frozen teachers are not, and a routed step runs through the wrappers."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kdrun.engine.distributed import DistInfo
+
+    class OneRankDDP(DistInfo):
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29581")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        cases = {
+            "cifar100_multiteacher_router": (["teacher=cnn_small", "model@models.teacher2=cnn_tiny", "student=cnn_tiny",
+                                              "teacher.checkpoint=null", "models.teacher2.checkpoint=null"],
+                                             {"student", "adapters.router"}, {"teacher", "teacher2"}),
+            "cifar100_bdkd": (["teacher=cnn_small", "student=cnn_tiny"], {"student", "teacher"}, set()),
+        }
+        for recipe, (extra, wrapped, frozen) in cases.items():
+            cfg = validate(compose_cfg(DIGITS + extra + ["stages.main.epochs=1"], recipe=recipe))
+            pipe = build(cfg, OneRankDDP(0, 0, 1))
+            train, test = make_loaders(pipe)
+            runner = StageRunner(pipe, pipe.stages[0], 0, RunRecord(), NullWriter(), tmp_path, train, test)
+            ddp = {k for k, v in runner.calls.items() if isinstance(v, DistributedDataParallel)}
+            assert {k for k in ddp if not k.startswith("loss.")} == wrapped, recipe
+            assert not frozen & ddp and set(pipe.stages[0].frozen_models) == frozen
+            runner.train_step(next(iter(train)), runner._weights(0))
+    finally:
+        dist.destroy_process_group()
