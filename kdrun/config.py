@@ -463,7 +463,8 @@ def _check_stages(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
         if not scfg.train:
             raise KdrunError(f"{key}.train is empty: name the models this stage trains, e.g. [student]")
         adapters = {f"adapters.{a}" for a in (cfg.get("adapters") or {})}
-        owner: dict[str, str] = {}
+        owner: dict[str, str] = {}  # model -> the group that trains it
+        term_owner: dict[str, str] = {}  # loss term -> the group whose objective it is
         groups = [(key, scfg.train, scfg.losses)]
         for gname, gcfg in (scfg.co_train or {}).items():
             gkey = f"{key}.co_train.{gname}"
@@ -484,9 +485,9 @@ def _check_stages(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
             for term in terms:
                 if term not in losses:
                     raise KdrunError(f"{gkey}.losses: no loss term '{term}'.{did_you_mean(term, losses)} Terms: {', '.join(sorted(losses))}.")
-                if term in owner:
-                    raise KdrunError(f"{gkey}.losses: the term '{term}' is already used by {owner[term]}; give each group its own terms")
-                owner[term] = gkey
+                if term in term_owner:
+                    raise KdrunError(f"{gkey}.losses: the term '{term}' is already used by {term_owner[term]}; give each group its own terms")
+                term_owner[term] = gkey
         if scfg.eval is not None and scfg.eval not in models:
             raise KdrunError(f"{key}.eval: no model '{scfg.eval}'.{did_you_mean(scfg.eval, models)}")
 
