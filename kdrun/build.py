@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
-from kdrun.config import ADAPTER_KEYS, LOSS_KEYS, model_configs
+from kdrun.config import ADAPTER_KEYS, LOSS_KEYS, model_configs, model_key
 from kdrun.data.arrays import ArraySplits
 from kdrun.data.datasets import DatasetSplits
 from kdrun.engine.distributed import DistInfo
@@ -205,8 +205,8 @@ def ordered_stages(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 
 def teacher_hint(cfg: DictConfig, name: str) -> str:
     """How to get weights for model ``name``: the recipe that trains it, or a random teacher."""
-    mname = cfg[name].name if name in ("teacher", "student") else cfg.models[name].name
-    key = name if name in ("teacher", "student") else f"models.{name}"
+    mname = model_configs(cfg)[name].name
+    key = model_key(name)
     from kdrun.paths import recipe_dir
 
     recipe = f"{cfg.data.name}_baseline"
@@ -219,7 +219,7 @@ def teacher_hint(cfg: DictConfig, name: str) -> str:
 def make_model(cfg: DictConfig, name: str, device: torch.device, dist: DistInfo) -> nn.Module:
     """Instantiate model ``name`` and load its ``checkpoint`` (SyncBatchNorm under DDP if asked)."""
     mcfg = model_configs(cfg)[name]
-    key = name if name in ("teacher", "student") else f"models.{name}"
+    key = model_key(name)
     try:
         model = _instantiate(mcfg.net)
     except KdrunError:
@@ -294,7 +294,7 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
         if name in used_models:
             models[name] = make_model(cfg, name, device, dist)
     for name in _init_order(mcfgs, models):
-        init_close_to(models[name], models[mcfgs[name].init_from], float(mcfgs[name].init_noise), _model_name_key(name))
+        init_close_to(models[name], models[mcfgs[name].init_from], float(mcfgs[name].init_noise), model_key(name))
 
     # -- tap groups (student.stages -> [student.stage1, ...]) expanded in every input
     taps_of = {name: declared_taps(models[name], dict(mcfgs[name].taps)) for name in models}
@@ -433,10 +433,6 @@ def build(cfg: DictConfig, dist: DistInfo | None = None) -> Pipeline:
                     batch_transform=transform)
 
 
-def _model_name_key(name: str) -> str:
-    return name if name in ("teacher", "student") else f"models.{name}"
-
-
 def _init_order(mcfgs: dict[str, DictConfig], models: nn.ModuleDict) -> list[str]:
     """Models with ``init_from``, each after the model it copies (a cycle is a config error)."""
     order: list[str] = []
@@ -444,7 +440,7 @@ def _init_order(mcfgs: dict[str, DictConfig], models: nn.ModuleDict) -> list[str
         chain, cur = [], name
         while mcfgs[cur].get("init_from") and cur not in order:
             if cur in chain:
-                raise KdrunError(f"{_model_name_key(name)}.init_from: the models {' -> '.join(chain + [cur])} initialise each other in a cycle")
+                raise KdrunError(f"{model_key(name)}.init_from: the models {' -> '.join(chain + [cur])} initialise each other in a cycle")
             chain.append(cur)
             cur = mcfgs[cur].init_from
         order.extend(reversed([c for c in chain if c not in order]))

@@ -228,8 +228,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise KdrunError(f"published.metric must be 'best' or 'last', got '{cfg.published.metric}'")
     models = model_configs(cfg)
     for name, mcfg in models.items():
-        _check_node(mcfg, _model_key(name), ModelConfig)
-        _check_target(mcfg.net, f"{_model_key(name)}.net")
+        _check_node(mcfg, model_key(name), ModelConfig)
+        _check_target(mcfg.net, f"{model_key(name)}.net")
     _check_source(cfg)
     names = _tensor_owners(cfg, models)
     for name, acfg in (cfg.get("adapters") or {}).items():
@@ -240,10 +240,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     for name, mcfg in models.items():
         src = mcfg.get("init_from")
         if src is not None and (src not in models or src == name):
-            raise KdrunError(f"{_model_key(name)}.init_from: no other model '{src}'.{did_you_mean(str(src), models)} "
+            raise KdrunError(f"{model_key(name)}.init_from: no other model '{src}'.{did_you_mean(str(src), models)} "
                              f"Models: {', '.join(models)}.")
         if float(mcfg.get("init_noise", 0.0) or 0.0) < 0:
-            raise KdrunError(f"{_model_key(name)}.init_noise must be >= 0, got {mcfg.init_noise}")
+            raise KdrunError(f"{model_key(name)}.init_noise must be >= 0, got {mcfg.init_noise}")
     if cfg.get("batch_transform"):  # an empty node (batch_transform=none) is no transform
         _check_target(cfg.batch_transform, "batch_transform")
     _check_rounds(cfg, models)
@@ -305,7 +305,8 @@ def model_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     return out
 
 
-def _model_key(name: str) -> str:
+def model_key(name: str) -> str:
+    """The config key of model ``name``: ``teacher``, ``student`` or ``models.<name>``."""
     return name if name in ("teacher", "student") else f"models.{name}"
 
 

@@ -43,6 +43,7 @@ from kdrun.engine import distributed
 from kdrun.engine.distributed import all_reduce_sum, check_batch
 from kdrun.engine.metrics import MetricsWriter, NullWriter
 from kdrun.engine.summary import export_models, write_summary
+from kdrun.config import import_target, model_key
 from kdrun.errors import KdrunError
 
 log = logging.getLogger("kdrun")
@@ -167,8 +168,6 @@ class StageRunner:
         key = f"stages.{plan.name}" + ("" if group.name == "main" else f".co_train.{group.name}")
         if not params:
             raise KdrunError(f"{key}: nothing to train (its models and loss terms have no parameters)")
-        from kdrun.config import import_target
-
         target = import_target(group.optimizer._target_, f"{key}.optimizer")
         extra = fused_kwargs(target, pipe.device, pipe.cfg.trainer.fused_optimizer)
         optimizer = _instantiate(group.optimizer, params, **extra)
@@ -522,7 +521,7 @@ def _finish_round(pipe: Pipeline, record: RunRecord, writer: MetricsWriter, run_
 def _warn_random(pipe: Pipeline) -> None:
     for name in pipe.random_models:
         bar = "!" * 78
-        key = name if name in ("teacher", "student") else f"models.{name}"
+        key = model_key(name)
         log.warning("\n%s\n!! %s is RANDOMLY INITIALISED (%s.checkpoint=null) and used frozen: the results are those of a\n"
                     "!! random %s, not of a trained one.\n%s", bar, name, key, name, bar)
 

@@ -49,9 +49,10 @@ def next_round(pipe: Pipeline, r: int) -> None:
     except RuntimeError as ex:
         from kdrun.errors import KdrunError
 
-        raise KdrunError(f"rounds: the student ({pipe.cfg[rounds.student].name if rounds.student in ('teacher', 'student') else rounds.student}) "
-                         f"cannot become the teacher: the two models need the same architecture "
-                         f"({str(ex).splitlines()[0]})") from None
+        from kdrun.config import model_key
+
+        raise KdrunError(f"rounds: {model_key(rounds.student)} cannot become {model_key(rounds.teacher)}: the two models "
+                         f"need the same architecture ({str(ex).splitlines()[0]})") from None
     if rounds.reinit_student:
         with torch.random.fork_rng(devices=[pipe.device] if pipe.device.type == "cuda" else []):
             torch.manual_seed(int(pipe.cfg.seed) * 1000 + r + 1)
