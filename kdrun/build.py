@@ -108,7 +108,7 @@ class Pipeline:
         model = make_model(self.cfg, name, self.device, self.dist)
         mcfg = model_configs(self.cfg)[name]
         if mcfg.get("init_from"):
-            init_close_to(model, self.models[mcfg.init_from], float(mcfg.init_noise), name)
+            init_close_to(model, self.models[mcfg.init_from], float(mcfg.init_noise), model_key(name))
         return model
 
     def modules(self) -> nn.ModuleDict:
