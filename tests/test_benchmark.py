@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses: deselect with -m 'not slow'
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # subprocesses: deselect with -m 'not slow'
+
 QUIET = ["trainer.progress=off", "trainer.tensorboard=false"]
 
 

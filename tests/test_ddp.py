@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import torch
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses: deselect with -m 'not slow'
 
 # models without BatchNorm: per-rank BN statistics would differ from the full batch's, and
 # SyncBatchNorm (trainer.sync_batchnorm) needs CUDA

@@ -6,6 +6,9 @@ import sys
 import zipfile
 
 from tests.conftest import REPO
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses: deselect with -m 'not slow'
 
 
 def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
@@ -22,7 +25,8 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
                    check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("kdrun-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for required in ("kdrun/configs/kdrun.yaml", "kdrun/configs/data/cifar100.yaml", "kdrun/configs/model/cnn_tiny.yaml",
+    for required in ("kdrun/configs/kdrun.yaml", "kdrun/configs/data/cifar100.yaml", "kdrun/configs/model/tv_resnet18.yaml",
+                     "kdrun/models/zoo.py",
                      "kdrun/recipes/quickstart.yaml", "kdrun/recipes/cifar100_kd.yaml"):
         assert required in names, required
     target = tmp_path / "site"

@@ -4,6 +4,9 @@ import json
 import yaml
 
 from tests.conftest import run_cli
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses: deselect with -m 'not slow'
 
 TINY = ["data.subset=128", "trainer.max_epochs=1", "trainer.progress=off", "trainer.tensorboard=false"]
 
