@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.errors import KdrunError, did_you_mean
+from kdrun._hydra_compat import install_override_suggestions
+from kdrun.errors import KdrunError
 from kdrun.paths import config_dir
 from kdrun.registry import register_configs
 
@@ -48,42 +49,6 @@ def _with_overrides(args: list[str], extra: list[str]) -> list[str]:
 
 def _uses_recipe(args: list[str]) -> bool:
     return any(re.match(r"^[+~]{0,2}recipe(=|$)", a) for a in args)
-
-
-def _install_override_suggestions() -> None:
-    """Make Hydra's "Could not override 'a.b'" name the closest existing key (did you mean ...)."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.errors import ConfigCompositionException
-
-    original = ConfigLoaderImpl._apply_overrides_to_config
-    if getattr(original, "_kdrun", False):
-        return
-
-    def apply(overrides, cfg):  # type: ignore[no-untyped-def]
-        try:
-            original(overrides, cfg)
-        except ConfigCompositionException as ex:
-            if not str(ex).startswith("Could not override"):
-                raise
-            for o in overrides:
-                if o.is_add() or o.is_force_add() or o.is_delete():
-                    continue
-                key = o.key_or_group
-                node, parts = cfg, key.split(".")
-                for i, part in enumerate(parts):
-                    if isinstance(node, DictConfig) and part in node:
-                        node = node[part]
-                        continue
-                    where = ".".join(parts[:i]) or "the top level"
-                    options = list(node.keys()) if isinstance(node, DictConfig) else []
-                    raise ConfigCompositionException(
-                        f"unknown key '{key}': '{part}' is not a key of {where}.{did_you_mean(part, options)}"
-                        f" To add a new key on purpose, write +{o.input_line}"
-                    ) from None
-            raise
-
-    apply._kdrun = True  # type: ignore[attr-defined]
-    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[assignment]
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="kdrun")
@@ -190,7 +155,7 @@ def main() -> None:
     except KdrunError as ex:
         print(f"kdrun: error: {ex}", file=sys.stderr)
         sys.exit(2)
-    _install_override_suggestions()
+    install_override_suggestions()
     _task()
 
 
