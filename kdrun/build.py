@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kdrun.config import ADAPTER_KEYS, LOSS_KEYS, model_configs, model_key

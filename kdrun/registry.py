@@ -2,21 +2,24 @@
 
 - ``recipe``: every ``recipes/*.yaml`` (package ``_global_``), so ``+recipe=NAME`` works in wheel and
   editable installs alike (see docs/architecture.md);
-- ``teacher`` and ``student``: every ``configs/model/*.yaml``, so ``teacher=resnet56 student=resnet20``
-  select zoo models (the ``model`` group itself stays available for ``+model@models.NAME=...``).
+- ``model``, ``teacher`` and ``student``: every zoo model registered with
+  :func:`kdrun.models.zoo.register_model`, and every ``configs/model/*.yaml`` (models that are not
+  kdrun's own, such as torchvision's, with their taps), so ``teacher=resnet56 student=resnet20`` and
+  ``model@models.NAME=resnet20`` select them.
 
 User recipe folders join through Hydra's search path: ``hydra.searchpath=[file:///my/configs]`` with
 recipes in ``/my/configs/recipe/NAME.yaml``.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pathlib import Path
-
 from kdrun.config import ModelConfig
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, did_you_mean
+from kdrun.models.zoo import zoo
 from kdrun.paths import config_dir, recipe_dir
 
 _done = False
@@ -56,6 +59,22 @@ def complete_recipe(recipe: DictConfig) -> DictConfig:
     return recipe
 
 
+def model_node(name: str) -> DictConfig:
+    """The config node of zoo model ``name`` (a registered builder or ``configs/model/<name>.yaml``),
+    with the schema's defaults for the keys it lacks."""
+    path = config_dir() / "model" / f"{name}.yaml"
+    entries = zoo()
+    if name in entries and path.is_file():
+        raise KdrunError(f"{path}: the zoo model '{name}' is also registered by {entries[name].target}; rename one")
+    if name in entries:
+        node = OmegaConf.create(entries[name].node())
+    elif path.is_file():
+        node = _load(path)
+    else:
+        raise KdrunError(f"no zoo model '{name}'.{did_you_mean(name, list(entries))}")
+    return with_schema_defaults(node, ModelConfig)
+
+
 def _load(path: Path) -> DictConfig:
     try:
         return OmegaConf.load(path)
@@ -71,10 +90,11 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("pick"):
         OmegaConf.register_new_resolver("pick", pick)
     cs = ConfigStore.instance()
-    for path in sorted((config_dir() / "model").glob("*.yaml")):
-        node = with_schema_defaults(_load(path), ModelConfig)
-        cs.store(group="teacher", name=path.stem, node=node)
-        cs.store(group="student", name=path.stem, node=node)
+    files = {path.stem for path in (config_dir() / "model").glob("*.yaml")}
+    for name in sorted(set(zoo()) | files):
+        node = model_node(name)
+        for group in ("teacher", "student") if name in files else ("model", "teacher", "student"):
+            cs.store(group=group, name=name, node=node)  # the `model` group reads configs/model/ itself
     for path in sorted(recipe_dir().glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=complete_recipe(_load(path)), package="_global_")
     _done = True

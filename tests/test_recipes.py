@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from kdrun.config import validate
 from kdrun.engine import run
-from kdrun.paths import config_dir, recipe_dir
+from kdrun.paths import recipe_dir
+from kdrun.registry import model_node
 from tests.conftest import compose_cfg
 
 RECIPES = sorted(p.stem for p in recipe_dir().glob("*.yaml"))
@@ -53,11 +54,11 @@ SHALLOW_NETS = {"resnet50": {"_target_": "kdrun.models.resnetv2.CifarBottleneckR
 def shallow_node(name: str):
     if name in SHALLOW_NETS:
         return OmegaConf.create({"name": name, "net": SHALLOW_NETS[name]})
-    return OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
+    return model_node(name)
 
 
 def model_node_real(name: str):
-    return OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
+    return model_node(name)
 
 
 def with_models(cfg, teacher: str | None, student: str, shallow: bool):
@@ -106,6 +107,7 @@ SHAPE_CASES = sorted({(r, SHALLOW.get(t, t) if t else None, SHALLOW.get(s, s)) f
                      key=lambda c: (c[0], str(c[1]), c[2]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,teacher,student", SHAPE_CASES, ids=[f"{r}-{t}-{s}" for r, t, s in SHAPE_CASES])
 def test_every_table_pair_trains_a_step(recipe, teacher, student, tmp_path):
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """The CIFAR ViT: output shape, taps at the declared module paths, parameter counts, configs."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdrun.models.vit import VisionTransformer, vit_small, vit_tiny
-from kdrun.paths import config_dir
 from kdrun.taps import tap_groups
 
 
@@ -128,11 +126,10 @@ def test_rejects_bad_arguments():
 
 @pytest.mark.parametrize("name,params", [("vit_tiny", 4_045_540), ("vit_small", 6_303_460)])
 def test_model_configs_instantiate(name, params):
-    path = Path(config_dir()) / "model" / f"{name}.yaml"
-    text = path.read_text()
-    assert text.startswith("# ") and text.splitlines()[1] == f"name: {name}"
-    cfg = OmegaConf.merge(OmegaConf.create({"data": {"num_classes": 100}}), {"model": OmegaConf.load(path)})
-    assert set(cfg.model) == {"name", "net"}
+    from kdrun.registry import model_node
+
+    cfg = OmegaConf.merge(OmegaConf.create({"data": {"num_classes": 100}}), {"model": model_node(name)})
+    assert cfg.model.name == name and cfg.model.checkpoint is None
     net = instantiate(cfg.model.net)
     assert isinstance(net, VisionTransformer) and _n(net) == params
 

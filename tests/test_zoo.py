@@ -9,28 +9,17 @@ mdistiller/models/cifar), whose names are identical.
 from __future__ import annotations
 
 import functools
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import Tensor, nn
 
 from kdrun.models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
+from kdrun.models.zoo import register_model, zoo
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
-
-BUILDERS = {
-    **{n: getattr(resnet, n) for n in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
-                                       "resnet110", "resnet8x4", "resnet32x4")},
-    "resnet50": resnetv2.resnet50,
-    **{n: getattr(wrn, n) for n in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")},
-    **{n: getattr(vgg, n) for n in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
-    "mobilenetv2": mobilenetv2.mobilenetv2,
-    "shufflenetv1": shufflenetv1.shufflenetv1,
-    "shufflenetv2": shufflenetv2.shufflenetv2,
-}
+# the CIFAR benchmark zoo: every registered builder of these modules
+CIFAR_MODULES = (resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2)
+BUILDERS = {n: e.builder for n, e in zoo().items() if e.builder.__module__ in {m.__name__ for m in CIFAR_MODULES}}
 NAMES = sorted(BUILDERS)
 
 # Millions of parameters with 100 classes, to 3 decimals: the benchmark's published numbers ...
@@ -270,15 +259,33 @@ def test_state_dict_size(name):
     assert len(_model(name).state_dict()) == STATE_DICT_SIZES[name]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_model_config(name):
-    path = CONFIGS / f"{name}.yaml"
-    text = path.read_text()
-    assert text.startswith("# ") and "\n" in text
-    assert yaml.safe_load(text) == {"name": name, "net": {"_target_": BUILDERS[name].__module__ + "." + name,
-                                                          "num_classes": "${data.num_classes}"}}
-    module, _, attr = yaml.safe_load(text)["net"]["_target_"].rpartition(".")
-    assert getattr(importlib.import_module(module), attr) is BUILDERS[name]
+def test_the_benchmark_zoo_is_complete():
+    assert NAMES == sorted(["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                            "resnet8x4", "resnet32x4", "resnet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+                            "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "mobilenetv2", "shufflenetv1", "shufflenetv2"])
+
+
+@pytest.mark.parametrize("name", sorted(zoo()))
+def test_every_registered_model_is_a_config_group_option(name):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg([f"student={name}", "data=synthetic", "data.num_classes=7"], recipe=None)
+    entry = zoo()[name]
+    assert cfg.student.name == name and cfg.student.net._target_ == entry.target and cfg.student.checkpoint is None
+    assert entry.doc and not entry.doc.startswith(name + "(")  # a description, not a signature
+    net = instantiate(OmegaConf.to_container(cfg.student.net, resolve=True))
+    assert type(net) is type(entry.builder(num_classes=7, **{k: v for k, v in entry.config.items() if "${" not in str(v)}))
+
+
+def test_a_name_registered_twice_is_refused():
+    def resnet20(num_classes: int = 100) -> nn.Module:
+        return nn.Linear(1, num_classes)
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model(resnet20)
 
 
 def test_a_saved_state_dict_loads_strictly_into_a_fresh_model(tmp_path):

@@ -22,6 +22,8 @@ import math
 
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 # (expansion t, output channels c, blocks n, stride of the first block s); t = 6 stands for the model's
 # ``expansion``. Sandler et al., Table 2, with s = 1 instead of 2 in the second row for 32x32 inputs.
 SETTING: list[tuple[int, int, int, int]] = [
@@ -102,6 +104,8 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.flatten(self.avgpool(self.conv2(x))))
 
 
+@register_model(doc=("MobileNetV2 x0.5, expansion 6, for CIFAR (Sandler et al. 2018), "
+                     "0.813M parameters with 100 classes"))
 def mobilenetv2(num_classes: int = 100) -> nn.Module:
     """MobileNetV2 x0.5 with expansion 6 (0.813M parameters with 100 classes)."""
     return MobileNetV2(expansion=6, width_mult=0.5, num_classes=num_classes)

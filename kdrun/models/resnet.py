@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -103,46 +105,57 @@ _THIN = (16, 16, 32, 64)
 _WIDE = (32, 64, 128, 256)
 
 
+@register_model(doc="ResNet-8 for CIFAR (He et al. 2016), 0.084M parameters with 100 classes")
 def resnet8(num_classes: int = 100) -> nn.Module:
     """ResNet-8 (0.084M parameters with 100 classes)."""
     return CifarResNet(8, _THIN, num_classes)
 
 
+@register_model(doc="ResNet-14 for CIFAR (He et al. 2016), 0.181M parameters with 100 classes")
 def resnet14(num_classes: int = 100) -> nn.Module:
     """ResNet-14 (0.181M parameters with 100 classes)."""
     return CifarResNet(14, _THIN, num_classes)
 
 
+@register_model(doc="ResNet-20 for CIFAR (He et al. 2016), 0.278M parameters with 100 classes")
 def resnet20(num_classes: int = 100) -> nn.Module:
     """ResNet-20 (0.278M parameters with 100 classes)."""
     return CifarResNet(20, _THIN, num_classes)
 
 
+@register_model(doc="ResNet-32 for CIFAR (He et al. 2016), 0.473M parameters with 100 classes")
 def resnet32(num_classes: int = 100) -> nn.Module:
     """ResNet-32 (0.473M parameters with 100 classes)."""
     return CifarResNet(32, _THIN, num_classes)
 
 
+@register_model(doc="ResNet-44 for CIFAR (He et al. 2016), 0.667M parameters with 100 classes")
 def resnet44(num_classes: int = 100) -> nn.Module:
     """ResNet-44 (0.667M parameters with 100 classes)."""
     return CifarResNet(44, _THIN, num_classes)
 
 
+@register_model(doc="ResNet-56 for CIFAR (He et al. 2016), 0.862M parameters with 100 classes")
 def resnet56(num_classes: int = 100) -> nn.Module:
     """ResNet-56 (0.862M parameters with 100 classes)."""
     return CifarResNet(56, _THIN, num_classes)
 
 
+@register_model(doc="ResNet-110 for CIFAR (He et al. 2016), 1.737M parameters with 100 classes")
 def resnet110(num_classes: int = 100) -> nn.Module:
     """ResNet-110 (1.737M parameters with 100 classes)."""
     return CifarResNet(110, _THIN, num_classes)
 
 
+@register_model(doc=("ResNet-8x4 for CIFAR, 64/128/256-channel stages (He et al. 2016), "
+                     "1.234M parameters with 100 classes"))
 def resnet8x4(num_classes: int = 100) -> nn.Module:
     """ResNet-8 with 64/128/256 stage channels (1.234M parameters with 100 classes): the benchmark's student."""
     return CifarResNet(8, _WIDE, num_classes)
 
 
+@register_model(doc=("ResNet-32x4 for CIFAR, 64/128/256-channel stages (He et al. 2016), "
+                     "7.434M parameters with 100 classes"))
 def resnet32x4(num_classes: int = 100) -> nn.Module:
     """ResNet-32 with 64/128/256 stage channels (7.434M parameters with 100 classes): the benchmark's teacher."""
     return CifarResNet(32, _WIDE, num_classes)

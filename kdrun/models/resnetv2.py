@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (carrying the stride), 1x1 expand (x4), each with BN; plus the input (or its
@@ -88,6 +90,8 @@ class CifarBottleneckResNet(nn.Module):
         return self.linear(self.flatten(self.avgpool(x)))
 
 
+@register_model(doc=("ResNet-50 for CIFAR, bottlenecks [3, 4, 6, 3] and a 3x3 stem (He et "
+                     "al. 2016), 23.705M parameters with 100 classes"))
 def resnet50(num_classes: int = 100) -> nn.Module:
     """ResNet-50 for CIFAR (23.705M parameters with 100 classes)."""
     return CifarBottleneckResNet((3, 4, 6, 3), num_classes)

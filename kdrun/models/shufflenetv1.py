@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 
 class ChannelShuffle(nn.Module):
     """Interleave the channels of ``groups`` groups: (N, g*c, H, W) -> (N, c*g, H, W)."""
@@ -102,6 +104,7 @@ class ShuffleNetV1(nn.Module):
         return self.linear(self.flatten(self.avgpool(x)))
 
 
+@register_model(doc="ShuffleNet with 3 groups for CIFAR (Zhang et al. 2018), 0.949M parameters with 100 classes")
 def shufflenetv1(num_classes: int = 100) -> nn.Module:
     """ShuffleNet with 3 groups (0.949M parameters with 100 classes)."""
     return ShuffleNetV1(num_classes=num_classes)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kdrun.models.shufflenetv1 import ChannelShuffle
+from kdrun.models.zoo import register_model
 
 
 class SplitUnit(nn.Module):
@@ -120,6 +121,7 @@ class ShuffleNetV2(nn.Module):
         return self.linear(self.flatten(self.avgpool(x)))
 
 
+@register_model(doc="ShuffleNetV2 1x for CIFAR (Ma et al. 2018), 1.356M parameters with 100 classes")
 def shufflenetv2(num_classes: int = 100) -> nn.Module:
     """ShuffleNetV2 1x (1.356M parameters with 100 classes)."""
     return ShuffleNetV2(num_classes=num_classes)

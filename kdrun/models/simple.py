@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 
 class SimpleCNN(nn.Module):
     """``depth`` blocks of conv3x3-BN-ReLU (channels doubling from ``width``; a 2x2 max-pool after every
@@ -47,6 +49,10 @@ class SimpleCNN(nn.Module):
         return self.fc(self.flatten(self.pool(self.blocks(x))))
 
 
+@register_model(name="cnn_small", doc="Small 3-block CNN (32-64-128 channels); the quickstart's teacher",
+                in_channels="${data.input_shape.0}", width=32, depth=3)
+@register_model(name="cnn_tiny", doc="Tiny 2-block CNN (8-16 channels); the quickstart's student",
+                in_channels="${data.input_shape.0}", width=8, depth=2)
 def simple_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16, depth: int = 2,
                norm: str = "batch") -> SimpleCNN:
     """Build a :class:`SimpleCNN`."""

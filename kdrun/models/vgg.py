@@ -24,6 +24,8 @@ import math
 
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 # conv widths of the five blocks
 CONFIGS: dict[str, list[list[int]]] = {
     "S": [[64], [128], [256], [512], [512]],
@@ -95,26 +97,31 @@ class VGG(nn.Module):
         return self.classifier(self.flatten(self.pool4(x)))
 
 
+@register_model(doc="VGG-8 with BatchNorm for CIFAR (Simonyan & Zisserman 2015), 3.965M parameters with 100 classes")
 def vgg8(num_classes: int = 100) -> nn.Module:
     """VGG-8 with BN, configuration "S" (3.965M parameters with 100 classes)."""
     return VGG(CONFIGS["S"], num_classes)
 
 
+@register_model(doc="VGG-11 with BatchNorm for CIFAR (Simonyan & Zisserman 2015), 9.277M parameters with 100 classes")
 def vgg11(num_classes: int = 100) -> nn.Module:
     """VGG-11 with BN, configuration "A" (9.277M parameters with 100 classes)."""
     return VGG(CONFIGS["A"], num_classes)
 
 
+@register_model(doc="VGG-13 with BatchNorm for CIFAR (Simonyan & Zisserman 2015), 9.462M parameters with 100 classes")
 def vgg13(num_classes: int = 100) -> nn.Module:
     """VGG-13 with BN, configuration "B" (9.462M parameters with 100 classes)."""
     return VGG(CONFIGS["B"], num_classes)
 
 
+@register_model(doc="VGG-16 with BatchNorm for CIFAR (Simonyan & Zisserman 2015), 14.774M parameters with 100 classes")
 def vgg16(num_classes: int = 100) -> nn.Module:
     """VGG-16 with BN, configuration "D" (14.774M parameters with 100 classes)."""
     return VGG(CONFIGS["D"], num_classes)
 
 
+@register_model(doc="VGG-19 with BatchNorm for CIFAR (Simonyan & Zisserman 2015), 20.087M parameters with 100 classes")
 def vgg19(num_classes: int = 100) -> nn.Module:
     """VGG-19 with BN, configuration "E" (20.087M parameters with 100 classes)."""
     return VGG(CONFIGS["E"], num_classes)

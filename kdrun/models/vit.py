@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 
 class PatchEmbed(nn.Module):
     """``p x p`` patches -> tokens: a stride-p convolution, flattened to (B, N, D) in row-major order."""
@@ -189,6 +191,8 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x))
 
 
+@register_model(doc=("ViT-Tiny for 32x32 inputs (Dosovitskiy et al. 2021): patch 4 (64 "
+                     "tokens), D 192, 9 blocks, 3 heads; 4.0M params"))
 def vit_tiny(num_classes: int = 100, **kwargs) -> VisionTransformer:
     """ViT-Tiny for 32x32 inputs: patch 4 (64 tokens), D = 192, 3 heads, MLP ratio 4 (DeiT-Ti's widths,
     Touvron et al. 2021) and 9 blocks (chosen: DeiT-Ti has 12; 9 keeps it near 4M parameters for
@@ -198,6 +202,8 @@ def vit_tiny(num_classes: int = 100, **kwargs) -> VisionTransformer:
     return VisionTransformer(num_classes=num_classes, **cfg)
 
 
+@register_model(doc=("ViT-Small for 32x32 inputs (omihub777/ViT-CIFAR settings): patch 4 "
+                     "(64 tokens), D 384, 7 blocks, 12 heads; 6.3M params"))
 def vit_small(num_classes: int = 100, **kwargs) -> VisionTransformer:
     """ViT-Small for 32x32 inputs: patch 4 (64 tokens), D = 384, 7 blocks, 12 heads, MLP hidden 384
     (ratio 1): the settings of omihub777/ViT-CIFAR (6.3M parameters, 91.0% on CIFAR-10 with its

@@ -25,6 +25,8 @@ import math
 
 from torch import Tensor, nn
 
+from kdrun.models.zoo import register_model
+
 
 class WideBasicBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus the input; when the width changes the shortcut is a 1x1
@@ -108,21 +110,25 @@ class WideResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(self.relu(self.bn1(x)))))
 
 
+@register_model(doc="WRN-16-1 for CIFAR (Zagoruyko & Komodakis 2016), 0.181M parameters with 100 classes")
 def wrn_16_1(num_classes: int = 100) -> nn.Module:
     """WRN-16-1 (0.181M parameters with 100 classes)."""
     return WideResNet(16, 1, num_classes)
 
 
+@register_model(doc="WRN-16-2 for CIFAR (Zagoruyko & Komodakis 2016), 0.703M parameters with 100 classes")
 def wrn_16_2(num_classes: int = 100) -> nn.Module:
     """WRN-16-2 (0.703M parameters with 100 classes)."""
     return WideResNet(16, 2, num_classes)
 
 
+@register_model(doc="WRN-40-1 for CIFAR (Zagoruyko & Komodakis 2016), 0.570M parameters with 100 classes")
 def wrn_40_1(num_classes: int = 100) -> nn.Module:
     """WRN-40-1 (0.570M parameters with 100 classes)."""
     return WideResNet(40, 1, num_classes)
 
 
+@register_model(doc="WRN-40-2 for CIFAR (Zagoruyko & Komodakis 2016), 2.255M parameters with 100 classes")
 def wrn_40_2(num_classes: int = 100) -> nn.Module:
     """WRN-40-2 (2.255M parameters with 100 classes)."""
     return WideResNet(40, 2, num_classes)
