@@ -1,200 +1,30 @@
-"""The config schema and its validation.
+"""Validation of a composed config, before anything is built.
 
-Hydra composes the config; :func:`validate` then checks it *before* anything is built, and turns
-every mistake into one :class:`~kdrun.errors.KdrunError` that names the key and suggests the closest
-valid one. The schema is a set of dataclasses (one per fixed section); sections whose keys depend on
-a class (loss terms, adapters, optimizers, data sources) are checked against that class's signature.
-
-Top-level keys::
-
-    name        run name (recipes set it; the run directory is outputs/<name>/<time>)
-    objective   the summary value the run returns to Hydra sweepers (best_top1 by default)
-    method      method name shown in reports (KD, CRD, ...); "baseline" for a model trained alone
-    seed        global seed                      resume  null | auto | PATH
-    data        DataConfig                       trainer TrainerConfig
-    teacher     ModelConfig or null              student ModelConfig or null
-    models      more named models: {name: ModelConfig}
-    adapters    {name: {_target_, inputs, target, ...}}   publish ``adapters.<name>``
-    loss        {name: {_target_, weight, inputs, warmup_epochs, ...}}
-    stages      {name: StageConfig}, run in order
-    published   PublishedConfig or null          teachers_dir  where recipes look for teacher weights
-    batch_transform  {_target_, ...} or null: mixup/cutmix applied to every training batch (kdrun.data.mix)
-    rounds      RoundsConfig or null: self-distillation rounds (student -> next round's teacher)
-    probe       ProbeConfig or null: linear-probe evaluation of a model's features after training
+Hydra composes the config; :func:`validate` then checks it and turns every mistake into one
+:class:`~kdrun.errors.KdrunError` that names the key and suggests the closest valid one. Fixed sections
+are checked against the schema dataclasses of :mod:`kdrun.schema` (where every default lives);
+sections whose keys depend on a class (loss terms, adapters, optimizers, data sources) are checked
+against that class's signature; the rules of stages, optimizer groups, ``init_from`` and rounds are
+checked by the planning functions of :mod:`kdrun.plan`, the same ones the builder uses.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from kdrun import plan
 from kdrun.errors import KdrunError, did_you_mean
+from kdrun.plan import model_key
+from kdrun.schema import (ADAPTER_KEYS, DTYPES, LOSS_KEYS, OBJECTIVES, RESERVED_MODEL_NAMES, TOP_LEVEL_KEYS,
+                          CoTrainConfig, DataConfig, ExperimentConfig, ModelConfig, ProbeConfig, PublishedConfig,
+                          RoundsConfig, StageConfig, TrainerConfig, experiment_config)
 
-# ----------------------------------------------------------------------------------------- schema
-
-
-@dataclass
-class ModelConfig:
-    """A named model: ``net`` is instantiated with ``_target_``; weights come from ``checkpoint``.
-
-    ``checkpoint`` is a local path, an http(s) URL (downloaded once into ~/.cache/kdrun), or null (random
-    initialisation). ``taps`` adds tap names to the model's own (``name: module.path``).
-    """
-
-    name: str = MISSING
-    net: Any = MISSING
-    checkpoint: Optional[str] = None
-    strict: bool = True
-    taps: dict[str, str] = field(default_factory=dict)
-    init_from: Optional[str] = None  # start from another model's weights (after its checkpoint is loaded)
-    init_noise: float = 0.0  # eps: w = (w_from + eps * w_fresh) / sqrt(1 + eps^2), w_fresh a new random init
-    allow_random: bool = False  # a deliberately random frozen model (Random Teachers): no warning
-
-
-@dataclass
-class DataConfig:
-    """A data set of arrays (images uint8 N,C,H,W + labels) with standard augmentation.
-
-    ``source`` is instantiated to :class:`kdrun.data.arrays.ArraySplits` (in-memory arrays, batch
-    augmentation by ``crop_padding``/``hflip``, normalisation by ``mean``/``std``) or
-    :class:`kdrun.data.datasets.DatasetSplits` (Datasets with their own transforms, DataLoader with
-    ``num_workers``); ``root`` is where it reads files. ``subset``: train on the first N examples and evaluate on a proportional slice.
-    """
-
-    name: str = MISSING
-    num_classes: int = MISSING
-    input_shape: list[int] = MISSING  # C, H, W
-    root: Optional[str] = None
-    subset: Optional[int] = None
-    val_split: Optional[int] = None  # hold out N training examples (seeded) and evaluate on them, not the test set
-    val_seed: int = 0
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    drop_last: bool = False
-    num_workers: int = 4  # DataLoader workers (Dataset sources only; arrays need none)
-    crop_padding: int = 0
-    hflip: bool = False
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
-    source: Any = MISSING
-
-
-@dataclass
-class TrainerConfig:
-    """How the engine runs: device, logging, checkpoints, determinism."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    max_epochs: Optional[int] = None  # caps every stage (smoke runs)
-    max_steps_per_epoch: Optional[int] = None  # caps the steps of each epoch (smoke tests)
-    deterministic: bool = False  # torch.use_deterministic_algorithms + cudnn.deterministic
-    log_every: int = 50  # steps between reads of the running losses (the only host syncs)
-    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    save_every: int = 1  # epochs between `last` checkpoints (the last epoch is always saved)
-    save_checkpoints: bool = True  # false: no checkpoints at all (smoke tests, throwaway sweeps)
-    progress: str = "auto"  # auto (only on a terminal) | on | off
-    tensorboard: bool = True
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
-    channels_last: bool = False  # NHWC models and batches
-    compile: bool = False  # torch.compile every model's training forward
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
-    compile_backend: str = "inductor"
-    fused_optimizer: bool = False  # pass fused=True to the optimizer on CUDA when it supports it
-    sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch (CUDA only)
-
-
-@dataclass
-class CoTrainConfig:
-    """More models trained in the same stage, with their own loss terms, optimizer and schedule
-    (online distillation). ``train`` lists model names and ``adapters.<name>`` of trainable adapters;
-    ``optimizer``/``scheduler`` default to the stage's (with the stage's settings)."""
-
-    train: list[str] = MISSING
-    losses: list[str] = MISSING
-    optimizer: Any = None
-    scheduler: Any = None
-
-
-@dataclass
-class StageConfig:
-    """One stage: which models train, with which loss terms, optimizer and schedule, for how long.
-
-    ``co_train`` adds optimizer groups that train other models in the same steps. Each group's
-    parameters receive the gradient of that group's own loss terms only (``share_gradients: true``
-    gives every parameter the gradient of the whole weighted total instead).
-    """
-
-    epochs: int = MISSING
-    train: list[str] = MISSING
-    losses: list[str] = MISSING
-    eval: Optional[str] = None  # the model whose top-1 is tracked; default: the first of `train`
-    optimizer: Any = MISSING
-    scheduler: Any = None
-    scheduler_interval: str = "epoch"  # epoch | step
-    order: int = 0  # stages run by (order, position in the config): an init stage added by a recipe sets -1
-    co_train: dict[str, CoTrainConfig] = field(default_factory=dict)
-    share_gradients: bool = False
-
-
-@dataclass
-class RoundsConfig:
-    """Self-distillation over rounds (born-again networks): every stage runs ``count`` times; after
-    round r the ``student``'s weights become the ``teacher``'s and the student starts again from its
-    initialisation. ``weights`` overrides loss-term weights per round: ``{term: [w_1, ..., w_count]}``
-    (e.g. the ground-truth / teacher balance alpha_r, 1 - alpha_r of Borup & Andersen, "Even your
-    Teacher Needs Guidance", NeurIPS 2021)."""
-
-    count: int = MISSING
-    teacher: str = "teacher"
-    student: str = "student"
-    reinit_student: bool = True
-    weights: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ProbeConfig:
-    """Linear-probe evaluation: a linear classifier trained on the frozen features ``<model>.<tap>``
-    of the (unaugmented) training set, tested on the test set, for every model of ``models``, after
-    the last stage (of every round). The first model's result is the summary's ``probe_top1``."""
-
-    models: list[str] = field(default_factory=lambda: ["student"])
-    tap: str = "feat"
-    epochs: int = 30
-    lr: float = 0.01
-    weight_decay: float = 0.0
-    batch_size: int = 512
-
-
-@dataclass
-class PublishedEntry:
-    teacher: Optional[str] = None
-    student: str = MISSING
-    top1: float = MISSING
-    note: str = ""
-
-
-@dataclass
-class PublishedConfig:
-    """The published numbers a recipe reproduces, per (teacher, student) pair."""
-
-    source: str = MISSING
-    metric: str = MISSING  # best | last
-    table: list[PublishedEntry] = field(default_factory=list)
-
-
-OBJECTIVES = ("best_top1", "last_top1", "best_top5", "last_top5", "probe_top1")
-TOP_LEVEL_KEYS = {
-    "objective", "name", "method", "seed", "resume", "data", "trainer", "teacher", "student", "models",
-    "adapters", "loss", "stages", "published", "teachers_dir", "hydra", "batch_transform", "rounds", "probe",
-}
-LOSS_KEYS = {"_target_", "weight", "inputs", "warmup_epochs"}
-ADAPTER_KEYS = {"_target_", "inputs", "target", "trainable"}
-RESERVED_MODEL_NAMES = {"batch", "adapters"}
-
+__all__ = ["validate", "model_configs", "model_key", "import_target", "ADAPTER_KEYS", "LOSS_KEYS"]
 
 # ------------------------------------------------------------------------------------- validation
 
@@ -212,20 +42,10 @@ def validate(cfg: DictConfig) -> DictConfig:
                 f"Valid keys: {', '.join(sorted(TOP_LEVEL_KEYS - {'hydra'}))}."
             )
     _check_section(cfg, "data", DataConfig)
-    if cfg.get("objective", "best_top1") not in OBJECTIVES:
-        raise KdrunError(f"objective must be one of {', '.join(OBJECTIVES)} (the summary value a sweep optimises), "
-                         f"got '{cfg.objective}'")
-    if cfg.get("objective") == "probe_top1" and cfg.get("probe") is None:
-        raise KdrunError("objective=probe_top1 needs a linear probe: set probe (e.g. +probe.models=[student] +probe.tap=feat)")
     _check_section(cfg, "trainer", TrainerConfig)
-    if cfg.trainer.get("progress", "auto") not in ("auto", "on", "off"):
-        raise KdrunError(f"trainer.progress must be auto, on or off, got '{cfg.trainer.progress}'")
-    if cfg.trainer.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
-        raise KdrunError(f"trainer.precision must be fp32, bf16 or fp16, got '{cfg.trainer.precision}'")
+    _check_choices(cfg)
     if cfg.get("published") is not None:
         _check_section(cfg, "published", PublishedConfig)
-        if cfg.published.metric not in ("best", "last"):
-            raise KdrunError(f"published.metric must be 'best' or 'last', got '{cfg.published.metric}'")
     models = model_configs(cfg)
     for name, mcfg in models.items():
         _check_node(mcfg, model_key(name), ModelConfig)
@@ -236,30 +56,65 @@ def validate(cfg: DictConfig) -> DictConfig:
         _check_component(acfg, f"adapters.{name}", ADAPTER_KEYS, names)
     for name, lcfg in (cfg.get("loss") or {}).items():
         _check_component(lcfg, f"loss.{name}", LOSS_KEYS, names)
-    _check_stages(cfg, models)
-    for name, mcfg in models.items():
-        src = mcfg.get("init_from")
-        if src is not None and (src not in models or src == name):
-            raise KdrunError(f"{model_key(name)}.init_from: no other model '{src}'.{did_you_mean(str(src), models)} "
-                             f"Models: {', '.join(models)}.")
-        if float(mcfg.get("init_noise", 0.0) or 0.0) < 0:
-            raise KdrunError(f"{model_key(name)}.init_noise must be >= 0, got {mcfg.init_noise}")
+    _check_stage_nodes(cfg)
     if cfg.get("batch_transform"):  # an empty node (batch_transform=none) is no transform
         _check_target(cfg.batch_transform, "batch_transform")
-    _check_rounds(cfg, models)
-    if cfg.get("probe") is not None:
-        _check_node(cfg.probe, "probe", ProbeConfig)
-        probe = OmegaConf.merge(OmegaConf.structured(ProbeConfig), cfg.probe)
-        if not probe.models:
-            raise KdrunError("probe.models is empty: name the models to probe, e.g. [student]")
-        for m in probe.models:
-            if m not in models:
-                raise KdrunError(f"probe.models: no model '{m}'.{did_you_mean(m, models)} Models: {', '.join(models)}.")
-        if probe.epochs < 1 or probe.lr <= 0 or probe.batch_size < 1:
-            raise KdrunError("probe.epochs and probe.batch_size must be at least 1 and probe.lr positive")
+    for key, schema in (("rounds", RoundsConfig), ("probe", ProbeConfig)):
+        if cfg.get(key) is not None:
+            _check_node(cfg[key], key, schema)
     if cfg.get("resume") not in (None, "auto") and not isinstance(cfg.get("resume"), str):
         raise KdrunError("resume must be null, 'auto' or the path of a run directory or checkpoint")
+    _check_plan(experiment_config(cfg))
     return _complete(cfg)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Values that must be one of a few words, and their dependencies."""
+    if cfg.get("objective", "best_top1") not in OBJECTIVES:
+        raise KdrunError(f"objective must be one of {', '.join(OBJECTIVES)} (the summary value a sweep optimises), "
+                         f"got '{cfg.objective}'")
+    if cfg.get("objective") == "probe_top1" and cfg.get("probe") is None:
+        raise KdrunError("objective=probe_top1 needs a linear probe: set probe (e.g. +probe.models=[student] +probe.tap=feat)")
+    t = cfg.trainer
+    if t.get("progress", "auto") not in ("auto", "on", "off"):
+        raise KdrunError(f"trainer.progress must be auto, on or off, got '{t.progress}'")
+    if t.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
+        raise KdrunError(f"trainer.precision must be fp32, bf16 or fp16, got '{t.precision}'")
+    for key in ("accumulate_grad_batches", "log_every", "eval_every", "save_every"):
+        if key in t and int(t[key]) < 1:
+            raise KdrunError(f"trainer.{key} must be at least 1, got {t[key]}")
+    for key in ("eval_every_steps", "save_every_steps"):
+        if t.get(key) is not None and int(t[key]) < 1:
+            raise KdrunError(f"trainer.{key} must be at least 1 (or null: only at epoch ends), got {t[key]}")
+    if cfg.get("published") is not None and cfg.published.get("metric") not in ("best", "last"):
+        raise KdrunError(f"published.metric must be 'best' or 'last', got '{cfg.published.get('metric')}'")
+
+
+def _check_plan(cfg: ExperimentConfig) -> None:
+    """The rules between sections, checked by the planning functions the builder uses."""
+    for sname, stage in cfg.stages.items():
+        plan.group_plans(sname, stage, list(cfg.models), cfg.adapters, cfg.loss)
+        if stage.eval is not None and stage.eval not in cfg.models:
+            raise KdrunError(f"stages.{sname}.eval: no model '{stage.eval}'.{did_you_mean(stage.eval, cfg.models)}")
+    for name, mcfg in cfg.models.items():
+        src = mcfg.init_from
+        if src is not None and (src not in cfg.models or src == name):
+            raise KdrunError(f"{model_key(name)}.init_from: no other model '{src}'.{did_you_mean(str(src), cfg.models)} "
+                             f"Models: {', '.join(cfg.models)}.")
+        if mcfg.init_noise < 0:
+            raise KdrunError(f"{model_key(name)}.init_noise must be >= 0, got {mcfg.init_noise}")
+        if mcfg.dtype is not None and mcfg.dtype not in DTYPES:
+            raise KdrunError(f"{model_key(name)}.dtype must be one of {', '.join(DTYPES)} or null, got '{mcfg.dtype}'")
+    plan.init_order(cfg.models, cfg.models)
+    _check_rounds(cfg)
+    if cfg.probe is not None:
+        if not cfg.probe.models:
+            raise KdrunError("probe.models is empty: name the models to probe, e.g. [student]")
+        for m in cfg.probe.models:
+            if m not in cfg.models:
+                raise KdrunError(f"probe.models: no model '{m}'.{did_you_mean(m, cfg.models)} Models: {', '.join(cfg.models)}.")
+        if cfg.probe.epochs < 1 or cfg.probe.lr <= 0 or cfg.probe.batch_size < 1:
+            raise KdrunError("probe.epochs and probe.batch_size must be at least 1 and probe.lr positive")
 
 
 def _complete(cfg: DictConfig) -> DictConfig:
@@ -280,14 +135,9 @@ def _complete(cfg: DictConfig) -> DictConfig:
             out.models[name] = fill(out.models[name], ModelConfig)
     for name in list(out.stages.keys()):
         out.stages[name] = fill(out.stages[name], StageConfig)
-        for group in list(out.stages[name].co_train.keys()):
-            out.stages[name].co_train[group] = fill(out.stages[name].co_train[group], CoTrainConfig)
-    if out.get("rounds") is not None:
-        out.rounds = fill(out.rounds, RoundsConfig)
-    if out.get("probe") is not None:
-        out.probe = fill(out.probe, ProbeConfig)
-    if out.get("published") is not None:
-        out.published = fill(out.published, PublishedConfig)
+    for key, schema in (("rounds", RoundsConfig), ("probe", ProbeConfig), ("published", PublishedConfig)):
+        if out.get(key) is not None:
+            out[key] = fill(out[key], schema)
     return out
 
 
@@ -303,11 +153,6 @@ def model_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         if mcfg is not None:
             out[str(name)] = mcfg
     return out
-
-
-def model_key(name: str) -> str:
-    """The config key of model ``name``: ``teacher``, ``student`` or ``models.<name>``."""
-    return name if name in ("teacher", "student") else f"models.{name}"
 
 
 def _resolve_all(cfg: DictConfig) -> None:
@@ -442,74 +287,48 @@ def _check_component(node: Any, key: str, reserved: set[str], owners: set[str]) 
         raise KdrunError(f"'{key}.weight' must be a number, got {node.weight!r}")
 
 
-def _check_stages(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
+def _check_stage_nodes(cfg: DictConfig) -> None:
+    """Each stage node against the schema: keys, types, targets, and its length."""
     stages = cfg.get("stages")
     if not stages:
         raise KdrunError("no stages configured: choose a recipe with +recipe=NAME (see kdrun --help)")
-    losses = set((cfg.get("loss") or {}).keys())
     for name, scfg in stages.items():
         key = f"stages.{name}"
         if isinstance(scfg, DictConfig) and isinstance(scfg.get("co_train"), DictConfig):
             for gname, gcfg in scfg.co_train.items():  # before the stage, so that a group's unknown key is named
                 _check_node(gcfg, f"{key}.co_train.{gname}", CoTrainConfig)
+                for part in ("optimizer", "scheduler"):
+                    if gcfg.get(part) is not None:
+                        _check_target(gcfg[part], f"{key}.co_train.{gname}.{part}")
         _check_node(scfg, key, StageConfig)
-        scfg = OmegaConf.merge(OmegaConf.structured(StageConfig), scfg)
         _check_target(scfg.optimizer, f"{key}.optimizer")
-        if scfg.scheduler is not None:
+        if scfg.get("scheduler") is not None:
             _check_target(scfg.scheduler, f"{key}.scheduler")
-        if scfg.scheduler_interval not in ("epoch", "step"):
+        if scfg.get("scheduler_interval", "epoch") not in ("epoch", "step"):
             raise KdrunError(f"{key}.scheduler_interval must be 'epoch' or 'step', got '{scfg.scheduler_interval}'")
-        if scfg.epochs < 1:
-            raise KdrunError(f"{key}.epochs must be at least 1, got {scfg.epochs}")
-        if not scfg.train:
-            raise KdrunError(f"{key}.train is empty: name the models this stage trains, e.g. [student]")
-        adapters = {f"adapters.{a}" for a in (cfg.get("adapters") or {})}
-        owner: dict[str, str] = {}  # model -> the group that trains it
-        term_owner: dict[str, str] = {}  # loss term -> the group whose objective it is
-        groups = [(key, scfg.train, scfg.losses)]
-        for gname, gcfg in (scfg.co_train or {}).items():
-            gkey = f"{key}.co_train.{gname}"
-            for part in ("optimizer", "scheduler"):
-                if gcfg.get(part) is not None:
-                    _check_target(gcfg[part], f"{gkey}.{part}")
-            if not gcfg.train or not gcfg.losses:
-                raise KdrunError(f"{gkey} needs 'train' (models it updates) and 'losses' (the terms that update them)")
-            groups.append((gkey, gcfg.train, gcfg.losses))
-        for gkey, train, terms in groups:
-            for m in train:
-                if m not in models and not (gkey != key and m in adapters):
-                    raise KdrunError(f"{gkey}.train: no model '{m}'.{did_you_mean(m, list(models) + sorted(adapters))} "
-                                     f"Models: {', '.join(models)}.")
-                if m in owner:
-                    raise KdrunError(f"{gkey}.train: '{m}' is already trained by {owner[m]}; a model belongs to one optimizer group")
-                owner[m] = gkey
-            for term in terms:
-                if term not in losses:
-                    raise KdrunError(f"{gkey}.losses: no loss term '{term}'.{did_you_mean(term, losses)} Terms: {', '.join(sorted(losses))}.")
-                if term in term_owner:
-                    raise KdrunError(f"{gkey}.losses: the term '{term}' is already used by {term_owner[term]}; give each group its own terms")
-                term_owner[term] = gkey
-        if scfg.eval is not None and scfg.eval not in models:
-            raise KdrunError(f"{key}.eval: no model '{scfg.eval}'.{did_you_mean(scfg.eval, models)}")
+        epochs, steps = scfg.get("epochs"), scfg.get("max_steps")
+        if epochs is None and steps is None:
+            raise KdrunError(f"{key}: set epochs (passes over the training set) or max_steps (optimizer steps), or both")
+        for part, value in (("epochs", epochs), ("max_steps", steps)):
+            if value is not None and int(value) < 1:
+                raise KdrunError(f"{key}.{part} must be at least 1, got {value}")
 
 
-def _check_rounds(cfg: DictConfig, models: dict[str, DictConfig]) -> None:
-    if cfg.get("rounds") is None:
+def _check_rounds(cfg: ExperimentConfig) -> None:
+    rounds = cfg.rounds
+    if rounds is None:
         return
-    _check_node(cfg.rounds, "rounds", RoundsConfig)
-    rounds = OmegaConf.merge(OmegaConf.structured(RoundsConfig), cfg.rounds)
     if rounds.count < 1:
         raise KdrunError(f"rounds.count must be at least 1, got {rounds.count}")
     for part in ("teacher", "student"):
-        name = rounds[part]
-        if name not in models:
-            raise KdrunError(f"rounds.{part}: no model '{name}'.{did_you_mean(name, models)} Models: {', '.join(models)}.")
+        name = getattr(rounds, part)
+        if name not in cfg.models:
+            raise KdrunError(f"rounds.{part}: no model '{name}'.{did_you_mean(name, cfg.models)} Models: {', '.join(cfg.models)}.")
     if rounds.teacher == rounds.student:
         raise KdrunError("rounds.teacher and rounds.student must be different models")
-    losses = set((cfg.get("loss") or {}).keys())
     for term, value in rounds.weights.items():
-        if term not in losses:
-            raise KdrunError(f"rounds.weights.{term}: no loss term '{term}'.{did_you_mean(term, losses)}")
-        if not isinstance(value, ListConfig) or len(value) != rounds.count \
-                or not all(isinstance(v, (int, float)) for v in value):
+        if term not in cfg.loss:
+            raise KdrunError(f"rounds.weights.{term}: no loss term '{term}'.{did_you_mean(term, cfg.loss)}")
+        if not isinstance(value, list) or len(value) != rounds.count \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise KdrunError(f"rounds.weights.{term} must list one number per round ({rounds.count}), got {value!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.config import ModelConfig
+from kdrun.schema import AdapterConfig, CoTrainConfig, LossTermConfig, ModelConfig, StageConfig, fill_defaults
 from kdrun.errors import KdrunError, did_you_mean
 from kdrun.models.zoo import zoo
 from kdrun.paths import config_dir, recipe_dir
@@ -41,21 +41,18 @@ def with_schema_defaults(node: DictConfig, schema: type) -> DictConfig:
 
 
 def complete_recipe(recipe: DictConfig) -> DictConfig:
-    """A recipe whose stages and loss terms carry every default key (``eval``, ``weight``, ...)."""
-    for name in list((recipe.get("stages") or {}).keys()):
-        stage = recipe.stages[name]
-        for key, value in (("eval", None), ("scheduler_interval", "epoch"), ("order", 0), ("share_gradients", False)):
-            if key not in stage:
-                stage[key] = value
-        for group in (stage.get("co_train") or {}).values():
-            for key in ("optimizer", "scheduler"):
-                if key not in group:
-                    group[key] = None
-    for name in list((recipe.get("loss") or {}).keys()):
-        term = recipe.loss[name]
-        for key, value in (("weight", 1.0), ("warmup_epochs", 0)):
-            if key not in term:
-                term[key] = value
+    """A recipe whose stages, co-trained groups, loss terms, adapters and models carry every default key
+    of the schema (``eval``, ``max_steps``, ``weight`` ...), so that each can be overridden without ``+``.
+
+    Only the nodes a recipe defines are filled (:func:`kdrun.schema.fill_defaults`); a partial override
+    of an inherited node is left as written, so that it changes only the keys it names."""
+    for stage in (recipe.get("stages") or {}).values():
+        fill_defaults(stage, StageConfig)
+        for group in (stage.get("co_train") or {}).values() if isinstance(stage, DictConfig) else ():
+            fill_defaults(group, CoTrainConfig)
+    for schema, section in ((LossTermConfig, "loss"), (AdapterConfig, "adapters"), (ModelConfig, "models")):
+        for node in (recipe.get(section) or {}).values():
+            fill_defaults(node, schema)
     return recipe
 
 

@@ -3,7 +3,7 @@
 
 Three comparisons (docs/performance.md explains each and records measured tables):
 
-1. ``overhead``     kdrun's real training step (``StageRunner._train_epoch``: batch from the
+1. ``overhead``     kdrun's real training step (``StageRunner.train_epoch``: batch from the
                     ArrayLoader, ``train_step``: forward, backward, optimizer step; on-device loss
                     accumulation and the periodic metrics flush) against a minimal hand-written
                     PyTorch KD loop doing the same arithmetic on the same device-resident data.
@@ -154,8 +154,11 @@ class TimedLoader:
     def __len__(self) -> int:
         return len(self.inner)
 
-    def set_epoch(self, key: int) -> None:
-        self.inner.set_epoch(key)
+    def set_epoch(self, key: int, start: int = 0) -> None:
+        self.inner.set_epoch(key, start)
+
+    def rank_sizes(self, i: int) -> list[int]:
+        return self.inner.rank_sizes(i)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         it = iter(self.inner)
@@ -204,44 +207,34 @@ class Side:
 
 
 class KdrunSide(Side):
-    """kdrun's own step: ``run()``'s preparation (seed, build, channels_last, compile, loaders),
-    then ``StageRunner._train_epoch`` exactly as ``StageRunner.run`` calls it, with the real metrics
-    writer (metrics.jsonl + TensorBoard as configured) in a temporary run directory."""
+    """kdrun's own step through its public engine API: ``Trainer.prepare()`` (seed, build,
+    channels_last, compile, loaders, the real metrics writer: metrics.jsonl + TensorBoard as configured,
+    in a temporary run directory), then ``StageRunner.train_epoch`` exactly as ``StageRunner.run``
+    calls it."""
 
     def __init__(self, name: str, overrides: list[str], device: torch.device) -> None:
-        from kdrun.build import build
         from kdrun.config import validate
-        from kdrun.engine.accelerate import model_callables, to_channels_last
-        from kdrun.engine.loop import RunRecord, StageRunner, make_loaders, seed_everything
-        from kdrun.engine.metrics import MetricsWriter
+        from kdrun.engine.trainer import Trainer
 
         self.name = name
         cfg = validate(compose(overrides))
         self.cfg = cfg
-        seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-        pipe = build(cfg)  # the lines below mirror kdrun.engine.loop.run
-        tcfg = cfg.trainer
-        if tcfg.channels_last:
-            for module in pipe.modules().values():
-                to_channels_last(module)
-        pipe.callables = model_callables(pipe.models, tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)
-        self.pipe = pipe
         self.tmp = tempfile.TemporaryDirectory(prefix="kdrun-bench-")
-        self.writer = MetricsWriter(Path(self.tmp.name), tensorboard=bool(tcfg.tensorboard))
-        train, test = make_loaders(pipe)
-        self.loader = train
+        self.trainer = Trainer(cfg, Path(self.tmp.name))
+        self.pipe = self.trainer.prepare()
+        self.loader = self.trainer.ctx.train_loader
         self.batch = int(cfg.data.batch_size)
-        self.clock = Clock(pipe.device)
-        self.runner = StageRunner(pipe, pipe.stages[0], 0, RunRecord(), self.writer, Path(self.tmp.name),
-                                  TimedLoader(train, self.clock), test)
-        self.precision = str(tcfg.precision)
+        self.clock = Clock(self.pipe.device)
+        self.trainer.ctx.train_loader = TimedLoader(self.loader, self.clock)
+        self.runner = self.trainer.stage_runner(0)
+        self.precision = str(cfg.trainer.precision)
 
     def epoch(self, key: int, steps: int) -> None:
         self.loader.max_batches = steps
-        self.runner._train_epoch(key)
+        self.runner.train_epoch(key)
 
     def close(self) -> None:
-        self.writer.close()
+        self.trainer.ctx.writer.close()
         self.tmp.cleanup()
 
 

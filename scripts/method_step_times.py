@@ -19,6 +19,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from kdrun.build import build  # noqa: E402
 from kdrun.config import validate  # noqa: E402
-from kdrun.engine.loop import RunRecord, StageRunner, make_loaders  # noqa: E402
-from kdrun.engine.metrics import NullWriter  # noqa: E402
+from kdrun.engine.stage import StageRunner  # noqa: E402
+from kdrun.engine.trainer import Trainer  # noqa: E402
 from kdrun.paths import config_dir, recipe_dir  # noqa: E402
 from kdrun.registry import register_configs  # noqa: E402
 
@@ -51,18 +51,18 @@ def make_runner(recipe: str, args: argparse.Namespace) -> tuple[StageRunner, lis
         overrides += [f"models.{name}.checkpoint=null" for name in models]
         overrides += [f"model@models.peer={args.student}"] if "peer" in models else []
         cfg = validate(compose("kdrun", overrides=overrides))
-    pipe = build(cfg)
-    train_loader, test_loader = make_loaders(pipe)
-    plan = pipe.stages[-1]
-    runner = StageRunner(pipe, plan, len(pipe.stages) - 1, RunRecord(), NullWriter(), Path("."), train_loader, test_loader)
-    runner._set_modes()
+    trainer = Trainer(cfg, tempfile.mkdtemp(prefix="kdrun-steps-"))
+    experiment = trainer.prepare()
+    runner = trainer.stage_runner(len(experiment.stages) - 1)
+    runner.set_modes()
+    train_loader = trainer.ctx.train_loader
     train_loader.set_epoch(0)
     batches = list(train_loader)
     return runner, batches
 
 
 def time_steps(runner: StageRunner, batches: list[dict], steps: int, device: torch.device) -> float:
-    weights = runner._weights(0)
+    weights = runner.term_weights(0)
     acc = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -115,7 +115,7 @@ def test_image_folder_through_the_dataloader_path(tmp_path):
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
     splits = image_folder(str(tmp_path), image_size=16, resize=18)
-    assert splits.num_train == 6 and splits.probe_batch(2)[0].shape == (2, 3, 16, 16)
+    assert splits.num_train == 6 and splits.sample_batch(2)["input"].shape == (2, 3, 16, 16)
     loader = DatasetLoader(splits.train, batch_size=4, train=True, device="cpu", seed=1, num_workers=0)
     loader.set_epoch(3)
     first = [b["index"].tolist() for b in loader]

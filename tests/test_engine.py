@@ -98,15 +98,14 @@ def test_non_finite_loss_stops_with_the_term_named(tmp_path):
 
 
 def test_warmup_ramps_the_weight(tmp_path):
-    cfg = validate(compose_cfg(FAST + ["loss.kd.warmup_epochs=4"]))
-    from kdrun.engine.loop import StageRunner
+    from kdrun.engine.trainer import Trainer
 
-    pipe = build(cfg)
-    runner = StageRunner.__new__(StageRunner)
-    runner.pipe, runner.plan, runner.round_weights = pipe, pipe.stages[1], {}
-    assert runner._weights(0)["kd"] == pytest.approx(0.9 / 4)
-    assert runner._weights(3)["kd"] == pytest.approx(0.9)
-    assert runner._weights(10)["ce"] == pytest.approx(0.1)
+    trainer = Trainer(validate(compose_cfg(FAST + ["loss.kd.warmup_epochs=4"])), tmp_path)
+    trainer.prepare()
+    runner = trainer.stage_runner(1)
+    assert runner.term_weights(0)["kd"] == pytest.approx(0.9 / 4)
+    assert runner.term_weights(3)["kd"] == pytest.approx(0.9)
+    assert runner.term_weights(10)["ce"] == pytest.approx(0.1)
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from kdrun.losses.ab import ABLoss, ab_alternative_l2
 from kdrun.models.adapters import ConvRegressor
+from kdrun.component import BuildContext
 
 
 def _maps(*shape, seed=0):
@@ -17,7 +18,7 @@ def _setup(student, teacher, **kw):
     torch.manual_seed(0)
     ab = ABLoss(**kw)
     shapes = {"student": [s.shape for s in student], "teacher": [t.shape for t in teacher]}
-    ab.setup(shapes, 10)
+    ab.setup(BuildContext(shapes=shapes, num_train=10))
     ab.check_shapes(**shapes)
     return ab
 
@@ -82,7 +83,7 @@ def test_ab_state_round_trip():
     ab(s, t)  # moves the connector's BatchNorm statistics
     torch.manual_seed(3)
     fresh = ABLoss()
-    fresh.setup({"student": [s[0].shape], "teacher": [t[0].shape]}, 10)
+    fresh.setup(BuildContext(shapes={"student": [s[0].shape], "teacher": [t[0].shape]}, num_train=10))
     fresh.load_state_dict(ab.state_dict())
     ab.eval()
     fresh.eval()
@@ -98,6 +99,6 @@ def test_ab_check_shapes():
     with pytest.raises(ValueError, match="AB: 2 stage_weights for 1 stage pairs"):
         ABLoss(stage_weights=[1, 2]).check_shapes(student=[torch.Size([2, 3, 4, 4])], teacher=[torch.Size([2, 3, 4, 4])])
     with pytest.raises(ValueError, match="AB: no connector"):
-        ab.setup({"student": [torch.Size([2, 3, 3, 3])], "teacher": [torch.Size([2, 3, 8, 8])]}, 10)
+        ab.setup(BuildContext(shapes={"student": [torch.Size([2, 3, 3, 3])], "teacher": [torch.Size([2, 3, 8, 8])]}, num_train=10))
     with pytest.raises(RuntimeError, match="setup"):
         ABLoss()([_maps(2, 3, 2, 2)], [_maps(2, 3, 2, 2)])

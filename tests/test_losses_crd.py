@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kdrun.losses.crd import CRDLoss
+from kdrun.component import BuildContext
 
 
 def _shapes(b, ds, dt, target=True):
@@ -19,7 +20,7 @@ def _shapes(b, ds, dt, target=True):
 def _make(b=3, ds=5, dt=7, n=12, feat_dim=4, k=6, target=False, seed=0, **kw):
     torch.manual_seed(seed)
     crd = CRDLoss(feat_dim=feat_dim, num_negatives=k, **kw)
-    crd.setup(_shapes(b, ds, dt, target), n)
+    crd.setup(BuildContext(shapes=_shapes(b, ds, dt, target), num_train=n))
     return crd
 
 
@@ -116,7 +117,7 @@ def test_crd_negatives_exclude_same_class_vectorised():
     labels = torch.arange(n) % classes
     torch.manual_seed(0)
     crd = CRDLoss(feat_dim=4, num_negatives=3000)
-    crd.setup(_shapes(4, 5, 7, target=True), n, train_labels=labels)
+    crd.setup(BuildContext(shapes=_shapes(4, 5, 7, target=True), num_train=n, train_labels=labels))
     index, target = torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 2, 1])
     idx = crd.sample_indices(index, target)
     neg = idx[:, 1:]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.losses.ft import FTLoss, Paraphraser, Translator
+from kdrun.component import BuildContext, StageInfo
 
 
 def _maps(*shape, seed=0, relu=True):
@@ -20,9 +21,14 @@ def _setup(s, t, **kw):
     torch.manual_seed(0)
     ft = FTLoss(**kw)
     shapes = {"student": s.shape, "teacher": t.shape}
-    ft.setup(shapes, 10)
+    ft.setup(BuildContext(shapes=shapes, num_train=10))
     ft.check_shapes(**shapes)
     return ft
+
+
+def stage(name, trains=True):
+    """The StageInfo the engine passes: the init stage trains no model, the main stage the student."""
+    return StageInfo(name, 0, 0, ("student",) if trains else (), ("teacher",) if trains else ("student", "teacher"), 1, None)
 
 
 def _attention_factor_by_loops(f):
@@ -56,7 +62,7 @@ def test_init_stage_trains_only_the_paraphraser():
     s = _maps(2, 6, 4, 4, seed=1).requires_grad_(True)
     t = _maps(2, 8, 4, 4, seed=2).requires_grad_(True)
     ft = _setup(s, t)
-    ft.set_stage("init")
+    ft.on_stage_start(stage("init", trains=False))
     out = ft(s, t)
     assert set(out) == {"reconstruction"}
     with torch.no_grad():
@@ -72,7 +78,7 @@ def test_main_stage_transfers_factor_by_loops_with_frozen_paraphraser():
     s = _maps(2, 6, 4, 4, seed=3).requires_grad_(True)
     t = _maps(2, 8, 4, 4, seed=4).requires_grad_(True)
     ft = _setup(s, t, beta=200.0)
-    ft.set_stage("main")
+    ft.on_stage_start(stage("main"))
     out = ft(s, t)
     assert set(out) == {"factor"}
     with torch.no_grad():
@@ -109,17 +115,17 @@ def test_flat_factor_map_is_the_papers_normalised_factor():
 def test_stage_selection_rules():
     s, t = _maps(2, 6, 4, 4, seed=9), _maps(2, 8, 4, 4, seed=10)
     ft = _setup(s, t)
-    with pytest.raises(RuntimeError, match="set_stage"):
+    with pytest.raises(RuntimeError, match="on_stage_start"):
         ft(s, t)  # no stage announced, gradients on: refuse rather than train the wrong objective
     with torch.no_grad():
         assert set(ft(s, t)) == {"reconstruction", "factor"}  # the builder's trial forward
-    ft.set_stage("warmup")
+    ft.on_stage_start(stage("warmup"))
     assert set(ft(s, t)) == {"factor"}
     custom = _setup(s, t, init_stage="paraphrase")
-    custom.set_stage("paraphrase")
+    custom.on_stage_start(stage("paraphrase"))  # by name, although it trains
     assert set(custom(s, t)) == {"reconstruction"}
     pinned = _setup(s, t, mode="paraphraser")
-    pinned.set_stage("main")
+    pinned.on_stage_start(stage("main"))
     assert set(pinned(s, t)) == {"reconstruction"}
 
 
@@ -135,15 +141,15 @@ def test_spatial_mismatch_pools_the_larger_factor():
 def test_state_round_trip():
     s, t = _maps(4, 6, 4, 4, seed=13), _maps(4, 8, 4, 4, seed=14)
     ft = _setup(s, t)
-    ft.set_stage("main")
+    ft.on_stage_start(stage("main"))
     ft(s, t)  # moves the translator's BatchNorm statistics
     torch.manual_seed(9)
     fresh = FTLoss()
-    fresh.setup({"student": s.shape, "teacher": t.shape}, 10)
+    fresh.setup(BuildContext(shapes={"student": s.shape, "teacher": t.shape}, num_train=10))
     fresh.load_state_dict(ft.state_dict())
-    for stage in ("init", "main"):
-        ft.set_stage(stage)
-        fresh.set_stage(stage)
+    for info in (stage("init", trains=False), stage("main")):
+        ft.on_stage_start(info)
+        fresh.on_stage_start(info)
         ft.eval()
         fresh.eval()
         a, b = ft(s, t), fresh(s, t)

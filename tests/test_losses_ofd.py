@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.losses.ofd import OFDConnector, OFDLoss, bn_margin, ofd_partial_l2
+from kdrun.component import BuildContext
 
 
 def _maps(*shape, seed=0):
@@ -69,7 +70,7 @@ def _setup(s, t, **kw):
     torch.manual_seed(0)
     ofd = OFDLoss(**kw)
     shapes = {"student": [x.shape for x in s], "teacher": [x.shape for x in t]}
-    ofd.setup(shapes, 10)
+    ofd.setup(BuildContext(shapes=shapes, num_train=10))
     ofd.check_shapes(**shapes)
     return ofd
 
@@ -168,7 +169,7 @@ def test_state_round_trip():
     assert {"margin0", "neg_sum0", "neg_frac0", "num_batches", "margin_fixed"} <= set(sd)
     torch.manual_seed(3)
     fresh = OFDLoss()
-    fresh.setup({"student": [s[0].shape], "teacher": [t[0].shape]}, 10)
+    fresh.setup(BuildContext(shapes={"student": [s[0].shape], "teacher": [t[0].shape]}, num_train=10))
     fresh.load_state_dict(sd)
     assert torch.equal(fresh(s, t), ofd(s, t))  # both update their statistics identically
     for k, v in ofd.state_dict().items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
+from kdrun.component import BuildContext
 
 
 def _feats(*shape, seed=0):
@@ -79,7 +80,7 @@ def test_cc_heads_created_in_setup():
     cc = CCLoss()
     with pytest.raises(RuntimeError, match="setup"):
         cc(fs, ft)
-    cc.setup({"student": fs.shape, "teacher": ft.shape}, num_train=100)
+    cc.setup(BuildContext(shapes={"student": fs.shape, "teacher": ft.shape}, num_train=100))
     assert {k.split(".")[0] for k in cc.state_dict()} == {"embed_s", "embed_t"}
     assert cc.embed_s.linear.weight.shape == (128, 6) and cc.embed_t.linear.weight.shape == (128, 10)
     es, et = cc.embed_s(fs), cc.embed_t(ft)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kdrun.losses.reviewkd import ABF, ReviewKDLoss, hcl_loss
+from kdrun.component import BuildContext
 
 
 def _maps(*shape, seed=0):
@@ -71,7 +72,7 @@ def _setup(**kw):
     torch.manual_seed(0)
     term = ReviewKDLoss(**kw)
     s, t = _pair_shapes()
-    term.setup({"student": s, "teacher": t}, 10)
+    term.setup(BuildContext(shapes={"student": s, "teacher": t}, num_train=10))
     term.check_shapes(student=s, teacher=t)
     return term
 
@@ -117,7 +118,7 @@ def test_state_round_trip():
     term(s, t)  # moves BatchNorm statistics
     torch.manual_seed(4)
     fresh = ReviewKDLoss()
-    fresh.setup({"student": s_shapes, "teacher": t_shapes}, 10)
+    fresh.setup(BuildContext(shapes={"student": s_shapes, "teacher": t_shapes}, num_train=10))
     fresh.load_state_dict(term.state_dict())
     term.eval()
     fresh.eval()

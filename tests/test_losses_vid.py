@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.losses.vid import VIDLoss
+from kdrun.component import BuildContext
 
 
 def _maps(*shape, seed=0):
@@ -19,7 +20,7 @@ def _setup(student, teacher, **kw):
     torch.manual_seed(0)
     vid = VIDLoss(**kw)
     shapes = {"student": [s.shape for s in student], "teacher": [t.shape for t in teacher]}
-    vid.setup(shapes, 10)
+    vid.setup(BuildContext(shapes=shapes, num_train=10))
     vid.check_shapes(**shapes)
     return vid
 
@@ -101,7 +102,7 @@ def test_vid_state_round_trip():
         vid.log_scales[0].add_(0.7)
     torch.manual_seed(5)
     fresh = VIDLoss()
-    fresh.setup({"student": [s[0].shape], "teacher": [t[0].shape]}, 10)
+    fresh.setup(BuildContext(shapes={"student": [s[0].shape], "teacher": [t[0].shape]}, num_train=10))
     assert fresh(s, t).item() != vid(s, t).item()
     fresh.load_state_dict(vid.state_dict())
     assert torch.equal(fresh(s, t), vid(s, t))

@@ -14,8 +14,8 @@ from kdrun.build import build, init_close_to
 from kdrun.config import validate
 from kdrun.data.mix import CutMix, Mixup
 from kdrun.engine import run
-from kdrun.engine.loop import RunRecord, StageRunner, make_loaders, seed_everything
-from kdrun.engine.metrics import NullWriter
+from kdrun.engine.stage import StageRunner
+from kdrun.engine.trainer import Trainer, seed_everything
 from kdrun.engine.probe import fit_linear_probe
 from kdrun.errors import KdrunError
 from kdrun.models.ensemble import LogitEnsemble, TeacherRouter
@@ -32,10 +32,10 @@ def dml_cfg(extra=()):
     return validate(compose_cfg(DML + list(extra), recipe="cifar100_dml"))
 
 
-def runner_for(cfg, tmp_path, stage=0):
-    pipe = build(cfg)
-    train, test = make_loaders(pipe)
-    return pipe, StageRunner(pipe, pipe.stages[stage], stage, RunRecord(), NullWriter(), tmp_path, train, test), train
+def runner_for(cfg, tmp_path, stage=0, dist=None):
+    trainer = Trainer(cfg, tmp_path, dist=dist)
+    experiment = trainer.prepare()
+    return experiment, trainer.stage_runner(stage), trainer.ctx.train_loader
 
 
 def weights(path):
@@ -52,7 +52,7 @@ def test_online_peer_changes_only_through_its_own_loss(tmp_path):
     assert [g.name for g in runner.groups] == ["main", "peer"] and runner.routed
     batch = next(iter(loader))
     s0, p0 = copy.deepcopy(pipe.models["student"]), copy.deepcopy(pipe.models["peer"])
-    runner.train_step(batch, runner._weights(0))
+    runner.train_step(batch, runner.term_weights(0))
 
     x, y = batch["input"], batch["target"]
     zs, zp = s0(x), p0(x)
@@ -74,8 +74,8 @@ def test_share_gradients_lets_the_students_loss_reach_the_peer(tmp_path):
     shared_pipe, shared, _ = runner_for(dml_cfg(["stages.main.share_gradients=true"]), tmp_path)
     assert not shared.routed
     batch = next(iter(loader))
-    routed.train_step(batch, routed._weights(0))
-    shared.train_step(batch, shared._weights(0))
+    routed.train_step(batch, routed.term_weights(0))
+    shared.train_step(batch, shared.term_weights(0))
     diffs = [float((a - b).detach().abs().max()) for a, b in zip(routed_pipe.models["peer"].parameters(),
                                                         shared_pipe.models["peer"].parameters())]
     assert max(diffs) > 1e-6
@@ -140,11 +140,11 @@ def test_multiteacher_router_recipe_keeps_both_teachers_frozen_and_trains_the_ro
                                recipe="cifar100_multiteacher_router"))
     pipe, runner, loader = runner_for(cfg, tmp_path)
     assert pipe.stages[0].frozen_models == ["teacher", "teacher2"]
-    assert [(g.name, g.adapters) for g in pipe.stages[0].groups] == [("main", []), ("router", ["router"])]
+    assert [(g.name, g.adapters) for g in pipe.stages[0].groups] == [("main", ()), ("router", ("router",))]
     before = {n: copy.deepcopy(pipe.models[n].state_dict()) for n in ("teacher", "teacher2")}
     gate = pipe.adapters["router"].module.gate.weight.detach().clone()
     batch = next(iter(loader))
-    runner.train_step(batch, runner._weights(0))
+    runner.train_step(batch, runner.term_weights(0))
     for n, state in before.items():
         for k, v in pipe.models[n].state_dict().items():
             assert torch.equal(v, state[k]), (n, k)
@@ -176,15 +176,15 @@ BAN = DIGITS + PLAIN_SGD + ["student=cnn_tiny", "teacher.checkpoint=null", "stag
 
 def test_two_rounds_export_two_students_and_round_two_learns_from_round_one(tmp_path, monkeypatch):
     seen = []
-    original = StageRunner._weights
+    original = StageRunner.term_weights
 
     def spy(self, epoch):
         out = original(self, epoch)
         if self.record.epoch == 0 and epoch == 0:
-            seen.append((self.stats_key, dict(out), {k: v.clone() for k, v in self.pipe.models["teacher"].state_dict().items()}))
+            seen.append((self.key.label, dict(out), {k: v.clone() for k, v in self.exp.models["teacher"].state_dict().items()}))
         return out
 
-    monkeypatch.setattr(StageRunner, "_weights", spy)
+    monkeypatch.setattr(StageRunner, "term_weights", spy)
     summary = run(validate(compose_cfg(BAN, recipe="cifar100_bornagain")), tmp_path)
     r1, r2 = weights(tmp_path / "student_round1.pt"), weights(tmp_path / "student_round2.pt")
     assert any(not torch.equal(r1[k], r2[k]) for k in r1)
@@ -203,7 +203,7 @@ def test_rounds_resume_after_an_interruption_in_round_two(tmp_path, monkeypatch)
     original = StageRunner.run
 
     def crash_in_round_two(self):
-        if self.stats_key.startswith("round2"):
+        if self.key.round == 1:
             raise KeyboardInterrupt
         original(self)
 
@@ -277,7 +277,7 @@ def test_mixup_gives_teacher_and_student_the_same_mixed_batch(tmp_path):
     for name in ("teacher", "student"):
         pipe.models[name].register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].clone()))
     batch = next(iter(loader))
-    runner.train_step(batch, runner._weights(0))
+    runner.train_step(batch, runner.term_weights(0))
     assert torch.equal(seen["teacher"], seen["student"])
     assert not torch.equal(seen["student"], batch["input"])
 
@@ -287,12 +287,12 @@ def test_soft_target_without_a_transform_is_the_one_hot_target(tmp_path):
                                          "batch_transform=none", "loss.ce.standardize=false"], recipe="cifar100_mixup_kd"))
     pipe, runner, loader = runner_for(cfg, tmp_path)
     batch = next(iter(loader))
-    runner._set_modes()
-    _, values = runner.forward_losses({**batch, "soft_target": F.one_hot(batch["target"], 10).float()}, runner._weights(0))
+    runner.set_modes()
+    _, values, _ = runner.forward({**batch, "soft_target": F.one_hot(batch["target"], 10).float()}, runner.term_weights(0))
     with torch.no_grad():
         expected = F.cross_entropy(pipe.models["student"](batch["input"]), batch["target"])
     torch.testing.assert_close(values["ce"], expected, rtol=1e-5, atol=1e-6)
-    runner.train_step(batch, runner._weights(0))  # the engine supplies batch.soft_target itself
+    runner.train_step(batch, runner.term_weights(0))  # the engine supplies batch.soft_target itself
 
 
 # ------------------------------------------------------------------ random teachers, init_from, probe
@@ -423,12 +423,10 @@ def test_ddp_wraps_exactly_the_trained_models(tmp_path, monkeypatch):
         }
         for recipe, (extra, wrapped, frozen) in cases.items():
             cfg = validate(compose_cfg(DIGITS + extra + ["stages.main.epochs=1"], recipe=recipe))
-            pipe = build(cfg, OneRankDDP(0, 0, 1))
-            train, test = make_loaders(pipe)
-            runner = StageRunner(pipe, pipe.stages[0], 0, RunRecord(), NullWriter(), tmp_path, train, test)
-            ddp = {k for k, v in runner.calls.items() if isinstance(v, DistributedDataParallel)}
+            pipe, runner, train = runner_for(cfg, tmp_path / recipe, dist=OneRankDDP(0, 0, 1))
+            ddp = {k for k, v in runner.forwards.items() if isinstance(v, DistributedDataParallel)}
             assert {k for k in ddp if not k.startswith("loss.")} == wrapped, recipe
             assert not frozen & ddp and set(pipe.stages[0].frozen_models) == frozen
-            runner.train_step(next(iter(train)), runner._weights(0))
+            runner.train_step(next(iter(train)), runner.term_weights(0))
     finally:
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from kdrun.component import BuildContext
 from kdrun.losses.trg import (
     TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRGLocalLoss, TRGLoss, aligned_tokens, build_token_graph,
     contextual_loss, global_infonce_loss, knn_indices, local_preserving_loss, temperature_at, to_tokens,
@@ -35,7 +36,7 @@ def _maps(b=3, cs=6, ct=10, hs=4, ht=4, seed=0, dtype=torch.float32):
 
 def _trg(s, t, **kw):
     term = TRGLoss(**kw)
-    term.setup(_shapes(s.shape, t.shape), 100)
+    term.setup(BuildContext(shapes=_shapes(s.shape, t.shape), num_train=100))
     term.check_shapes(s.shape, t.shape)
     return term
 
@@ -81,7 +82,7 @@ def test_check_shapes_rejects_what_cannot_work():
         TRGLoss(patch_size=3).check_shapes(torch.Size([2, 4, 8, 8]), torch.Size([2, 4, 8, 8]))
     with pytest.raises(ValueError, match="feature map"):
         term.check_shapes(torch.Size([2, 4]), torch.Size([2, 4, 8, 8]))
-    term.setup(_shapes((2, 4, 8, 8), (2, 6, 8, 8)), 10)
+    term.setup(BuildContext(shapes=_shapes((2, 4, 8, 8), (2, 6, 8, 8)), num_train=10))
     with pytest.raises(ValueError, match="width"):
         term.check_shapes(torch.Size([2, 5, 8, 8]), torch.Size([2, 6, 8, 8]))
     with pytest.raises(RuntimeError, match="setup"):
@@ -218,7 +219,7 @@ def test_global_loss_equals_plain_infonce():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 5, generator=g)  # 6 tokens in all
     term = TRGGlobalLoss(proj_dim=3, tau_start=0.3, num_samples=None)
-    term.setup(_shapes(s.shape, t.shape), 10)
+    term.setup(BuildContext(shapes=_shapes(s.shape, t.shape), num_train=10))
     loss = term(s, t)
     zs = term.head_s(s.reshape(6, 4)).tolist()
     zt = term.head_t(t.reshape(6, 5)).tolist()
@@ -250,7 +251,7 @@ def test_trg_loss_is_the_weighted_parts():
     local = TRGLocalLoss(k=3, num_samples=None)
     ctx = TRGContextualLoss()
     glob = TRGGlobalLoss(num_samples=None)
-    glob.setup(_shapes(s.shape, t.shape), 10)
+    glob.setup(BuildContext(shapes=_shapes(s.shape, t.shape), num_train=10))
     glob.head_s.load_state_dict(full.head_s.state_dict())
     glob.head_t.load_state_dict(full.head_t.state_dict())
     out = full(s, t)
@@ -273,14 +274,14 @@ def test_cosine_schedule_shape_and_set_progress():
     assert temperature_at(3, 5, 0.5, 0.1, "constant") == 0.5
     term = TRGLoss(tau_start=1.0, tau_end=0.2)
     assert term.temperature == 1.0
-    term.set_progress(0, 11)
+    term.on_epoch_start(0, 11)
     assert term.temperature == pytest.approx(1.0)
-    term.set_progress(5, 11)
+    term.on_epoch_start(5, 11)
     assert term.temperature == pytest.approx(0.6)
-    term.set_progress(10, 11)
+    term.on_epoch_start(10, 11)
     assert term.temperature == pytest.approx(0.2)
     g = TRGGlobalLoss(tau_start=0.4, tau_end=0.2, schedule="linear")
-    g.set_progress(1, 3)
+    g.on_epoch_start(1, 3)
     assert g.temperature == pytest.approx(0.3)
 
 

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from kdrun.models.vit import VisionTransformer, vit_small, vit_tiny
 from kdrun.taps import tap_groups
+from kdrun.component import BuildContext
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -150,7 +151,7 @@ def test_kdrun_tap_recorder_feeds_trg_from_a_cnn_teacher():
     s, t = rs.pop()["tokens"], rt.pop()["stage3"]
     assert s.shape == (2, 64, 16) and t.shape == (2, 32, 8, 8)
     trg = TRGLoss(k=4)
-    trg.setup({"student": s.shape, "teacher": t.shape}, 100)
+    trg.setup(BuildContext(shapes={"student": s.shape, "teacher": t.shape}, num_train=100))
     trg.check_shapes(s.shape, t.shape)
     sum(trg(s, t).values()).backward()
     assert student.patch_embed.proj.weight.grad is not None

@@ -16,15 +16,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kdrun.errors import KdrunError
+
+
+@dataclass(frozen=True)
+class LongTailInfo:
+    """What a long-tailed training set kept (kdrun.data.longtail): the kept samples' indices into the
+    full training set (ascending), the kept images per class, and the imbalance factor."""
+
+    kept_indices: Tensor
+    class_counts: Tensor
+    imbalance_factor: float | None = None
+
 
 @dataclass
 class ArraySplits:
-    """Training and test arrays: images uint8 (N, C, H, W), labels int64 (N,)."""
+    """Training and test arrays: images uint8 (N, C, H, W), labels int64 (N,); ``long_tail`` for a
+    long-tailed training set."""
 
     train_images: Tensor
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
+    long_tail: LongTailInfo | None = None
 
     def __post_init__(self) -> None:
         for name in ("train", "test"):
@@ -40,9 +54,22 @@ class ArraySplits:
     def num_train(self) -> int:
         return int(self.train_labels.shape[0])
 
-    def probe_batch(self, k: int = 2) -> tuple[Tensor, Tensor]:
-        """``k`` training images scaled to [0, 1] (inputs, labels) for the builder's probe forward."""
-        return self.train_images[:k].float() / 255.0, self.train_labels[:k]
+    @property
+    def kept_indices(self) -> Tensor | None:
+        return self.long_tail.kept_indices if self.long_tail is not None else None
+
+    @property
+    def train_class_counts(self) -> Tensor | None:
+        return self.long_tail.class_counts if self.long_tail is not None else None
+
+    @property
+    def imbalance_factor(self) -> float | None:
+        return self.long_tail.imbalance_factor if self.long_tail is not None else None
+
+    def sample_batch(self, k: int = 2) -> dict[str, Tensor]:
+        """A batch of ``k`` training images scaled to [0, 1], for the builder's shape trace."""
+        return {"input": self.train_images[:k].float() / 255.0, "target": self.train_labels[:k],
+                "index": torch.arange(min(k, self.num_train))}
 
     def validation_split(self, n: int, seed: int = 0) -> ArraySplits:
         """Hold out ``n`` training examples (a seeded random choice) as the evaluation set; the test set
@@ -59,12 +86,17 @@ class ArraySplits:
         n_train = len(self.train_labels)
         n = max(1, min(int(n), n_train))
         n_test = max(1, math.ceil(len(self.test_labels) * n / n_train))
-        out = ArraySplits(self.train_images[:n], self.train_labels[:n], self.test_images[:n_test], self.test_labels[:n_test])
-        if getattr(self, "kept_indices", None) is not None:  # long-tailed sets: keep their metadata true
-            out.kept_indices = self.kept_indices[:n]
-            out.train_class_counts = torch.bincount(out.train_labels, minlength=len(self.train_class_counts))
-            out.imbalance_factor = getattr(self, "imbalance_factor", None)
-        return out
+        lt = self.long_tail
+        if lt is not None:  # long-tailed sets: keep their metadata true
+            counts = torch.bincount(self.train_labels[:n], minlength=len(lt.class_counts))
+            lt = LongTailInfo(lt.kept_indices[:n], counts, lt.imbalance_factor)
+        return ArraySplits(self.train_images[:n], self.train_labels[:n], self.test_images[:n_test],
+                           self.test_labels[:n_test], lt)
+
+
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """How ``torch.tensor_split`` shares ``n`` samples among ``world_size`` ranks."""
+    return [n // world_size + (1 if r < n % world_size else 0) for r in range(world_size)]
 
 
 def draw_crop_flip(n: int, padding: int, hflip: bool, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,6 +147,8 @@ class ArrayLoader:
                  mean: list[float], std: list[float], device: torch.device, seed: int = 0,
                  crop_padding: int = 0, hflip: bool = False, drop_last: bool = False,
                  max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+        if mean is None or std is None:
+            raise KdrunError("data.mean and data.std are needed to normalise image arrays: set them in the data config")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -129,7 +163,7 @@ class ArrayLoader:
         c = images.shape[1]
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, c, 1, 1).to(self.device)
         self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, c, 1, 1).to(self.device)
-        self.epoch_key = 0
+        self.epoch_key, self.start = 0, 0
         self.channels_last = False
 
     def __len__(self) -> int:
@@ -137,9 +171,15 @@ class ArrayLoader:
         batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         return min(batches, self.max_batches) if self.max_batches else batches
 
-    def set_epoch(self, key: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration serves."""
-        self.epoch_key = int(key)
+    def set_epoch(self, key: int, start: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration serves, from its batch
+        ``start`` on (a resumed epoch: the earlier batches' random draws are made and discarded, so
+        the rest is exactly what the uninterrupted epoch serves)."""
+        self.epoch_key, self.start = int(key), int(start)
+
+    def rank_sizes(self, i: int) -> list[int]:
+        """The number of samples of batch ``i`` on every rank (the global batch split as served)."""
+        return shard_sizes(min(self.batch_size, len(self.labels) - i * self.batch_size), self.world_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         n = len(self.labels)
@@ -147,10 +187,13 @@ class ArrayLoader:
         gen.manual_seed(self.seed * 1_000_003 + self.epoch_key)
         order = torch.randperm(n, generator=gen, device=self.device) if self.train else torch.arange(n, device=self.device)
         augment = self.crop_padding > 0 or self.hflip
+        start, self.start = self.start, 0
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             if augment:  # drawn for the global batch, so every rank sees what one process would
                 dy, dx, flip = draw_crop_flip(len(idx), self.crop_padding, self.hflip, gen, self.device)
+            if i < start:
+                continue
             if self.world_size > 1:
                 part = torch.tensor_split(torch.arange(len(idx), device=self.device), self.world_size)[self.rank]
                 idx = idx[part]

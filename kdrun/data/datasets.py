@@ -60,10 +60,24 @@ class DatasetSplits:
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         return DatasetSplits(Subset(self.train, perm[n:].sort().values.tolist()), Subset(self.train, perm[:n].sort().values.tolist()))
 
-    def probe_batch(self, k: int = 2) -> tuple[Tensor, Tensor]:
-        """``k`` test items as a batch (inputs, labels) for the builder's probe forward."""
+    @property
+    def train_labels(self) -> Tensor | None:
+        """The training labels when the dataset lists them (``targets``, as torchvision's do), else None."""
+        ds, idx = self.train, None
+        while isinstance(ds, Subset):
+            idx = [ds.indices[i] for i in idx] if idx is not None else list(ds.indices)
+            ds = ds.dataset
+        targets = getattr(ds, "targets", None)
+        if targets is None:
+            return None
+        labels = torch.as_tensor(targets, dtype=torch.long)
+        return labels[torch.as_tensor(idx, dtype=torch.long)] if idx is not None else labels
+
+    def sample_batch(self, k: int = 2) -> dict[str, Tensor]:
+        """``k`` test items as a batch, for the builder's shape trace."""
         items = [self.test[i] for i in range(min(k, len(self.test)))]  # type: ignore[arg-type]
-        return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+        return {"input": torch.stack([x for x, _ in items]), "target": torch.tensor([int(y) for _, y in items]),
+                "index": torch.arange(len(items))}
 
 
 class DatasetLoader:
@@ -81,29 +95,76 @@ class DatasetLoader:
         self.max_batches = max_batches
         self.generator = torch.Generator()
         self.sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=train, seed=self.seed, drop_last=drop_last and train)
-                        if world_size > 1 else None)
+                        if world_size > 1 else _EpochOrder(self) if train else None)
         self.loader = DataLoader(self.dataset, batch_size=batch_size // world_size, sampler=self.sampler,
-                                 shuffle=train and self.sampler is None, drop_last=drop_last and train,
+                                 shuffle=False, drop_last=drop_last and train,
                                  num_workers=num_workers, pin_memory=self.device.type == "cuda",
                                  persistent_workers=num_workers > 0, generator=self.generator)
-        self.epoch_key = 0
+        self.epoch_key, self.start = 0, 0
+        self.per_rank_batch = batch_size // world_size
+        self.world_size = world_size
+        self.rank_samples = len(self.sampler) if self.sampler is not None else len(self.dataset)
 
     def __len__(self) -> int:
         n = len(self.loader)
         return min(n, self.max_batches) if self.max_batches else n
 
-    def set_epoch(self, key: int) -> None:
-        self.epoch_key = int(key)
-        if self.sampler is not None:
+    def set_epoch(self, key: int, start: int = 0) -> None:
+        """Select the epoch (order a function of (seed, key)), from its batch ``start`` on: the earlier
+        batches are drawn by the sampler and skipped unread. The order is exact on resume; random
+        per-sample transforms in worker processes are not (their generators restart)."""
+        self.epoch_key, self.start = int(key), int(start)
+        if self.world_size > 1:  # DistributedSampler; a single process's _EpochOrder reads the key itself
             self.sampler.set_epoch(self.epoch_key)
+
+    def _order(self) -> list[int]:
+        """This epoch's sample order on this rank, as the training DataLoader draws it."""
+        return list(iter(self.sampler)) if self.sampler is not None else list(range(len(self.dataset)))
+
+    def rank_sizes(self, i: int) -> list[int]:
+        """Samples of batch ``i`` on every rank (DistributedSampler gives every rank the same count)."""
+        return [min(self.per_rank_batch, self.rank_samples - i * self.per_rank_batch)] * self.world_size
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         self.generator.manual_seed(self.seed * 1_000_003 + self.epoch_key)
-        for i, (x, y, idx) in enumerate(self.loader):
+        start, self.start = self.start, 0
+        loader = self.loader
+        if start:
+            loader = DataLoader(self.dataset, batch_size=self.loader.batch_size, drop_last=self.loader.drop_last,
+                                num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory,
+                                sampler=_Skip(self._order(), start * self.loader.batch_size))
+        for i, (x, y, idx) in enumerate(loader, start=start):
             if self.max_batches and i >= self.max_batches:
                 break
             yield {"input": x.to(self.device, non_blocking=True), "target": y.to(self.device, non_blocking=True),
                    "index": idx.to(self.device, non_blocking=True)}
+
+
+class _EpochOrder(torch.utils.data.Sampler):
+    """One process's shuffled order: a permutation drawn from (seed, epoch key) alone."""
+
+    def __init__(self, loader: DatasetLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.loader.seed * 1_000_003 + self.loader.epoch_key)
+        return iter(torch.randperm(len(self.loader.dataset), generator=gen).tolist())
+
+
+class _Skip(torch.utils.data.Sampler):
+    """The indices of an epoch's order from position ``start`` on."""
+
+    def __init__(self, order: list[int], start: int) -> None:
+        self.order = order[start:]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
 
 
 def image_folder(root: str | None, image_size: int = 224, resize: int = 256, mean: list[float] = (0.485, 0.456, 0.406),

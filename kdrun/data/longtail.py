@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdrun.data.arrays import ArraySplits
+from kdrun.data.arrays import ArraySplits, LongTailInfo
 from kdrun.data.sources import load_cifar
 
 _CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -87,9 +87,9 @@ def load_cifar_lt(root: str | None, imbalance_factor: float = 100, variant: str 
                   shuffle_seed: int | None = None, download: bool = False) -> ArraySplits:
     """CIFAR-10/100-LT: :func:`kdrun.data.sources.load_cifar` with the training set cut to a long tail.
 
-    Returns :class:`ArraySplits` (test set unchanged) with two more attributes: ``kept_indices``
-    (int64, the kept samples' indices into the full training set, ascending) and
-    ``train_class_counts`` (int64 (num_classes,)); also ``imbalance_factor``.
+    Returns :class:`ArraySplits` (test set unchanged) whose ``long_tail`` holds ``kept_indices``
+    (int64, the kept samples' indices into the full training set, ascending), ``class_counts``
+    (int64 (num_classes,), also ``splits.train_class_counts``) and ``imbalance_factor``.
 
     Args:
         root, variant, download: as for :func:`load_cifar`.
@@ -100,11 +100,9 @@ def load_cifar_lt(root: str | None, imbalance_factor: float = 100, variant: str 
     full = load_cifar(root, variant=variant, download=download)
     num_classes = _CLASSES[variant]
     kept = long_tail_indices(full.train_labels, imbalance_factor, num_classes, shuffle_seed)
-    splits = ArraySplits(full.train_images[kept], full.train_labels[kept], full.test_images, full.test_labels)
-    splits.kept_indices = kept
-    splits.train_class_counts = class_counts(splits.train_labels, num_classes)
-    splits.imbalance_factor = float(imbalance_factor)
-    return splits
+    labels = full.train_labels[kept]
+    info = LongTailInfo(kept, class_counts(labels, num_classes), float(imbalance_factor))
+    return ArraySplits(full.train_images[kept], labels, full.test_images, full.test_labels, info)
 
 
 __all__ = ["class_counts", "load_cifar_lt", "long_tail_counts", "long_tail_indices", "shot_groups"]

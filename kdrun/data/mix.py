@@ -48,6 +48,20 @@ class _Mix:
         return f"{type(self).__name__}(alpha={self.alpha}, fraction={self.fraction})"
 
 
+class OneHotTargets:
+    """``batch.soft_target`` = the one-hot label: what a stage reading ``batch.soft_target`` gets
+    when no mixing transform is configured (the builder adds it then)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**batch, "soft_target": F.one_hot(batch["target"], self.num_classes).float()}
+
+    def __repr__(self) -> str:
+        return f"OneHotTargets(num_classes={self.num_classes})"
+
+
 class Mixup(_Mix):
     """Mixup, Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018.
 

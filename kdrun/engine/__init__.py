@@ -1,4 +1,4 @@
-"""The one training engine: every stage of every method runs through :func:`kdrun.engine.loop.run`."""
+"""The one training engine: every stage of every method runs through :class:`kdrun.engine.trainer.Trainer`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from typing import Any
 
 
 def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
-    """Run the validated experiment ``cfg`` in ``run_dir`` (see :func:`kdrun.engine.loop.run`)."""
-    from kdrun.engine.loop import run as run_loop
+    """Run the validated experiment ``cfg`` in ``run_dir`` (see :class:`kdrun.engine.trainer.Trainer`)."""
+    from kdrun.engine.trainer import Trainer
 
-    return run_loop(cfg, run_dir)
+    return Trainer(cfg, run_dir).fit()

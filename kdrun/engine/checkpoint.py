@@ -1,23 +1,29 @@
 """Checkpoints: written atomically (temporary file, fsync, rename), read with ``weights_only=True``.
 
 A training checkpoint holds every module (models, adapters, loss terms with their buffers), the
-stage's optimizer, scheduler and grad-scaler states, where training stands (stage, epoch, step), the
-run's records (best/last accuracy per stage, teacher accuracies) and every RNG state, so that resume
-continues exactly. Exported models are ``{'model': state_dict}`` files that any run accepts as
+stage's optimizer, scheduler and grad-scaler states and the epoch's running sums, where training
+stands (round, stage, epoch, micro-batch, step), the run's records (best/last accuracy per stage,
+teacher accuracies) and every RNG state, so that resume continues exactly, also mid-epoch. Exported models are ``{'model': state_dict}`` files that any run accepts as
 ``<model>.checkpoint``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kdrun.errors import KdrunError
+
+if TYPE_CHECKING:
+    from kdrun.engine.distributed import DistInfo
+    from kdrun.engine.record import RunRecord
+    from kdrun.experiment import Experiment
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -35,6 +41,26 @@ def atomic_save(obj: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_training_state(experiment: Experiment, record: RunRecord, stage_state: dict[str, Any] | None, run_dir: Path,
+                        best: bool, dist: DistInfo) -> None:
+    """``checkpoints/last.pt`` (and ``best.pt``): every module, the stage's optimizer groups and
+    running sums, where the run stands (round, stage, epoch, batch, step), its records and every RNG
+    state. Rank 0 writes; nothing is written with ``trainer.save_checkpoints=false``."""
+    if not dist.is_main or not experiment.cfg.trainer.save_checkpoints:
+        return
+    state = {
+        "modules": experiment.modules().state_dict(),
+        "stage": stage_state,
+        "record": dataclasses.asdict(record),
+        "rng": rng_state(),
+        "stage_names": [p.name for p in experiment.stages],
+    }
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    atomic_save(state, ckpt_dir / "last.pt")
+    if best:
+        atomic_save(state, ckpt_dir / "best.pt")
 
 
 def rng_state() -> dict[str, Any]:

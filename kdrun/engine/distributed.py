@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kdrun import devices
 from kdrun.errors import KdrunError
 
 
@@ -34,6 +35,12 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
+    """The device of this process: ``trainer.device`` (see :func:`kdrun.devices.resolve_device`), under
+    DDP the CUDA device of the process's local rank."""
+    return devices.resolve_device(name, info.local_rank if info is not None and info.enabled else None)
 
 
 def _slurm_env() -> dict[str, str]:

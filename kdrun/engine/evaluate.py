@@ -6,15 +6,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdrun.data.arrays import ArrayLoader
 from kdrun.engine.distributed import DistInfo, all_reduce_sum
+from kdrun.model_io import ModelIO, output_logits
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: ArrayLoader, dist_info: DistInfo | None = None,
-             class_groups: dict[str, Tensor] | None = None) -> dict[str, Any]:
+def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
+             class_groups: dict[str, Tensor] | None = None, io: ModelIO | None = None) -> dict[str, Any]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``
-    (under DDP each rank evaluates its shard and the counts are summed over ranks).
+    (under DDP each rank evaluates its shard and the counts are summed over ranks). ``io`` says how
+    the model reads the batch and where its class scores are (default: ``model(batch.input)``).
 
     ``class_groups`` (name -> boolean mask over classes, e.g. many/medium/few-shot) adds
     ``group_top1``: the top-1 accuracy over the test samples of each group's classes.
@@ -27,7 +28,7 @@ def evaluate(model: nn.Module, loader: ArrayLoader, dist_info: DistInfo | None =
     count = 0
     per_class: Tensor | None = None  # rows: correct, seen
     for batch in loader:
-        logits = model(batch["input"])
+        logits = model(batch["input"]) if io is None else output_logits(io, io.call(model, batch))
         y = batch["target"]
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices

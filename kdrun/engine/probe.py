@@ -15,23 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun.data.arrays import ArrayLoader
-from kdrun.data.datasets import DatasetLoader, DatasetSplits
+from kdrun.data.loaders import make_loader
 
 if TYPE_CHECKING:
-    from kdrun.build import Pipeline
+    from kdrun.experiment import Experiment
 
 
 @torch.no_grad()
-def extract(pipe: Pipeline, model_name: str, tap: str, loader: Any) -> tuple[Tensor, Tensor]:
+def extract(experiment: Experiment, model_name: str, tap: str, loader: Any) -> tuple[Tensor, Tensor]:
     """Features ``model.<tap>`` (B, D) and labels of every batch of ``loader`` (eval mode)."""
-    model, recorder = pipe.models[model_name], pipe.recorders[model_name]
+    model, io = experiment.models[model_name], experiment.io[model_name]
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for batch in loader:
-        model(batch["input"])
-        feats.append(recorder.pop()[tap].flatten(1).float())
+        ns: dict[str, Tensor] = {}
+        io.run(model, batch, ns)
+        feats.append(ns[f"{model_name}.{tap}"].flatten(1).float())
         labels.append(batch["target"])
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -64,28 +64,21 @@ def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
     return {"probe_top1": test_top1, "probe_train_top1": train_top1}
 
 
-def linear_probe(pipe: Pipeline) -> dict[str, Any]:
-    """The ``probe`` of the config for each of its models, on ``pipe``'s data (whole sets, on every
-    rank alike): ``{probe_top1, probe_train_top1` (the first model's), probe: {model: top1}}``."""
-    cfg, d = pipe.cfg.probe, pipe.cfg.data
-    if isinstance(pipe.data, DatasetSplits):
-        train = DatasetLoader(pipe.data.train, batch_size=d.eval_batch_size, train=False, device=pipe.device,
-                              seed=pipe.cfg.seed, num_workers=d.num_workers)
-        test = DatasetLoader(pipe.data.test, batch_size=d.eval_batch_size, train=False, device=pipe.device,
-                             seed=pipe.cfg.seed, num_workers=d.num_workers)
-    else:
-        common = dict(mean=list(d.mean), std=list(d.std), device=pipe.device, batch_size=d.eval_batch_size, train=False)
-        train = ArrayLoader(pipe.data.train_images, pipe.data.train_labels, **common)
-        test = ArrayLoader(pipe.data.test_images, pipe.data.test_labels, **common)
-        train.channels_last = test.channels_last = bool(pipe.cfg.trainer.channels_last)
+def linear_probe(experiment: Experiment) -> dict[str, Any]:
+    """The ``probe`` of the config for each of its models, on the experiment's data (whole sets, on
+    every rank alike): ``{probe_top1, probe_train_top1`` (the first model's), ``probe: {model: top1}}``."""
+    cfg, d = experiment.cfg.probe, experiment.cfg.data
+    assert cfg is not None
+    common = dict(train=False, seed=experiment.cfg.seed, channels_last=experiment.cfg.trainer.channels_last)
+    train = make_loader(experiment.data, "train", d, experiment.device, **common)
+    test = make_loader(experiment.data, "test", d, experiment.device, **common)
     out: dict[str, Any] = {"probe": {}}
     for i, name in enumerate(cfg.models):
-        tx, ty = extract(pipe, name, cfg.tap, train)
-        vx, vy = extract(pipe, name, cfg.tap, test)
+        tx, ty = extract(experiment, name, cfg.tap, train)
+        vx, vy = extract(experiment, name, cfg.tap, test)
         with torch.enable_grad():
-            res = fit_linear_probe(tx, ty, vx, vy, int(d.num_classes), epochs=int(cfg.epochs), lr=float(cfg.lr),
-                                   weight_decay=float(cfg.weight_decay), batch_size=int(cfg.batch_size),
-                                   seed=int(pipe.cfg.seed))
+            res = fit_linear_probe(tx, ty, vx, vy, int(d.num_classes), epochs=cfg.epochs, lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, seed=experiment.cfg.seed)
         out["probe"][str(name)] = res["probe_top1"]
         if i == 0:
             out.update(res)

@@ -16,47 +16,33 @@ A run with ``rounds.count = R`` runs all its stages R times. After round r:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:
-    from kdrun.build import Pipeline
+from kdrun.build import fresh_model
+from kdrun.errors import KdrunError
+from kdrun.experiment import Experiment
+from kdrun.plan import model_key
 
 log = logging.getLogger("kdrun")
 
 
-def round_weight(rounds: Any, term: str, r: int, base: float) -> float:
-    """The weight of loss term ``term`` in round ``r`` (0-based): ``rounds.weights[term][r]`` when
-    given, else the term's own ``weight`` (``base``)."""
-    value = (rounds.get("weights") or {}).get(term) if rounds is not None else None
-    return float(value[r]) if value is not None else float(base)
-
-
-def round_weights(cfg: Any, r: int) -> dict[str, float]:
-    """Every term's weight in round ``r`` (terms without a per-round list keep their weight)."""
-    return {str(t): round_weight(cfg.get("rounds"), str(t), r, float(c.get("weight", 1.0)))
-            for t, c in (cfg.get("loss") or {}).items()}
-
-
 @torch.no_grad()
-def next_round(pipe: Pipeline, r: int) -> None:
+def next_round(experiment: Experiment, r: int) -> None:
     """Turn round ``r``'s student into round ``r + 1``'s teacher and restart the student."""
-    rounds = pipe.cfg.rounds
-    teacher, student = pipe.models[rounds.teacher], pipe.models[rounds.student]
+    rounds = experiment.cfg.rounds
+    assert rounds is not None
+    teacher, student = experiment.models[rounds.teacher], experiment.models[rounds.student]
     try:
         teacher.load_state_dict(student.state_dict())
     except RuntimeError as ex:
-        from kdrun.errors import KdrunError
-
-        from kdrun.config import model_key
-
         raise KdrunError(f"rounds: {model_key(rounds.student)} cannot become {model_key(rounds.teacher)}: the two models "
                          f"need the same architecture ({str(ex).splitlines()[0]})") from None
     if rounds.reinit_student:
-        with torch.random.fork_rng(devices=[pipe.device] if pipe.device.type == "cuda" else []):
-            torch.manual_seed(int(pipe.cfg.seed) * 1000 + r + 1)
-            fresh = pipe.fresh_model(rounds.student)
+        device = experiment.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(experiment.cfg.seed * 1000 + r + 1)
+            fresh = fresh_model(experiment, rounds.student)
         student.load_state_dict(fresh.state_dict())
     log.info("round %d done: %s is now the teacher of round %d%s", r + 1, rounds.student, r + 2,
              "; the student restarts from its initialisation" if rounds.reinit_student else "")

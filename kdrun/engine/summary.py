@@ -12,56 +12,57 @@ from kdrun.engine.checkpoint import atomic_save
 from kdrun.engine.metrics import json_safe
 
 if TYPE_CHECKING:
-    from kdrun.build import Pipeline
-    from kdrun.engine.loop import RunRecord
+    from kdrun.engine.record import RunRecord
+    from kdrun.experiment import Experiment
+    from kdrun.schema import ExperimentConfig
 
 log = logging.getLogger("kdrun")
 
 
-def export_models(pipe: Pipeline, run_dir: Path) -> dict[str, str]:
+def export_models(experiment: Experiment, run_dir: Path) -> dict[str, str]:
     """Write ``<name>.pt`` = ``{'model': state_dict}`` for every model trained by some stage.
 
     Adapters and loss-term modules are not part of an exported model. The files load as
     ``<model>.checkpoint=<file>`` in any other run.
     """
-    trained = [m for plan in pipe.stages for m in plan.trained_models]
     out = {}
-    for name in dict.fromkeys(trained):
-        state = {k: v.detach().cpu() for k, v in pipe.models[name].state_dict().items()}
+    for name in experiment.trained_models:
+        state = {k: v.detach().cpu() for k, v in experiment.models[name].state_dict().items()}
         path = Path(run_dir) / f"{name}.pt"
         atomic_save({"model": state}, path)
         out[name] = str(path)
     return out
 
 
-def published_entry(cfg: Any) -> dict[str, Any] | None:
+def published_entry(cfg: ExperimentConfig | Any) -> dict[str, Any] | None:
     """The published number of this run's (teacher, student) pair, if the recipe records one."""
-    pub = cfg.get("published")
-    if pub is None or cfg.get("student") is None:
+    from kdrun.schema import ExperimentConfig, experiment_config
+
+    if not isinstance(cfg, ExperimentConfig):
+        cfg = experiment_config(cfg)
+    pub = cfg.published
+    if pub is None or cfg.student_name is None:
         return None
-    teacher = cfg.teacher.name if cfg.get("teacher") is not None else None
     for row in pub.table:
-        if row.student == cfg.student.name and (row.get("teacher") in (None, teacher)):
-            return {"source": pub.source, "metric": pub.metric, "top1": float(row.top1), "note": row.get("note", "")}
+        if row.student == cfg.student_name and row.teacher in (None, cfg.teacher_name):
+            return {"source": pub.source, "metric": pub.metric, "top1": float(row.top1), "note": row.note}
     return None
 
 
-def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: dict[str, str],
-                  wall_time_s: float) -> dict[str, Any]:
-    """Write ``summary.json``: the final stage's best/last accuracy, every stage's, teachers', the
-    published number and the difference, parameters and time."""
-    cfg = pipe.cfg
-    final = pipe.stages[-1]
-    rounds = cfg.get("rounds")
-    final_key = f"round{int(rounds.count)}/{final.name}" if rounds is not None else final.name
+def write_summary(experiment: Experiment, record: RunRecord, run_dir: Path, exported: dict[str, str],
+                  wall_time_s: float, final_key: str) -> dict[str, Any]:
+    """Write ``summary.json``: the final stage's best/last accuracy (``final_key``: its label), every
+    stage's, teachers', the published number and the difference, parameters and time."""
+    cfg = experiment.cfg
+    final = experiment.stages[-1]
     stats = record.stages.get(final_key, {})
     summary: dict[str, Any] = {
-        "name": cfg.get("name"),
-        "method": cfg.get("method"),
+        "name": cfg.name,
+        "method": cfg.method,
         "data": cfg.data.name,
-        "teacher": cfg.teacher.name if cfg.get("teacher") is not None and "teacher" in pipe.models else None,
-        "student": cfg.student.name if cfg.get("student") is not None else None,
-        "seed": int(cfg.seed),
+        "teacher": cfg.teacher_name if "teacher" in experiment.models else None,
+        "student": cfg.student_name,
+        "seed": cfg.seed,
         "eval_model": final.eval_model,
         "best_top1": stats.get("best_top1"),
         "last_top1": stats.get("last_top1"),
@@ -69,11 +70,11 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
         "last_top5": stats.get("last_top5"),
         "best_epoch": stats.get("best_epoch"),
         "final_stage": final.name,
-        "eval_set": "validation" if cfg.data.get("val_split") else "test",
+        "eval_set": "validation" if cfg.data.val_split else "test",
         "stages": record.stages,
         "frozen_top1": record.frozen_top1,
-        "random_models": list(pipe.random_models),
-        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in pipe.models.items()},
+        "random_models": list(experiment.random_models),
+        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in experiment.models.items()},
         "wall_time_s": wall_time_s,
         "train_time_s": record.train_time_s,
         "steps": record.step,
@@ -83,14 +84,14 @@ def write_summary(pipe: Pipeline, record: RunRecord, run_dir: Path, exported: di
     }
     if stats.get("models"):  # co-trained models of the final stage (DML peers, online teachers)
         summary["co_trained"] = stats["models"]
-    if rounds is not None:
+    if cfg.rounds is not None:
         summary["rounds"] = record.rounds
     if record.probe:
         summary.update(record.probe)
     if "last_shot_top1" in stats:  # long-tailed data: many/medium/few-shot accuracy
         summary["shot_top1"] = stats["last_shot_top1"]
         summary["shot_top1_best"] = stats.get("best_shot_top1")
-    pub = published_entry(cfg) if not cfg.data.get("val_split") else None  # published numbers are test-set numbers
+    pub = published_entry(cfg) if not cfg.data.val_split else None  # published numbers are test-set numbers
     if pub is not None:
         got = summary["best_top1"] if pub["metric"] == "best" else summary["last_top1"]
         pub["reproduced"] = got

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import Features, Shapes, full_precision, paired_shapes, paired_tensors
 from kdrun.models.adapters import ConvRegressor
@@ -68,8 +69,9 @@ class ABLoss(LossTerm):
         self.stage_weights = None if stage_weights is None else [float(w) for w in stage_weights]
         self.connectors = nn.ModuleList()
 
-    def setup(self, shapes: dict[str, Shapes], num_train: int) -> None:
+    def setup(self, ctx: BuildContext) -> None:
         """One connector per stage pair: identity for equal shapes, else conv + BN to the teacher's shape."""
+        shapes = ctx.shapes
         pairs = self._pairs(shapes["student"], shapes["teacher"])
         self.connectors = nn.ModuleList()
         for s, t in pairs:
@@ -106,7 +108,7 @@ class ABLoss(LossTerm):
 
     def forward(self, student: Features, teacher: Features) -> Tensor:  # type: ignore[override]
         if not len(self.connectors):
-            raise RuntimeError("AB: the connectors do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError("AB: the connectors do not exist yet: call setup(ctx) first")
         pairs = paired_tensors("AB", student, teacher)
         if len(pairs) != len(self.connectors):
             raise ValueError(f"AB: set up for {len(self.connectors)} stage pairs, got {len(pairs)}")

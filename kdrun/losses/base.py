@@ -24,35 +24,42 @@ Conventions:
   the stage's student and are never part of the exported student.
 - A term may define ``check_shapes(**shapes)`` that raises ``ValueError`` with a clear message when the
   shapes it was given cannot work; the builder calls it at build time with ``torch.Size`` values.
-- A term that owns trainable modules or buffers whose sizes depend on its inputs (CRD's embedding
-  heads and memory bank, VID's regressors) creates them in ``setup(shapes, num_train)``, which the
-  builder calls once, before the optimizer is built and before a checkpoint is loaded, with the
-  ``torch.Size`` of every input (batch dimension included) and the number of training samples.
-- A term that needs the training progress (warm-ups, temperature schedules) may define
-  ``set_progress(epoch: int, total_epochs: int)``; the engine calls it at the start of every epoch.
+- Lifecycle (:class:`kdrun.component.Component`, all optional): ``setup(ctx)`` once at build time,
+  before the optimizer is built and before a checkpoint is loaded, with a
+  :class:`~kdrun.component.BuildContext` (the ``torch.Size`` of every input, batch dimension included;
+  the number of training samples and, when known, their labels; the device; read-only access to the
+  named models and their sub-modules): create trainable modules and buffers sized by the inputs
+  there (CRD's embedding heads and memory bank, VID's regressors). ``on_stage_start(stage)``,
+  ``on_epoch_start(epoch, total_epochs)`` and ``on_step(step, total_steps)`` are called by the engine
+  for stage-dependent objectives (FT), epoch schedules (TRG's temperature) and step schedules.
+- What the value averages over (``mean_over``): ``"samples"`` (default) -- the mean over the
+  micro-batch's samples; ``"tokens"`` -- the mean over the valid tokens of the batch mask passed as
+  the ``count_input`` argument (default ``mask``), whose ``inputs`` entry must be a ``batch.<field>``.
+  The engine weights each micro-batch's mean by its share of the units of the whole accumulation
+  window over all ranks, so that gradient accumulation and DDP optimise the global mean
+  (:mod:`kdrun.engine.accumulate`). A term must return the mean of its own micro-batch, never a sum.
 - A term that needs to see the batch's sample indices (CRD) reads ``batch.index`` through ``inputs``.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import ClassVar, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from kdrun.component import Component
 
 LossOutput = Union[Tensor, dict[str, Tensor]]
 
 
-class LossTerm(nn.Module):
+class LossTerm(Component):
     """Base class of loss terms: documents the contract; subclasses implement ``forward``."""
+
+    mean_over: ClassVar[str] = "samples"  # "samples" | "tokens" (the non-zero entries of `count_input`)
+    count_input: ClassVar[str] = "mask"
 
     def check_shapes(self, **shapes: torch.Size) -> None:  # pragma: no cover - default accepts all
         """Raise ValueError naming the offending inputs when ``shapes`` cannot work."""
-
-    def setup(self, shapes: dict[str, torch.Size], num_train: int) -> None:
-        """Create input-size-dependent sub-modules and buffers (called once at build time)."""
-
-    def set_progress(self, epoch: int, total_epochs: int) -> None:
-        """Called by the engine at the start of every epoch (0-based ``epoch``)."""
 
 
 def require_same_shape(term: str, a_name: str, a: torch.Size, b_name: str, b: torch.Size) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import full_precision, to_float
 
@@ -107,9 +108,10 @@ class CRDLoss(LossTerm):
             self.register_buffer(name, None)
 
     # ------------------------------------------------------------------------------ build time
-    def setup(self, shapes: dict[str, torch.Size], num_train: int, train_labels: Tensor | None = None) -> None:
+    def setup(self, ctx: BuildContext) -> None:
         """Create the heads (from the input widths), the two memory banks and the partition constants;
         with a ``target`` input also the label table (filled from ``train_labels`` when given)."""
+        shapes, num_train, train_labels = ctx.shapes, ctx.num_train, ctx.train_labels
         if num_train < 2:
             raise ValueError(f"CRD: needs at least 2 training samples, got num_train={num_train}")
         ds = math.prod(tuple(shapes["student"])[1:])
@@ -184,7 +186,7 @@ class CRDLoss(LossTerm):
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor,  # type: ignore[override]
                 target: Tensor | None = None) -> dict[str, Tensor]:
         if self.embed_s is None or self.embed_t is None or self.memory_s is None or self.memory_t is None:
-            raise RuntimeError("CRD: the heads and memory banks do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError("CRD: the heads and memory banks do not exist yet: call setup(ctx) first")
         if target is not None and self.labels is None:
             raise RuntimeError("CRD: got 'target' but setup() was called without it; pass it in the setup shapes")
         index = index.long()

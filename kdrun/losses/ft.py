@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdrun.component import BuildContext, StageInfo
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import full_precision, match_spatial, to_float
 
@@ -80,12 +81,13 @@ class FTLoss(LossTerm):
     default). RepDistiller's translator has BatchNorm, the authors' has none (``translator_bn``).
 
     Which stage is which. kdrun stages pick loss terms by name, so the same term is listed in both
-    stages and is told which one is running through :meth:`set_stage`: the stage named ``init_stage``
-    (default ``"init"``) runs the paraphraser objective, every other stage the transfer objective.
-    ``mode="paraphraser"`` / ``"transfer"`` pins the objective instead (then ``set_stage`` is ignored).
-    With neither (no stage announced, no pinned mode) the forward computes both parts when gradients
-    are off (the builder's trial forward) and raises when they are on, rather than train the wrong
-    objective. In each stage the other objective's modules get no gradient, so the optimizer leaves them
+    stages and learns which one is running from :meth:`on_stage_start`: a stage that trains no model
+    (``train: []``: only the term's own paraphraser learns, every model stays frozen in eval mode, as in
+    RepDistiller's ``init``) runs the paraphraser objective, a stage that trains the student the
+    transfer objective. ``init_stage: <name>`` instead selects the paraphraser stage by name, and
+    ``mode="paraphraser"`` / ``"transfer"`` pins the objective (then the stage is ignored). With no
+    stage announced and no pinned mode the forward computes both parts when gradients are off (the
+    builder's trial forward) and raises when they are on, rather than train the wrong objective. In each stage the other objective's modules get no gradient, so the optimizer leaves them
     untouched (PyTorch optimizers skip parameters without ``.grad``). Because the term's weight multiplies
     both objectives, the FT weight is the constructor's ``beta`` and the term's weight stays 1.
 
@@ -97,23 +99,23 @@ class FTLoss(LossTerm):
             difference.
         factor_map: ``"attention"`` (default, RepDistiller) or ``"flat"`` (paper, authors' code).
         translator_bn: BatchNorm in the translator (default True, RepDistiller).
-        init_stage: name of the stage that trains the paraphraser (default ``"init"``).
-        mode: ``None`` (default: chosen by ``set_stage``), ``"paraphraser"`` or ``"transfer"``.
+        init_stage: the name of the stage that trains the paraphraser (default ``None``: the stage that
+            trains no model).
+        mode: ``None`` (default: chosen by the stage), ``"paraphraser"`` or ``"transfer"``.
 
     CIFAR-100 table of the CRD paper (RepDistiller ``--distill factor -a 0 -b 200``): stage ``init``, 30
     epochs, trains only the paraphraser (SGD lr 0.01 for ResNet/WRN students, else 0.05 -- 0.01 for
     MobileNetV2/ShuffleNet --, momentum 0.9, weight decay 5e-4, no schedule, no cross-entropy); then the
     main 240-epoch stage with cross-entropy weight 1 plus this term (weight 1, ``beta`` 200), no KD term;
     the translator trains with the student. Inputs: ``student``, ``teacher``: the output of the last stage
-    (``stageK``, post-ReLU; RepDistiller's ``feat[-2]``), (B, C, H, W). In the init stage kdrun needs a
-    trained model: list ``train: [student]``; the student gets no gradient there (only its BatchNorm
-    running statistics move, as it runs in training mode).
+    (``stageK``, post-ReLU; RepDistiller's ``feat[-2]``), (B, C, H, W). The init stage lists
+    ``train: []``: student and teacher run frozen in eval mode (their BatchNorm statistics do not move).
     """
 
     MODES = ("paraphraser", "transfer")
 
     def __init__(self, beta: float = 200.0, rate: float = 0.5, p1: float = 2.0, p2: float = 1.0,
-                 factor_map: str = "attention", translator_bn: bool = True, init_stage: str | None = "init",
+                 factor_map: str = "attention", translator_bn: bool = True, init_stage: str | None = None,
                  mode: str | None = None) -> None:
         super().__init__()
         if factor_map not in ("attention", "flat"):
@@ -135,17 +137,20 @@ class FTLoss(LossTerm):
         self.translator: Translator | None = None
 
     # ------------------------------------------------------------------------------ build time / stages
-    def setup(self, shapes: dict[str, torch.Size], num_train: int) -> None:
+    def setup(self, ctx: BuildContext) -> None:
         """Create the paraphraser (on the teacher's channels) and the translator (student -> factor)."""
+        shapes = ctx.shapes
         self.check_shapes(**{k: shapes[k] for k in ("student", "teacher")})
         c_s, c_t = tuple(shapes["student"])[1], tuple(shapes["teacher"])[1]
         self.paraphraser = Paraphraser(c_t, self.rate)
         self.translator = Translator(c_s, int(c_t * self.rate), use_bn=self.translator_bn)
 
-    def set_stage(self, name: str) -> None:
-        """Select the objective for the stage ``name`` (called by the engine when a stage starts)."""
+    def on_stage_start(self, stage: StageInfo) -> None:
+        """Select the objective of the stage that starts: the paraphraser's where no model trains (or in
+        the stage named ``init_stage``), else the transfer objective."""
         if self.pinned_mode is None:
-            self.mode = "paraphraser" if name == self.init_stage else "transfer"
+            init = stage.name == self.init_stage if self.init_stage is not None else not stage.trained_models
+            self.mode = "paraphraser" if init else "transfer"
 
     def check_shapes(self, student: torch.Size, teacher: torch.Size) -> None:  # type: ignore[override]
         if len(student) != 4 or len(teacher) != 4 or student[0] != teacher[0]:
@@ -184,7 +189,7 @@ class FTLoss(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
         if self.paraphraser is None or self.translator is None:
-            raise RuntimeError("FT: the paraphraser and translator do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError("FT: the paraphraser and translator do not exist yet: call setup(ctx) first")
         with full_precision(student):
             s, t = to_float(student), to_float(teacher).detach()
             if self.mode == "paraphraser":
@@ -193,9 +198,9 @@ class FTLoss(LossTerm):
                 return {"factor": self.transfer_loss(s, t)}
             if torch.is_grad_enabled():
                 raise RuntimeError(
-                    "FT: no stage selected: the engine must call set_stage(<stage name>) when a stage starts "
-                    f"(the stage named '{self.init_stage}' trains the paraphraser, the others transfer), or pin "
-                    "the objective with mode='paraphraser' or mode='transfer'"
+                    "FT: no stage selected: the engine calls on_stage_start(stage) when a stage starts (the stage "
+                    "that trains no model trains the paraphraser, the others transfer), or pin the objective "
+                    "with mode='paraphraser' or mode='transfer'"
                 )
             return {"reconstruction": self.reconstruction_loss(t), "factor": self.transfer_loss(s, t)}
 

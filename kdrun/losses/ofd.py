@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import Features, Shapes, full_precision, paired_shapes, paired_tensors
 
@@ -67,9 +68,11 @@ class OFDLoss(LossTerm):
     (paper, Sec. 3.2). The reference codes evaluate it from the BatchNorm before the ReLU, assuming its
     output is ``N(beta_c, gamma_c^2)`` (:func:`bn_margin`). Here there are two sources:
 
-    - ``set_teacher_bn(bns)`` (exact reference margins): the builder passes, per stage, the teacher's
-      BatchNorm whose output feeds that pre-ReLU tap (or its ``(weight, bias)``); the margins are
-      computed once and fixed. This is what the published numbers used.
+    - ``teacher_bn: [module paths]`` (exact reference margins): per stage pair, the path of the teacher's
+      BatchNorm whose output feeds that pre-ReLU tap (mdistiller's ``get_bn_before_relu``: the last
+      block's ``bn2`` of each stage for CIFAR ResNets, e.g. ``[layer1.4.bn2, layer2.4.bn2, layer3.4.bn2]``
+      for resnet32x4); :meth:`setup` reads them from the model through its build context and fixes the
+      margins once (:meth:`set_teacher_bn`). This is what the published numbers used.
     - otherwise (default) the margin is estimated online from the teacher's pre-ReLU features the term
       sees in training: running averages (over all training steps, cumulative) of the per-channel
       ``mean(t * [t < 0])`` and ``mean([t < 0])`` (over batch and positions, before pooling) give
@@ -85,6 +88,8 @@ class OFDLoss(LossTerm):
     Args:
         kernel_size: connector conv kernel (default 1, mdistiller's ``CONNECTOR.KERNEL_SIZE``).
         stage_weights: ``w_i`` per pair, shallow to deep; ``None`` (default): ``2^-(K-1-i)``.
+        teacher_bn: module paths of the teacher's BatchNorms before each pre-ReLU tap (default ``None``:
+            the online estimate). teacher_model: the model they belong to (default ``teacher``).
 
     CIFAR-100 settings (mdistiller ``configs/cifar100/ofd.yaml`` with its defaults): cross-entropy weight 1,
     term weight 0.001 (``OFD.LOSS.FEAT_WEIGHT``; the authors' CIFAR code divides by 1000 too), no KD term,
@@ -93,8 +98,11 @@ class OFDLoss(LossTerm):
     differ in length mdistiller keeps the deepest ``min`` stages of each; give equal lists here.
     """
 
-    def __init__(self, kernel_size: int = 1, stage_weights: Sequence[float] | None = None) -> None:
+    def __init__(self, kernel_size: int = 1, stage_weights: Sequence[float] | None = None,
+                 teacher_bn: Sequence[str] | None = None, teacher_model: str = "teacher") -> None:
         super().__init__()
+        self.teacher_bn = None if teacher_bn is None else [str(p) for p in teacher_bn]
+        self.teacher_model = str(teacher_model)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"OFD: kernel_size must be a positive odd number, got {kernel_size}")
         self.kernel_size = int(kernel_size)
@@ -111,8 +119,10 @@ class OFDLoss(LossTerm):
             raise ValueError(f"OFD: {len(self.stage_weights)} stage_weights for {len(pairs)} stage pairs")
         return pairs
 
-    def setup(self, shapes: dict[str, Shapes], num_train: int) -> None:
-        """Connectors, margin buffers (online statistics until :meth:`set_teacher_bn` fixes them)."""
+    def setup(self, ctx: BuildContext) -> None:
+        """Connectors and margin buffers: fixed from the teacher's BatchNorms given as ``teacher_bn``, else
+        online statistics."""
+        shapes = ctx.shapes
         pairs = self._pairs(shapes["student"], shapes["teacher"])
         self.num_pairs = len(pairs)
         self.connectors = nn.ModuleList([OFDConnector(s[1], t[1], self.kernel_size) for s, t in pairs])
@@ -122,13 +132,15 @@ class OFDLoss(LossTerm):
             self.register_buffer(f"neg_frac{i}", torch.zeros(t[1]))  # running mean of [t < 0]
         self.register_buffer("num_batches", torch.zeros(()))
         self.register_buffer("margin_fixed", torch.zeros((), dtype=torch.bool))
+        if self.teacher_bn is not None:
+            self.set_teacher_bn([ctx.module(self.teacher_model, path) for path in self.teacher_bn])
 
     def set_teacher_bn(self, bns: Sequence[nn.BatchNorm2d | tuple[Tensor, Tensor]]) -> None:
         """Fix the margins from the teacher's BatchNorm before each pre-ReLU tap (the reference's margins).
 
         ``bns``: one per stage pair, shallow to deep: a BatchNorm module or its ``(weight, bias)``."""
         if self.margin_fixed is None:
-            raise RuntimeError("OFD: call setup(shapes, num_train) before set_teacher_bn")
+            raise RuntimeError("OFD: call setup(ctx) before set_teacher_bn")
         if len(bns) != self.num_pairs:
             raise ValueError(f"OFD: set_teacher_bn got {len(bns)} BatchNorms for {self.num_pairs} stage pairs")
         for i, bn in enumerate(bns):
@@ -180,7 +192,7 @@ class OFDLoss(LossTerm):
 
     def forward(self, student: Features, teacher: Features) -> Tensor:  # type: ignore[override]
         if not self.num_pairs:
-            raise RuntimeError("OFD: the connectors do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError("OFD: the connectors do not exist yet: call setup(ctx) first")
         pairs = paired_tensors("OFD", student, teacher)
         if len(pairs) != self.num_pairs:
             raise ValueError(f"OFD: set up for {self.num_pairs} stage pairs, got {len(pairs)}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import Features, Shapes, full_precision, paired_shapes, paired_tensors, to_float
 from kdrun.models.adapters import LinearEmbed
@@ -95,7 +96,8 @@ class CCLoss(LossTerm):
         self.embed_s: LinearEmbed | None = None
         self.embed_t: LinearEmbed | None = None
 
-    def setup(self, shapes: dict[str, torch.Size], num_train: int) -> None:
+    def setup(self, ctx: BuildContext) -> None:
+        shapes = ctx.shapes
         if self.embed_dim is None:
             return
         ds = math.prod(tuple(shapes["student"])[1:])
@@ -120,7 +122,7 @@ class CCLoss(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
         if self.embed_dim is not None and (self.embed_s is None or self.embed_t is None):
-            raise RuntimeError("CC: the embedding heads do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError("CC: the embedding heads do not exist yet: call setup(ctx) first")
         with full_precision(student):
             s, t = to_float(student).flatten(1), to_float(teacher).flatten(1)
             if self.embed_s is not None and self.embed_t is not None:

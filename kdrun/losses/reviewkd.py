@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import Shapes, as_shape_list, as_tensor_list, full_precision, to_float
 
@@ -132,8 +133,9 @@ class ReviewKDLoss(LossTerm):
             pairs.append((_map_shape(s), _map_shape(t)))
         return pairs
 
-    def setup(self, shapes: dict[str, Shapes], num_train: int) -> None:
+    def setup(self, ctx: BuildContext) -> None:
         """One ABF per stage (student channels -> mid -> teacher channels, at the teacher's size)."""
+        shapes = ctx.shapes
         pairs = self._pairs(shapes["student"], shapes["teacher"])
         mid = min(self.max_mid_channels, pairs[-1][0][1])
         last = len(pairs) - 1
@@ -160,7 +162,7 @@ class ReviewKDLoss(LossTerm):
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:  # type: ignore[override]
         if not len(self.abfs):
-            raise RuntimeError("ReviewKD: the ABF modules do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError("ReviewKD: the ABF modules do not exist yet: call setup(ctx) first")
         s_list, t_list = as_tensor_list(student), as_tensor_list(teacher)
         if len(s_list) != len(self.abfs) or len(t_list) != len(self.abfs):
             raise ValueError(f"ReviewKD: set up for {len(self.abfs)} stages, got {len(s_list)} student and "

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import full_precision, to_float
 
@@ -438,7 +439,7 @@ class TRGGlobalLoss(_TokenTerm):
     teacher tokens: gradients reach the heads and the student, never the teacher.
 
     The temperature follows :func:`temperature_at` from ``tau_start`` (epoch 0) to ``tau_end`` (last
-    epoch); :meth:`set_progress` updates it at the start of every epoch (``tau_start`` until then).
+    epoch); :meth:`on_epoch_start` updates it at the start of every epoch (``tau_start`` until then).
 
     Args (values not found in the paper's available text; all defaults chosen):
         proj_dim: projection width (chosen: 128, CRD's embedding size).
@@ -459,7 +460,8 @@ class TRGGlobalLoss(_TokenTerm):
         self.head_s: nn.Linear | None = None
         self.head_t: nn.Linear | None = None
 
-    def setup(self, shapes: dict[str, torch.Size], num_train: int) -> None:
+    def setup(self, ctx: BuildContext) -> None:
+        shapes = ctx.shapes
         self.head_s = nn.Linear(token_width(shapes["student"]), self.proj_dim)
         self.head_t = nn.Linear(token_width(shapes["teacher"]), self.proj_dim)
 
@@ -467,12 +469,12 @@ class TRGGlobalLoss(_TokenTerm):
         super().check_shapes(student, teacher)
         _check_heads(self.name, self.head_s, self.head_t, student, teacher)
 
-    def set_progress(self, epoch: int, total_epochs: int) -> None:
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         self.temperature = temperature_at(epoch, total_epochs, self.tau_start, self.tau_end, self.schedule)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
         if self.head_s is None or self.head_t is None:
-            raise RuntimeError(f"{self.name}: the projection heads do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError(f"{self.name}: the projection heads do not exist yet: call setup(ctx) first")
         with full_precision(student):
             s, t = self.sample(*self.tokens(student, teacher))
             zs = self.head_s(s.reshape(-1, s.shape[-1]))
@@ -542,7 +544,8 @@ class TRGLoss(_TokenTerm):
         self.head_s: nn.Linear | None = None
         self.head_t: nn.Linear | None = None
 
-    def setup(self, shapes: dict[str, torch.Size], num_train: int) -> None:
+    def setup(self, ctx: BuildContext) -> None:
+        shapes = ctx.shapes
         self.head_s = nn.Linear(token_width(shapes["student"]), self.proj_dim)
         self.head_t = nn.Linear(token_width(shapes["teacher"]), self.proj_dim)
 
@@ -550,12 +553,12 @@ class TRGLoss(_TokenTerm):
         super().check_shapes(student, teacher)
         _check_heads(self.name, self.head_s, self.head_t, student, teacher)
 
-    def set_progress(self, epoch: int, total_epochs: int) -> None:
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         self.temperature = temperature_at(epoch, total_epochs, self.tau_start, self.tau_end, self.schedule)
 
     def forward(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
         if self.head_s is None or self.head_t is None:
-            raise RuntimeError(f"{self.name}: the projection heads do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError(f"{self.name}: the projection heads do not exist yet: call setup(ctx) first")
         with full_precision(student):
             s, t = self.tokens(student, teacher)
             ss, ts = self.sample(s, t)

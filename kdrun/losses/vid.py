@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import Features, Shapes, full_precision, match_spatial, paired_shapes, paired_tensors
 
@@ -79,8 +80,9 @@ class VIDLoss(LossTerm):
         self.regressors = nn.ModuleList()
         self.log_scales = nn.ParameterList()
 
-    def setup(self, shapes: dict[str, Shapes], num_train: int) -> None:
+    def setup(self, ctx: BuildContext) -> None:
         """One regressor and one variance vector per stage pair."""
+        shapes = ctx.shapes
         pairs = paired_shapes("VID", shapes["student"], shapes["teacher"], ndim=4)
         self.regressors = nn.ModuleList()
         self.log_scales = nn.ParameterList()
@@ -106,7 +108,7 @@ class VIDLoss(LossTerm):
 
     def forward(self, student: Features, teacher: Features) -> Tensor:  # type: ignore[override]
         if not len(self.regressors):
-            raise RuntimeError("VID: the regressors do not exist yet: call setup(shapes, num_train) first")
+            raise RuntimeError("VID: the regressors do not exist yet: call setup(ctx) first")
         pairs = paired_tensors("VID", student, teacher)
         if len(pairs) != len(self.regressors):
             raise ValueError(f"VID: set up for {len(self.regressors)} stage pairs, got {len(pairs)}")

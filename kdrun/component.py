@@ -1,0 +1,95 @@
+"""What loss terms and adapters receive from kdrun: one build context, and lifecycle hooks.
+
+:class:`Component` is the base of :class:`kdrun.losses.base.LossTerm` (and of adapters that need it).
+Its methods are documented no-ops; the builder and the engine call them on every component that
+derives from it, unconditionally, in this order:
+
+- ``setup(ctx)`` once at build time, after the shape trace and before the optimizer exists or a
+  checkpoint is loaded: create the sub-modules and buffers whose sizes depend on the inputs. ``ctx``
+  is a :class:`BuildContext`: the input shapes, the training set's size (and labels when the data set
+  knows them), the device, and read-only access to the named models and their sub-modules (a margin
+  from the teacher's BatchNorm, a classifier to reuse).
+- ``on_stage_start(stage)`` when a stage starts (also on resume), with a :class:`StageInfo`.
+- ``on_epoch_start(epoch, total_epochs)`` before every epoch (0-based).
+- ``on_step(step, total_steps)`` before every optimizer step of a stage (0-based, stage-local).
+
+A plain ``nn.Module`` used as a loss term or adapter gets none of these calls.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdrun.errors import did_you_mean
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a component may know when it is built.
+
+    Attributes:
+        shapes: the component's inputs by forward argument: a ``torch.Size`` per tensor (batch
+            dimension included), a list of them for a list input.
+        num_train: the number of training samples (memory banks, sample-indexed state).
+        train_labels: int64 (num_train,) class labels of the training set, when the data set has them.
+        device: where the run trains.
+        tensor_shapes: the shape of every named tensor of the build-time trace, by name.
+    """
+
+    shapes: Mapping[str, Any]
+    num_train: int
+    train_labels: Tensor | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tensor_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    models: Mapping[str, nn.Module] = field(default_factory=dict)
+
+    def model(self, name: str) -> nn.Module:
+        """The named model (read it, never change it: it is the model the run trains or freezes)."""
+        if name not in self.models:
+            raise ValueError(f"no model '{name}'.{did_you_mean(name, self.models)} Models: {', '.join(self.models)}")
+        return self.models[name]
+
+    def module(self, model: str, path: str) -> nn.Module:
+        """The sub-module at ``path`` (``layer3.0.bn2``) of the named model."""
+        modules = dict(self.model(model).named_modules())
+        if path not in modules:
+            raise ValueError(f"{model} has no module '{path}'.{did_you_mean(path, [m for m in modules if m])}")
+        return modules[path]
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """The stage that is starting: its name, position, round, and which models train or are frozen."""
+
+    name: str
+    index: int
+    round: int
+    trained_models: tuple[str, ...]
+    frozen_models: tuple[str, ...]
+    epochs: int
+    max_steps: int | None
+
+
+class Component(nn.Module):
+    """Base class of kdrun components: the hooks the builder and the engine call (all no-ops here)."""
+
+    def setup(self, ctx: BuildContext) -> None:
+        """Create input-size-dependent sub-modules and buffers (called once at build time)."""
+
+    def on_stage_start(self, stage: StageInfo) -> None:
+        """Called when a stage starts (and when a resumed run re-enters it)."""
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        """Called before every epoch of a stage (0-based ``epoch``)."""
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called before every optimizer step of a stage (0-based, counted from the stage's start)."""
+
+
+def components(modules: Mapping[str, nn.Module]) -> list[Component]:
+    """The modules that take kdrun's hooks (subclasses of :class:`Component`), in order."""
+    return [m for m in modules.values() if isinstance(m, Component)]

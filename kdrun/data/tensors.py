@@ -1,0 +1,121 @@
+"""Data sets of named tensors (token ids, masks, labels, precomputed features): every field holds the
+samples along dim 0, and a batch is ``{field: tensor[idx]}`` plus ``index``, served as ``batch.<field>``.
+
+Models read the fields they need through their ``inputs`` (``{input_ids: batch.input_ids}``); loss
+terms read any of them. The loader shuffles with a generator seeded by (seed, epoch key), like the
+array loader, so that the order is a pure function of the seed and resume is exact.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kdrun.data.arrays import shard_sizes
+
+
+def _check(fields: Mapping[str, Tensor], split: str) -> int:
+    if not fields:
+        raise ValueError(f"{split}: no fields")
+    if "index" in fields:
+        raise ValueError(f"{split}: 'index' is reserved (the loader adds each sample's index)")
+    sizes = {k: int(v.shape[0]) for k, v in fields.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{split}: every field needs the same number of samples along dim 0, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+@dataclass
+class TensorSplits:
+    """Training and test fields: ``{name: Tensor (N, ...)}`` each, with the same names."""
+
+    train: dict[str, Tensor]
+    test: dict[str, Tensor]
+
+    def __post_init__(self) -> None:
+        _check(self.train, "train")
+        _check(self.test, "test")
+        if set(self.train) != set(self.test):
+            raise ValueError(f"train fields {sorted(self.train)} and test fields {sorted(self.test)} differ")
+
+    @property
+    def num_train(self) -> int:
+        return int(next(iter(self.train.values())).shape[0])
+
+    @property
+    def train_labels(self) -> Tensor | None:
+        """The ``target`` field when it holds one class label per sample, else None."""
+        y = self.train.get("target")
+        return y.long() if y is not None and y.dim() == 1 and not y.is_floating_point() else None
+
+    def sample_batch(self, k: int = 2) -> dict[str, Tensor]:
+        """The first ``k`` training samples as a batch, for the builder's shape trace."""
+        out = {name: v[:k] for name, v in self.train.items()}
+        out["index"] = torch.arange(min(k, self.num_train))
+        return out
+
+    def subset(self, n: int) -> TensorSplits:
+        """The first ``n`` training samples and a proportional slice of the test set."""
+        n_train, n_test = self.num_train, _check(self.test, "test")
+        n = max(1, min(int(n), n_train))
+        m = max(1, math.ceil(n_test * n / n_train))
+        return TensorSplits({k: v[:n] for k, v in self.train.items()}, {k: v[:m] for k, v in self.test.items()})
+
+    def validation_split(self, n: int, seed: int = 0) -> TensorSplits:
+        """Hold out ``n`` training samples (a seeded choice) as the evaluation set."""
+        total = self.num_train
+        if not 0 < n < total:
+            raise ValueError(f"data.val_split must be between 1 and {total - 1}, got {n}")
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+        val, train = perm[:n].sort().values, perm[n:].sort().values
+        return TensorSplits({k: v[train] for k, v in self.train.items()}, {k: v[val] for k, v in self.train.items()})
+
+
+class TensorLoader:
+    """Batches of ``{field: ..., "index"}`` from in-memory tensors (moved to ``device`` once).
+
+    ``batch_size`` is the global batch; under data parallelism each rank serves its contiguous share
+    of every global batch (as :class:`~kdrun.data.arrays.ArrayLoader` does)."""
+
+    def __init__(self, fields: Mapping[str, Tensor], *, batch_size: int, train: bool, device: torch.device,
+                 seed: int = 0, drop_last: bool = False, max_batches: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.device = torch.device(device)
+        self.fields = {k: v.to(self.device) for k, v in fields.items()}
+        self.n = _check(self.fields, "data")
+        self.batch_size, self.train = int(batch_size), train
+        self.drop_last = drop_last and train
+        self.seed, self.max_batches = int(seed), max_batches
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch_key, self.start = 0, 0
+
+    def __len__(self) -> int:
+        batches = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        return min(batches, self.max_batches) if self.max_batches else batches
+
+    def set_epoch(self, key: int, start: int = 0) -> None:
+        """Select the epoch whose order the next iteration serves, from its batch ``start`` on."""
+        self.epoch_key, self.start = int(key), int(start)
+
+    def rank_sizes(self, i: int) -> list[int]:
+        return shard_sizes(min(self.batch_size, self.n - i * self.batch_size), self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed * 1_000_003 + self.epoch_key)
+        order = (torch.randperm(self.n, generator=gen, device=self.device) if self.train
+                 else torch.arange(self.n, device=self.device))
+        start, self.start = self.start, 0
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if self.world_size > 1:
+                idx = torch.tensor_split(idx, self.world_size)[self.rank]
+            batch = {k: v[idx] for k, v in self.fields.items()}
+            batch["index"] = idx
+            yield batch
+
+
+__all__ = ["TensorLoader", "TensorSplits"]

@@ -1,0 +1,533 @@
+"""One stage of a run: its optimizer groups, the training step, its epochs and steps.
+
+The step (:meth:`StageRunner.train_step`), for each of the window's K micro-batches
+(``trainer.accumulate_grad_batches``): batch transform (mixup, one-hot targets) -> frozen models
+(eval mode, no autograd) -> trained models -> adapters -> loss terms, each scaled so that the window's
+mean is a global mean (:mod:`kdrun.engine.accumulate`) -> ``total = sum(weight * term)`` -> backward
+(with co-trained optimizer groups: one backward per group over its own terms, restricted to its
+parameters; DDP all-reduces on the last micro-batch only); then every group's optimizer step.
+
+Loss values are accumulated on the device and read every ``trainer.log_every`` optimizer steps (the
+only host-device synchronisation in training besides evaluations and the end of an epoch). After
+every epoch, and every ``trainer.eval_every_steps`` / ``save_every_steps`` steps: evaluation of the
+stage's ``eval`` model, metrics, and the ``last`` (on improvement also ``best``) checkpoint; a
+mid-epoch checkpoint resumes at the next micro-batch with the same data order and RNG.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from kdrun.build import instantiate_node
+from kdrun.component import StageInfo, components
+from kdrun.config import import_target
+from kdrun.engine.accumulate import scaled, window_scales
+from kdrun.engine.accelerate import autocast, fused_kwargs, grad_scaler, model_callables
+from kdrun.engine.checkpoint import save_training_state
+from kdrun.engine.distributed import DistInfo, all_reduce_sum
+from kdrun.engine.evaluate import evaluate
+from kdrun.engine.metrics import MetricsWriter
+from kdrun.engine.record import RunKey, RunRecord
+from kdrun.errors import KdrunError
+from kdrun.experiment import Experiment
+from kdrun.names import gather, names_of
+from kdrun.plan import GroupPlan
+
+log = logging.getLogger("kdrun")
+
+
+@dataclass
+class RunContext:
+    """What every stage of a run shares (made by :meth:`kdrun.engine.trainer.Trainer.prepare`)."""
+
+    experiment: Experiment
+    record: RunRecord
+    writer: MetricsWriter
+    run_dir: Path
+    train_loader: Any
+    test_loader: Any
+    dist: DistInfo
+    class_groups: dict[str, Tensor] | None = None  # many/medium/few-shot classes of a long-tailed set
+
+
+@dataclass
+class OptimizerGroup:
+    """A stage's optimizer group at run time: its parameters, loss terms, optimizer and scheduler."""
+
+    name: str
+    params: list[nn.Parameter]
+    losses: tuple[str, ...]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+class EpochMeter:
+    """Running sums of the logged values on the device: since the last log row, and over the epoch.
+    Saved in mid-epoch checkpoints, so that a resumed epoch logs what the uninterrupted one would."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] | None = None
+        self.acc: Tensor | None = None  # since the last log row
+        self.since = 0
+        self.epoch_acc: Tensor | None = None
+        self.steps = 0
+        self.samples = 0
+        self.seconds = 0.0
+
+    def add(self, total: Tensor, values: Mapping[str, Tensor], samples: int) -> None:
+        if self.keys is None:
+            self.keys = ["total", *values]
+        vec = torch.stack([total.float(), *(values[k].float() for k in self.keys[1:])])
+        self.acc = vec if self.acc is None else self.acc + vec
+        self.epoch_acc = vec if self.epoch_acc is None else self.epoch_acc + vec
+        self.since += 1
+        self.steps += 1
+        self.samples += samples
+
+    def take(self) -> Tensor:
+        """The means since the last log row (then restart that count)."""
+        assert self.acc is not None
+        out, self.acc, self.since = self.acc / self.since, None, 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("keys", "acc", "since", "epoch_acc", "steps", "samples", "seconds")}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        for k, v in state.items():
+            setattr(self, k, v.to(device) if isinstance(v, Tensor) else v)
+
+
+def _show_progress(setting: str) -> bool:
+    return setting == "on" or (setting == "auto" and sys.stderr.isatty())
+
+
+class StageRunner:
+    """Trains one stage (``index`` of the experiment's stages, in round ``key.round``): owns its
+    optimizer groups (the main one and any ``co_train`` ones), each with its optimizer and scheduler,
+    and the grad scaler. ``base_weights`` replaces the terms' weights (self-distillation rounds)."""
+
+    def __init__(self, ctx: RunContext, index: int, key: RunKey, base_weights: Mapping[str, float] | None = None) -> None:
+        exp = ctx.experiment
+        self.ctx, self.exp, self.index, self.key = ctx, exp, index, key
+        self.plan = exp.stages[index]
+        self.dist, self.record, self.device = ctx.dist, ctx.record, exp.device
+        tcfg = exp.cfg.trainer
+        self.accumulate = tcfg.accumulate_grad_batches
+        self.epochs, self.total_steps = self._lengths(len(ctx.train_loader))
+        self.base_weights = {t: exp.losses[t].weight for t in self.plan.losses} | dict(base_weights or {})
+        self.groups = [self._make_group(g) for g in self.plan.groups]
+        self.optimizer = self.groups[0].optimizer  # the main group's (its lr is the one logged as `lr`)
+        # each group's parameters get the gradient of its own terms only, unless the stage shares them
+        self.routed = len(self.groups) > 1 and not self.plan.cfg.share_gradients
+        self.set_modes()  # DDP wraps only modules whose parameters require grad
+        self.forwards, self.ddp = self._forwards()
+        precision = tcfg.precision  # read once: a config lookup per step costs microseconds
+        self.autocast = lambda: autocast(exp.device, precision)
+        self.scaler = grad_scaler(exp.device, precision)
+        self.per_step_schedule = self.plan.cfg.scheduler_interval == "step"
+        self.hooked = components({**{f"a.{a}": exp.adapters[a].module for a in self.plan.adapters},
+                                  **{f"l.{t}": exp.losses[t].module for t in self.plan.losses}})
+        self.meter = EpochMeter()
+        info = self.info()
+        for c in self.hooked:  # the stage starts (or a resumed run re-enters it)
+            c.on_stage_start(info)
+
+    # ------------------------------------------------------------------------------ setup
+    def _lengths(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(epochs, optimizer steps) of the stage, from ``epochs``, ``max_steps`` and the trainer's caps."""
+        cap = self.exp.cfg.trainer.max_epochs
+        per_epoch = math.ceil(batches_per_epoch / self.accumulate)
+        if per_epoch < 1:
+            raise KdrunError(f"stages.{self.plan.name}: the training set gives no batch (data.batch_size larger than "
+                             f"the set with drop_last?)")
+        epochs = self.plan.epochs if self.plan.epochs is not None else math.ceil(self.plan.max_steps / per_epoch)
+        epochs = min(epochs, cap) if cap else epochs
+        steps = epochs * per_epoch if self.plan.max_steps is None else min(self.plan.max_steps, epochs * per_epoch)
+        return math.ceil(steps / per_epoch), steps
+
+    def _make_group(self, group: GroupPlan) -> OptimizerGroup:
+        exp = self.exp
+        modules = [exp.models[m] for m in group.models]
+        modules += [exp.adapters[a].module for a in group.adapters if exp.adapters[a].trainable]
+        modules += [exp.losses[t].module for t in group.losses]
+        params = [p for m in modules for p in m.parameters()]
+        if not params:
+            raise KdrunError(f"{group.key}: nothing to train (its models, adapters and loss terms have no parameters)")
+        target = import_target(group.optimizer["_target_"], f"{group.key}.optimizer")
+        extra = fused_kwargs(target, exp.device, exp.cfg.trainer.fused_optimizer)
+        optimizer = instantiate_node(group.optimizer, params, **extra)
+        scheduler = None
+        if group.scheduler is not None:
+            target = import_target(group.scheduler["_target_"], f"{group.key}.scheduler")
+            length = self.total_steps if self.plan.cfg.scheduler_interval == "step" else self.epochs
+            wants = "total_steps" in inspect.signature(target).parameters and group.scheduler.get("total_steps") is None
+            scheduler = instantiate_node(group.scheduler, optimizer, drop={"total_steps"},
+                                         **({"total_steps": length} if wants else {}))
+        return OptimizerGroup(group.name, params, group.losses, optimizer, scheduler)
+
+    def _forwards(self) -> tuple[dict[str, Any], list[DistributedDataParallel]]:
+        """What the step calls: models as prepared by the trainer; under DDP, the stage's trained
+        models and trainable adapters/loss terms wrapped in DistributedDataParallel (then compiled)."""
+        exp, plan, tcfg = self.exp, self.plan, self.exp.cfg.trainer
+        calls: dict[str, Any] = dict(exp.forwards)
+        calls.update({f"adapters.{a}": exp.adapters[a].module for a in plan.adapters})
+        calls.update({f"loss.{t}": exp.losses[t].module for t in plan.losses})
+        if not self.dist.enabled:
+            return calls, []
+        ids = [exp.device.index if exp.device.index is not None else torch.cuda.current_device()] if exp.device.type == "cuda" else None
+        wrapped: list[DistributedDataParallel] = []
+
+        def wrap(module: nn.Module, buffers: bool, unused: bool) -> DistributedDataParallel:
+            with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rank-local buffers
+                warnings.simplefilter("ignore", FutureWarning)
+                ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=buffers, find_unused_parameters=unused)
+            wrapped.append(ddp)
+            return ddp
+
+        reads = {n for t in plan.losses for n in names_of(exp.losses[t].inputs)}
+        for name in plan.trained_models:
+            # a stage that never reads a model's logits leaves its head without gradient (AB/FT init stages)
+            ddp = wrap(exp.models[name], True, unused=f"{name}.logits" not in reads)
+            calls[name] = model_callables(nn.ModuleDict({name: ddp}), tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)[name]
+        for a in plan.adapters:
+            if exp.adapters[a].trainable and any(p.requires_grad for p in exp.adapters[a].module.parameters()):
+                calls[f"adapters.{a}"] = wrap(exp.adapters[a].module, False, unused=True)
+        for t in plan.losses:
+            if any(p.requires_grad for p in exp.losses[t].module.parameters()):
+                calls[f"loss.{t}"] = wrap(exp.losses[t].module, False, unused=True)  # loss state (memory banks) stays per rank
+        return calls, wrapped
+
+    def set_modes(self) -> None:
+        """Trained models, trainable adapters and loss terms in train mode with gradients; every other
+        model and adapter frozen in eval mode (a stage that trains no model keeps them all frozen)."""
+        exp, plan = self.exp, self.plan
+        for name, model in exp.models.items():
+            trains = name in plan.trained_models
+            model.train(trains)
+            model.requires_grad_(trains)
+        for name, spec in exp.adapters.items():
+            trains = name in plan.adapters and spec.trainable
+            spec.module.train(trains)
+            spec.module.requires_grad_(trains)
+        for spec in exp.losses.values():
+            spec.module.train(True)
+
+    def info(self) -> StageInfo:
+        plan = self.plan
+        return StageInfo(plan.name, self.index, self.key.round, tuple(plan.trained_models), tuple(plan.frozen_models),
+                         self.epochs, plan.max_steps)
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Every optimizer group's optimizer and scheduler state, the grad scaler's, and the epoch's
+        running sums (a mid-epoch checkpoint)."""
+        return {"groups": {g.name: {"optimizer": g.optimizer.state_dict(),
+                                    "scheduler": g.scheduler.state_dict() if g.scheduler else None}
+                           for g in self.groups},
+                "scaler": self.scaler.state_dict(), "meter": self.meter.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        groups = state.get("groups") or {"main": {"optimizer": state["optimizer"], "scheduler": state.get("scheduler")}}
+        if set(groups) != {g.name for g in self.groups}:
+            raise KdrunError(f"resume: the checkpoint's stage '{self.plan.name}' has optimizer groups {sorted(groups)}, "
+                             f"this config has {sorted(g.name for g in self.groups)}")
+        for g in self.groups:
+            g.optimizer.load_state_dict(groups[g.name]["optimizer"])
+            if g.scheduler is not None and groups[g.name].get("scheduler") is not None:
+                g.scheduler.load_state_dict(groups[g.name]["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("meter") and self.record.batch > 0:  # a mid-epoch checkpoint: the epoch's sums so far
+            self.meter.load_state_dict(state["meter"], self.device)
+
+    def save(self, best: bool = False) -> None:
+        save_training_state(self.exp, self.record, self.state_dict(), self.ctx.run_dir, best, self.dist)
+
+    # ------------------------------------------------------------------------------ the step
+    def term_weights(self, epoch: int) -> dict[str, float]:
+        """Each term's weight in ``epoch`` (0-based): its (round's) weight, ramped up over ``warmup_epochs``."""
+        out = {}
+        for name in self.plan.losses:
+            spec = self.exp.losses[name]
+            ramp = min(1.0, (epoch + 1) / spec.warmup_epochs) if spec.warmup_epochs > 0 else 1.0
+            out[name] = self.base_weights[name] * ramp
+        return out
+
+    def forward(self, batch: Mapping[str, Tensor], weights: Mapping[str, float], scales: Mapping[str, Any] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """One micro-batch: the weighted total, the detached term values, and every weighted term
+        (``scales``: each term's share of the window's global mean, see :mod:`kdrun.engine.accumulate`;
+        None: the values as they are)."""
+        scales = scales or {}
+        exp, plan, call = self.exp, self.plan, self.forwards
+        ns: dict[str, Any] = {f"batch.{k}": v for k, v in batch.items()}
+        with torch.no_grad():
+            for name in plan.frozen_models:
+                exp.io[name].run(call[name], batch, ns)
+        for name in plan.trained_models:
+            exp.io[name].run(call[name], batch, ns)
+        for name in plan.adapters:
+            ns[f"adapters.{name}"] = call[f"adapters.{name}"](**gather(ns, exp.adapters[name].inputs))
+        total = torch.zeros((), device=self.device)
+        values: dict[str, Tensor] = {}
+        weighted: dict[str, Tensor] = {}
+        for name in plan.losses:
+            out = scaled(call[f"loss.{name}"](**gather(ns, exp.losses[name].inputs)), scales.get(name))
+            if isinstance(out, dict):
+                for part, v in out.items():
+                    values[f"{name}.{part}"] = v.detach()
+                out = torch.stack([v.float() for v in out.values()]).sum()
+            values[name] = out.detach()
+            weighted[name] = weights[name] * out
+            total = total + weighted[name]
+        return total, values, weighted
+
+    def train_step(self, batches: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]], weights: Mapping[str, float],
+                   rank_sizes: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimizer step of every group over a window of micro-batches (or one batch).
+
+        With several optimizer groups (``co_train``) and routing on, group g's parameters receive
+        ``d(sum of g's weighted terms)/d(theta_g)`` only: one backward per group, restricted to the
+        group's parameters (``inputs=``), so a student's loss never reaches a co-trained teacher (and
+        the reverse). Returns the window's weighted total and term values (global means)."""
+        window = [batches] if isinstance(batches, Mapping) else list(batches)
+        sizes = rank_sizes or [[int(b["index"].shape[0])] * self.dist.world_size for b in window]
+        scales = window_scales(window, sizes, self.exp.losses, self.plan.losses, self.dist)
+        for g in self.groups:
+            g.optimizer.zero_grad(set_to_none=True)
+        total: Tensor | None = None
+        values: dict[str, Tensor] = {}
+        for k, batch in enumerate(window):
+            if self.exp.batch_transform is not None:
+                batch = self.exp.batch_transform(batch)
+            with self._no_sync(k < len(window) - 1):
+                with self.autocast():
+                    t, v, weighted = self.forward(batch, weights, scales[k])
+                self._backward(t, weighted)
+            total = t.detach() if total is None else total + t.detach()
+            values = v if not values else {name: values[name] + x for name, x in v.items()}
+        for g in self.groups:
+            self.scaler.step(g.optimizer)
+        self.scaler.update()
+        if self.per_step_schedule:
+            for g in self.groups:
+                if g.scheduler is not None:
+                    g.scheduler.step()
+        assert total is not None
+        return total, values
+
+    def _backward(self, total: Tensor, weighted: Mapping[str, Tensor]) -> None:
+        if not self.routed:
+            self.scaler.scale(total).backward()
+            return
+        last = len(self.groups) - 1
+        for i, g in enumerate(self.groups):
+            objective = torch.stack([weighted[t].float() for t in g.losses]).sum()
+            self.scaler.scale(objective).backward(inputs=g.params, retain_graph=i < last)
+
+    def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, no gradient all-reduce for the window's micro-batches before the last one."""
+        if not skip or not self.ddp:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for module in self.ddp:
+            stack.enter_context(module.no_sync())
+        return stack
+
+    # ------------------------------------------------------------------------------ the stage
+    def run(self) -> None:
+        """Train the stage from where the record stands to its last epoch or step."""
+        exp, plan, record = self.exp, self.plan, self.record
+        self._measure_frozen()
+        if record.epoch == 0 and record.batch == 0 and plan.eval_model is not None and not exp.has_class_head(plan.eval_model):
+            log.info("[%s] %s's output %s has no column per class (%d): its top-1 is not measured%s", self.key.label,
+                     plan.eval_model, exp.shapes.get(f"{plan.eval_model}.logits"), exp.cfg.data.num_classes,
+                     "; the linear probe judges its features" if exp.cfg.probe is not None else "")
+        record.stages.setdefault(self.key.label, {
+            "eval_model": plan.eval_model, "epochs": self.epochs, "steps": self.total_steps, "best_top1": None,
+            "best_top5": None, "best_epoch": None, "best_step": None, "last_top1": None, "last_top5": None,
+        })
+        for epoch in range(record.epoch, self.epochs):
+            if record.stage_step >= self.total_steps:
+                break
+            self.set_modes()
+            for c in self.hooked:
+                c.on_epoch_start(epoch, self.epochs)
+            self._end_epoch(epoch, self.train_epoch(epoch))
+
+    def epoch_key(self, epoch: int) -> int:
+        """The loader's key of ``epoch``: a new order per round, stage and epoch."""
+        return (self.key.round * 1009 + self.index) * 100_003 + epoch
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch's optimizer steps (from the record's position on); returns the epoch's means."""
+        loader, record, tcfg = self.ctx.train_loader, self.record, self.exp.cfg.trainer
+        if record.batch == 0:
+            self.meter = EpochMeter()
+        loader.set_epoch(self.epoch_key(epoch), start=record.batch)
+        weights = self.term_weights(epoch)
+        log_every, last = tcfg.log_every, len(loader) - 1
+        bar = tqdm(total=len(loader), initial=record.batch, desc=f"{self.plan.name} {epoch + 1}/{self.epochs}",
+                   leave=False, disable=not _show_progress(tcfg.progress), dynamic_ncols=True)
+        window: list[dict[str, Tensor]] = []
+        t0 = time.perf_counter()
+        for i, batch in enumerate(loader, start=record.batch):
+            window.append(batch)
+            if len(window) < self.accumulate and i < last:
+                continue
+            for c in self.hooked:
+                c.on_step(record.stage_step, self.total_steps)
+            total, values = self.train_step(window, weights, [loader.rank_sizes(j) for j in range(i + 1 - len(window), i + 1)])
+            record.step, record.stage_step, record.batch = record.step + 1, record.stage_step + 1, i + 1
+            self.meter.add(total.detach(), values, sum(int(b["index"].shape[0]) for b in window))
+            window = []
+            bar.update(self.accumulate)
+            if self.meter.since == log_every:
+                bar.set_postfix(loss=f"{self._flush(epoch)['loss/total']:.4f}")
+            if i == last or record.stage_step >= self.total_steps:
+                break
+            self.meter.seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._mid_epoch(epoch)
+        bar.close()
+        if self.meter.keys is None:
+            raise KdrunError(f"stages.{self.plan.name}: the training set gave no batch (data.batch_size larger than the set with drop_last?)")
+        if self.meter.since:
+            self._flush(epoch)
+        self.meter.seconds += time.perf_counter() - t0
+        record.batch = 0  # the epoch is complete: no partial position
+        return self._epoch_means()
+
+    def _epoch_means(self) -> dict[str, Any]:
+        meter, dist = self.meter, self.dist
+        assert meter.keys is not None and meter.epoch_acc is not None
+        epoch_acc = all_reduce_sum(meter.epoch_acc.clone(), dist) / dist.world_size
+        out: dict[str, Any] = {f"loss/{k}": v for k, v in zip(meter.keys, (epoch_acc / meter.steps).tolist())}
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        for g in self.groups[1:]:
+            out[f"lr/{g.name}"] = g.optimizer.param_groups[0]["lr"]
+        out["_samples"] = meter.samples * dist.world_size
+        return out
+
+    def _flush(self, epoch: int) -> dict[str, float]:
+        means = self.meter.take()
+        if self.dist.enabled:  # every rank sees the same means, so every rank stops on a non-finite one
+            means = all_reduce_sum(means.clone(), self.dist) / self.dist.world_size
+        keys, values = self.meter.keys or [], means.tolist()
+        for k, v in sorted(zip(keys, values), key=lambda kv: kv[0] == "total"):  # name a term before the total
+            if not math.isfinite(v):
+                raise KdrunError(
+                    f"loss term '{k}' became {v} in stage '{self.plan.name}' epoch {epoch + 1} (step {self.record.step}); "
+                    f"lower the learning rate or the term's weight, or check its inputs"
+                )
+        row = {f"loss/{k}": v for k, v in zip(keys, values)}
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.ctx.writer.write({"stage": self.plan.name, "epoch": epoch + 1, "step": self.record.step, **row},
+                              self.record.step, tb_prefix=f"{self.plan.name}/train/")
+        return row
+
+    def _mid_epoch(self, epoch: int) -> None:
+        """Evaluation and checkpoint every ``eval_every_steps`` / ``save_every_steps`` optimizer steps."""
+        tcfg, step = self.exp.cfg.trainer, self.record.stage_step
+        improved = False
+        if tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0:
+            row: dict[str, Any] = {"stage": self.plan.name, "epoch": epoch + 1, "step": self.record.step}
+            improved = self._evaluate(row, epoch)
+            self.ctx.writer.write(self._with_round(row), self.record.step, tb_prefix=f"{self.key.label}/")
+            self.set_modes()
+        if (tcfg.save_every_steps and step % tcfg.save_every_steps == 0) or improved:
+            self.save(best=improved)
+
+    def _end_epoch(self, epoch: int, means: dict[str, Any]) -> None:
+        """After an epoch (or the stage's last step): schedule, evaluation, metrics row, checkpoint."""
+        exp, record, tcfg = self.exp, self.record, self.exp.cfg.trainer
+        if exp.device.type == "cuda":
+            torch.cuda.synchronize(exp.device)
+        seconds = self.meter.seconds
+        record.train_time_s += seconds
+        if not self.per_step_schedule:
+            for g in self.groups:
+                if g.scheduler is not None:
+                    g.scheduler.step()
+        record.epoch = epoch + 1
+        last = epoch + 1 == self.epochs or record.stage_step >= self.total_steps
+        samples = means.pop("_samples")
+        row: dict[str, Any] = {"stage": self.plan.name, "epoch": epoch + 1, "step": record.step, **means,
+                               "epoch_time_s": seconds, "images_per_s": samples / max(seconds, 1e-9)}
+        improved = False
+        if (epoch + 1) % tcfg.eval_every == 0 or last:
+            improved = self._evaluate(row, epoch)
+        self.ctx.writer.write(self._with_round(row), record.step, tb_prefix=f"{self.key.label}/")
+        stats = record.stages[self.key.label]
+        log.info("[%s] epoch %d/%d  loss %.4f  %s %.0f img/s  %.1fs", self.key.label, epoch + 1, self.epochs,
+                 row.get("loss/total", float("nan")),
+                 f"{self.plan.eval_model} top-1 {row['top1']:.2f} (best {stats['best_top1']:.2f}) " if "top1" in row else "",
+                 row["images_per_s"], seconds)
+        if improved or last or (epoch + 1) % tcfg.save_every == 0:
+            self.save(best=improved)
+
+    def _with_round(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "round": self.key.round + 1} if self.key.with_rounds else row
+
+    def _evaluate(self, row: dict[str, Any], epoch: int) -> bool:
+        """Evaluate the stage's eval model and its co-trained models into ``row`` and the stage's
+        stats; return whether the eval model's top-1 improved."""
+        exp, plan, ctx = self.exp, self.plan, self.ctx
+        stats = self.record.stages[self.key.label]
+        improved = False
+        if plan.eval_model is not None and exp.has_class_head(plan.eval_model):
+            with self.autocast():
+                ev = evaluate(exp.models[plan.eval_model], ctx.test_loader, self.dist, ctx.class_groups, exp.io[plan.eval_model])
+            row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
+            row.update({f"top1_{g}": v for g, v in ev.get("group_top1", {}).items()})
+            stats["last_top1"], stats["last_top5"] = ev["top1"], ev["top5"]
+            if "group_top1" in ev:
+                stats["last_shot_top1"] = ev["group_top1"]
+            if stats["best_top1"] is None or ev["top1"] > stats["best_top1"]:
+                stats.update(best_top1=ev["top1"], best_top5=ev["top5"], best_epoch=epoch + 1, best_step=self.record.stage_step)
+                if "group_top1" in ev:
+                    stats["best_shot_top1"] = ev["group_top1"]
+                improved = True
+            row["best_top1"] = stats["best_top1"]
+        for name in plan.trained_models:  # co-trained models (DML peers, online teachers)
+            if name == plan.eval_model or not exp.has_class_head(name):
+                continue
+            with self.autocast():
+                other = evaluate(exp.models[name], ctx.test_loader, self.dist, io=exp.io[name])["top1"]
+            row[f"top1/{name}"] = other
+            m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
+            m["last_top1"] = other
+            m["best_top1"] = other if m["best_top1"] is None else max(m["best_top1"], other)
+        return improved
+
+    def _measure_frozen(self) -> None:
+        """Evaluate each frozen model once per round, when first used frozen (published teacher
+        checkpoints are known to differ from their claims)."""
+        exp = self.exp
+        later = {m for plan in exp.stages[self.index + 1:] for m in plan.trained_models}  # students, not teachers
+        for name in self.plan.frozen_models:
+            key = self.key.of(name)
+            if not exp.has_class_head(name) or key in self.record.frozen_top1 or name in later:
+                continue
+            with self.autocast():
+                ev = evaluate(exp.models[name], self.ctx.test_loader, self.dist, io=exp.io[name])
+            self.record.frozen_top1[key] = ev["top1"]
+            self.ctx.writer.write({"stage": self.plan.name, "model": name, "frozen_top1": ev["top1"], "frozen_top5": ev["top5"]},
+                                  self.record.step, tb_prefix=f"{name}/")
+            note = "  (RANDOMLY INITIALISED)" if name in exp.random_models else ""
+            log.info("[%s] frozen %s test top-1 %.2f, top-5 %.2f%s", self.plan.name, name, ev["top1"], ev["top5"], note)

@@ -1,0 +1,234 @@
+"""The public engine API: ``Trainer(cfg, run_dir)``, ``prepare()`` and ``fit()``.
+
+::
+
+    trainer = Trainer(validate(cfg), run_dir)
+    experiment = trainer.prepare()      # process group, seed, build, channels_last, compile, loaders, resume
+    summary = trainer.fit()             # every round x stage, then exports and summary.json
+
+``prepare()`` is also the seam for tools that drive the engine themselves (the benchmark, the tests):
+``trainer.stage_runner(i)`` gives the :class:`~kdrun.engine.stage.StageRunner` of stage ``i`` with its
+real optimizer groups, ``runner.train_epoch(e)`` or ``runner.train_step(batch, runner.term_weights(e))``
+run it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.build import build
+from kdrun.data.loaders import make_loader
+from kdrun.engine import distributed
+from kdrun.engine.accelerate import model_callables, to_channels_last
+from kdrun.engine.checkpoint import atomic_save, find_checkpoint, load_checkpoint, save_training_state, set_rng_state
+from kdrun.engine.distributed import DistInfo, check_batch, resolve_device
+from kdrun.engine.metrics import MetricsWriter, NullWriter
+from kdrun.engine.probe import linear_probe
+from kdrun.engine.record import RunKey, RunRecord
+from kdrun.engine.rounds import next_round
+from kdrun.engine.stage import RunContext, StageRunner
+from kdrun.engine.summary import export_models, write_summary
+from kdrun.errors import KdrunError
+from kdrun.experiment import Experiment
+from kdrun.plan import model_key, round_weights
+from kdrun.schema import ExperimentConfig, experiment_config
+
+log = logging.getLogger("kdrun")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def long_tail_groups(data: Any) -> dict[str, torch.Tensor] | None:
+    """many/medium/few-shot class masks for a long-tailed training set (None for balanced sets)."""
+    counts = getattr(data, "train_class_counts", None)
+    if counts is None:
+        return None
+    from kdrun.data.longtail import shot_groups
+
+    return shot_groups(counts)
+
+
+class Trainer:
+    """Runs one experiment in ``run_dir``: every stage of every round, then exports and summary.json.
+
+    ``cfg`` is a validated config (:func:`kdrun.config.validate`) or its typed form. ``dist`` is the
+    process layout when the caller has set up the process group itself (default: found from the
+    environment, torchrun's or SLURM's, and joined in :meth:`prepare`)."""
+
+    def __init__(self, cfg: DictConfig | ExperimentConfig, run_dir: Path | str, dist: DistInfo | None = None) -> None:
+        self.cfg = cfg if isinstance(cfg, ExperimentConfig) else experiment_config(cfg)
+        self.run_dir = Path(run_dir)
+        self.dist = dist
+        self.experiment: Experiment | None = None
+        self.ctx: RunContext | None = None
+        self.checkpoint: dict[str, Any] | None = None  # what resume loaded, until its stage state is used
+        self.started = time.perf_counter()
+
+    # ------------------------------------------------------------------------------ prepare
+    def prepare(self) -> Experiment:
+        """Join the process group, seed, build the experiment, apply channels_last and compile, resume
+        from a checkpoint if asked, write the run directory's config, make the loaders."""
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        info = self.dist or distributed.init(tcfg.device)
+        if not info.is_main:
+            log.setLevel(logging.WARNING)
+        seed_everything(cfg.seed, tcfg.deterministic)
+        exp = build(cfg, resolve_device(tcfg.device, info), sync_batchnorm=tcfg.sync_batchnorm and info.enabled)
+        if tcfg.channels_last:
+            for module in exp.modules().values():
+                to_channels_last(module)
+        exp.forwards = model_callables(exp.models, tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)
+        record = self._resume(exp)
+        if info.is_main:
+            self._write_run_dir(exp)
+        writer = MetricsWriter(self.run_dir, tensorboard=tcfg.tensorboard) if info.is_main else NullWriter()
+        train, test = self._loaders(exp, info)
+        self.experiment = exp
+        self.ctx = RunContext(exp, record, writer, self.run_dir, train, test, info, long_tail_groups(exp.data))
+        return exp
+
+    def _loaders(self, exp: Experiment, info: DistInfo) -> tuple[Any, Any]:
+        cfg = self.cfg
+        check_batch(cfg.data.batch_size, info)
+        cap = cfg.trainer.max_steps_per_epoch
+        common = dict(seed=cfg.seed, rank=info.rank, world_size=info.world_size, channels_last=cfg.trainer.channels_last)
+        train = make_loader(exp.data, "train", cfg.data, exp.device, train=True,
+                            max_batches=cap * cfg.trainer.accumulate_grad_batches if cap else None, **common)
+        return train, make_loader(exp.data, "test", cfg.data, exp.device, train=False, **common)
+
+    def _resume(self, exp: Experiment) -> RunRecord:
+        if not self.cfg.resume:
+            return RunRecord()
+        path = find_checkpoint(str(self.cfg.resume), self.run_dir)
+        if path is None:
+            return RunRecord()
+        ckpt = load_checkpoint(path)
+        names = [p.name for p in exp.stages]
+        if ckpt.get("stage_names") != names:
+            raise KdrunError(f"resume: {path} was written by a run with stages {ckpt.get('stage_names')}, this one has {names}")
+        exp.modules().load_state_dict(ckpt["modules"])
+        record = RunRecord(**ckpt["record"])
+        set_rng_state(ckpt["rng"])
+        self.checkpoint = ckpt
+        log.info("resuming from %s: stage '%s', %d epochs and %d batches done", path,
+                 names[min(record.stage_index, len(names) - 1)], record.epoch, record.batch)
+        return record
+
+    def _write_run_dir(self, exp: Experiment) -> None:
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.cfg.raw, self.run_dir / "config.yaml", resolve=True)
+        data = exp.data
+        if getattr(data, "kept_indices", None) is not None:  # which training images a long-tailed run used
+            (self.run_dir / "kept_indices.json").write_text(json.dumps({
+                "imbalance_factor": data.imbalance_factor, "train_class_counts": data.train_class_counts.tolist(),
+                "kept_indices": data.kept_indices.tolist()}))
+        for name in exp.random_models:
+            bar = "!" * 78
+            log.warning("\n%s\n!! %s is RANDOMLY INITIALISED (%s.checkpoint=null) and used frozen: the results are those "
+                        "of a\n!! random %s, not of a trained one.\n%s", bar, name, model_key(name), name, bar)
+
+    # ------------------------------------------------------------------------------ fit
+    def stage_runner(self, index: int, round_index: int = 0) -> StageRunner:
+        """The runner of stage ``index`` in round ``round_index`` (0-based), with that round's weights."""
+        if self.ctx is None:
+            self.prepare()
+        assert self.ctx is not None
+        cfg = self.cfg
+        key = RunKey(round_index, self.ctx.experiment.stages[index].name, with_rounds=cfg.rounds is not None)
+        return StageRunner(self.ctx, index, key, round_weights(cfg, round_index) if cfg.rounds is not None else None)
+
+    def fit(self) -> dict[str, Any] | None:
+        """Run every round and stage from where the record stands; return the summary (None on ranks > 0)."""
+        if self.ctx is None:
+            self.prepare()
+        ctx = self.ctx
+        assert ctx is not None
+        record, count = ctx.record, self.cfg.rounds.count if self.cfg.rounds is not None else 1
+        try:
+            for r in range(record.round, count):
+                for index in range(record.stage_index, len(ctx.experiment.stages)):
+                    runner = self.stage_runner(index, r)
+                    if self.checkpoint is not None and (record.epoch > 0 or record.batch > 0) and self.checkpoint["stage"]:
+                        runner.load_state_dict(self.checkpoint["stage"])
+                    self.checkpoint = None
+                    runner.run()
+                    if index + 1 < len(ctx.experiment.stages):
+                        record.start_stage(index + 1)
+                self._finish_round(r, count)
+        finally:
+            ctx.writer.close()
+        return self._finish()
+
+    def _finish_round(self, r: int, count: int) -> None:
+        """After the last stage (of round ``r``): the linear probe; with rounds, the round's record and
+        exported student, then the student becomes the next round's teacher (checkpointed)."""
+        ctx, cfg = self.ctx, self.cfg
+        assert ctx is not None
+        exp, record = ctx.experiment, ctx.record
+        if cfg.probe is not None:
+            record.probe = linear_probe(exp)
+            row = {"probe_top1": record.probe["probe_top1"], **{f"probe_top1/{k}": v for k, v in record.probe["probe"].items()}}
+            ctx.writer.write({"round": r + 1, **row} if cfg.rounds is not None else row, record.step, tb_prefix="probe/")
+            for name, top1 in record.probe["probe"].items():
+                log.info("linear probe on %s.%s: test top-1 %.2f", name, cfg.probe.tap, top1)
+        rounds = cfg.rounds
+        if rounds is None:
+            return
+        key = RunKey(r, exp.stages[-1].name, with_rounds=True)
+        final = record.stages.get(key.label, {})
+        entry: dict[str, Any] = {"round": r + 1, "best_top1": final.get("best_top1"), "last_top1": final.get("last_top1"),
+                                 "teacher_top1": record.frozen_top1.get(key.of(rounds.teacher)), "weights": round_weights(cfg, r)}
+        if record.probe:
+            entry["probe_top1"] = record.probe["probe_top1"]
+        if ctx.dist.is_main:
+            path = self.run_dir / f"{rounds.student}_round{r + 1}.pt"
+            atomic_save({"model": {k: v.detach().cpu() for k, v in exp.models[rounds.student].state_dict().items()}}, path)
+            entry["exported"] = str(path)
+        record.rounds = [e for e in record.rounds if e["round"] != r + 1] + [entry]
+        ctx.writer.write({"round": r + 1, "round_best_top1": entry["best_top1"], "round_last_top1": entry["last_top1"]},
+                         record.step, tb_prefix="rounds/")
+        log.info("round %d/%d: %s top-1 %s (best %s)", r + 1, count, rounds.student, entry["last_top1"], entry["best_top1"])
+        if r + 1 < count:
+            next_round(exp, r)
+            record.round = r + 1
+            record.start_stage(0)
+            save_training_state(exp, record, None, self.run_dir, False, ctx.dist)
+
+    def _finish(self) -> dict[str, Any] | None:
+        ctx = self.ctx
+        assert ctx is not None
+        info = ctx.dist
+        if not info.is_main:
+            distributed.barrier(info)
+            return None
+        exp = ctx.experiment
+        rounds = self.cfg.rounds
+        final = RunKey(rounds.count - 1 if rounds is not None else 0, exp.stages[-1].name, with_rounds=rounds is not None)
+        exported = export_models(exp, self.run_dir)
+        summary = write_summary(exp, ctx.record, self.run_dir, exported, time.perf_counter() - self.started, final.label)
+        distributed.barrier(info)
+        return summary
+
+
+def run(cfg: DictConfig | ExperimentConfig, run_dir: Path | str) -> dict[str, Any] | None:
+    """Run the validated experiment ``cfg`` in ``run_dir``; return the summary (None on ranks > 0)."""
+    return Trainer(cfg, run_dir).fit()

@@ -1,0 +1,100 @@
+"""The built experiment: everything the engine needs, instantiated from the config by :mod:`kdrun.build`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdrun.model_io import ModelIO
+from kdrun.names import Inputs
+from kdrun.plan import GroupPlan
+from kdrun.schema import ExperimentConfig, StageConfig
+
+
+@dataclass
+class LossSpec:
+    """A weighted loss term reading named tensors (``inputs``: forward argument -> name(s)).
+
+    ``mean_over`` is what the term's value averages over (``samples``, or ``tokens`` counted from the
+    batch field ``count_field``); the engine uses it to keep means global under gradient accumulation
+    and data parallelism (:mod:`kdrun.engine.accumulate`)."""
+
+    name: str
+    module: nn.Module
+    weight: float
+    inputs: Inputs
+    warmup_epochs: int = 0
+    mean_over: str = "samples"
+    count_field: str | None = None
+
+
+@dataclass
+class AdapterSpec:
+    """A module fed by named tensors that publishes ``adapters.<name>``."""
+
+    name: str
+    module: nn.Module
+    inputs: Inputs
+    trainable: bool = True
+
+
+@dataclass
+class StagePlan:
+    """What one stage runs: models (frozen ones first), adapters in order, loss terms, what trains.
+
+    ``eval_model`` is None for a stage that trains no model and names none to evaluate."""
+
+    name: str
+    epochs: int | None
+    max_steps: int | None
+    trained_models: list[str]
+    frozen_models: list[str]
+    adapters: list[str]
+    losses: list[str]
+    eval_model: str | None
+    cfg: StageConfig
+    groups: list[GroupPlan] = field(default_factory=list)
+
+
+@dataclass
+class Experiment:
+    """Everything the engine needs, built from an :class:`~kdrun.schema.ExperimentConfig`.
+
+    ``forwards`` is what the training step calls for each model: the model itself, or its compiled
+    forward (the engine replaces it once, before training). ``io`` says how each model is called and
+    how its outputs and taps are named."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    data: Any  # ArraySplits | DatasetSplits | TensorSplits
+    models: nn.ModuleDict
+    io: dict[str, ModelIO]
+    adapters: dict[str, AdapterSpec]
+    losses: dict[str, LossSpec]
+    stages: list[StagePlan]
+    random_models: list[str] = field(default_factory=list)  # frozen somewhere, never loaded nor trained
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    forwards: dict[str, Any] = field(default_factory=dict)
+    batch_transform: Any = None  # batch -> batch, applied before every model in training (mixup, one-hot targets)
+    sync_batchnorm: bool = False
+
+    def modules(self) -> nn.ModuleDict:
+        """Every stateful module by kind, for checkpoints: models, adapters, loss terms."""
+        return nn.ModuleDict({
+            "models": self.models,
+            "adapters": nn.ModuleDict({k: a.module for k, a in self.adapters.items()}),
+            "losses": nn.ModuleDict({k: s.module for k, s in self.losses.items()}),
+        })
+
+    def has_class_head(self, name: str) -> bool:
+        """Whether model ``name``'s output has one column per class (a projection head has not: its top-1
+        is not measured; a linear probe judges its features)."""
+        shape = self.shapes.get(f"{name}.logits")
+        return shape is not None and len(shape) == 2 and shape[1] == int(self.cfg.data.num_classes)
+
+    @property
+    def trained_models(self) -> list[str]:
+        """Every model some stage trains, in order of first training."""
+        return list(dict.fromkeys(m for plan in self.stages for m in plan.trained_models))
