@@ -14,6 +14,7 @@ a trial forward). Every shape mismatch is found here, before training starts.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 
 from kdrun import plan
 from kdrun.component import BuildContext, Component
+from kdrun.config import import_target
+from kdrun.data.mix import BatchTransform, OneHotTargets
 from kdrun.devices import resolve_device
 from kdrun.errors import KdrunError, did_you_mean
 from kdrun.experiment import AdapterSpec, Experiment, LossSpec, StagePlan
@@ -74,6 +77,8 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     transform = build_batch_transform(cfg, reads)
     ns = trace_shapes(models, io, data, transform, device)
     check_model_reads(reads, ns, models, taps_of)
+    eval_transform = transform.for_eval if isinstance(transform, BatchTransform) else None
+    check_eval_fields(io, data, eval_transform)
     used_adapters = list(dict.fromkeys(a for s in stages for a in s.adapters))
     used_terms = list(dict.fromkeys(t for s in stages for t in s.losses))
     adapters = build_adapters(cfg, adapter_inputs, used_adapters, ns, device)
@@ -86,7 +91,8 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     return Experiment(cfg=cfg, device=device, data=data, models=models, io=io, adapters=adapters, losses=losses,
                       stages=stages, random_models=random, shapes={k: tuple(v.shape) for k, v in ns.items()
                                                                   if isinstance(v, Tensor)},
-                      forwards=dict(models.items()), batch_transform=transform, sync_batchnorm=sync_batchnorm)
+                      forwards=dict(models.items()), batch_transform=transform, eval_transform=eval_transform,
+                      sync_batchnorm=sync_batchnorm)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -221,15 +227,18 @@ def build_batch_transform(cfg: ExperimentConfig, reads: set[str]) -> Any:
     """``batch_transform`` (mixup, cutmix ...), or the one-hot targets when a stage reads
     ``batch.soft_target`` without a mixing transform, or None."""
     if cfg.batch_transform:
+        target = import_target(cfg.batch_transform["_target_"], "batch_transform")
+        try:  # mixing transforms build their soft targets from the class count
+            wants = "num_classes" in inspect.signature(target).parameters and "num_classes" not in cfg.batch_transform
+        except (TypeError, ValueError):
+            wants = False
         try:
-            return instantiate_node(cfg.batch_transform, num_classes=int(cfg.data.num_classes))
+            return instantiate_node(cfg.batch_transform, **({"num_classes": int(cfg.data.num_classes)} if wants else {}))
         except KdrunError:
             raise
         except Exception as ex:
             raise KdrunError(f"batch_transform: building {cfg.batch_transform['_target_']} failed: {ex}") from None
     if "batch.soft_target" in reads:
-        from kdrun.data.mix import OneHotTargets
-
         return OneHotTargets(int(cfg.data.num_classes))
     return None
 
@@ -288,6 +297,21 @@ def trace_shapes(models: nn.ModuleDict, io: Mapping[str, ModelIO], data: Any, tr
                                  f"{str(ex).splitlines()[0] if str(ex) else type(ex).__name__}") from None
             model.train(was_training)
     return ns
+
+
+def check_eval_fields(io: Mapping[str, ModelIO], data: Any, eval_transform: Any) -> None:
+    """Every batch field a model reads must exist on evaluation batches too (which see no training
+    transform, only its ``for_eval``)."""
+    fields = set(data.sample_batch(1))
+    if eval_transform is not None:
+        fields = set(eval_transform({k: v for k, v in data.sample_batch(1).items()}))
+    for name, model_io in io.items():
+        for read in model_io.reads:
+            if read[len("batch."):] not in fields:
+                raise KdrunError(f"{model_key(name)}.inputs reads {read}, which evaluation batches lack (they have "
+                                 f"{', '.join(f'batch.{f}' for f in sorted(fields))}): a batch transform that adds a field "
+                                 f"a model reads must give it for evaluation too, with a for_eval(batch) method "
+                                 f"(kdrun.data.mix.BatchTransform)")
 
 
 def check_model_reads(reads: set[str], ns: Namespace, models: nn.ModuleDict, taps_of: Mapping[str, dict[str, str]]) -> None:

@@ -78,6 +78,7 @@ class Experiment:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     forwards: dict[str, Any] = field(default_factory=dict)
     batch_transform: Any = None  # batch -> batch, applied before every model in training (mixup, one-hot targets)
+    eval_transform: Any = None  # batch -> batch on evaluation batches (the transform's for_eval), or None
     sync_batchnorm: bool = False
 
     def modules(self) -> nn.ModuleDict:
@@ -89,10 +90,10 @@ class Experiment:
         })
 
     def has_class_head(self, name: str) -> bool:
-        """Whether model ``name``'s output has one column per class (a projection head has not: its top-1
-        is not measured; a linear probe judges its features)."""
+        """Whether model ``name``'s output has one column per class, per sample or per position (a
+        projection head has not: its top-1 is not measured; a linear probe judges its features)."""
         shape = self.shapes.get(f"{name}.logits")
-        return shape is not None and len(shape) == 2 and shape[1] == int(self.cfg.data.num_classes)
+        return shape is not None and len(shape) >= 2 and shape[-1] == int(self.cfg.data.num_classes)
 
     @property
     def trained_models(self) -> list[str]:

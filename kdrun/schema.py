@@ -90,6 +90,7 @@ class DataConfig:
     hflip: bool = False
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
+    eval_mask: Optional[str] = None  # token data: the batch field selecting the positions that evaluation counts
     source: Any = MISSING
 
 

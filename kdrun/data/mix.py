@@ -18,6 +18,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+class BatchTransform:
+    """Base of batch transforms: ``__call__(batch) -> batch`` on every training micro-batch, before any
+    model; ``for_eval(batch) -> batch`` on evaluation batches (default: unchanged). A transform that
+    adds a field some model reads (``inputs: {x: batch.<field>}``) must give that field on evaluation
+    batches too, e.g. the clean image where training sees an augmented one."""
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def for_eval(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return batch
+
+
 def _beta(alpha: float, shape: tuple[int, ...], device: torch.device) -> Tensor:
     a = torch.full(shape, float(alpha), device=device)
     return torch.distributions.Beta(a, a).sample()
@@ -32,7 +45,7 @@ def _mixed_rows(n: int, fraction: float, device: torch.device) -> Tensor:
     return mask
 
 
-class _Mix:
+class _Mix(BatchTransform):
     def __init__(self, num_classes: int, alpha: float = 1.0, fraction: float = 1.0) -> None:
         if alpha <= 0:
             raise ValueError(f"alpha must be positive (the Beta(alpha, alpha) parameter), got {alpha}")
@@ -48,7 +61,7 @@ class _Mix:
         return f"{type(self).__name__}(alpha={self.alpha}, fraction={self.fraction})"
 
 
-class OneHotTargets:
+class OneHotTargets(BatchTransform):
     """``batch.soft_target`` = the one-hot label: what a stage reading ``batch.soft_target`` gets
     when no mixing transform is configured (the builder adds it then)."""
 

@@ -1,6 +1,7 @@
 """Where array data sets come from: CIFAR (torchvision folder or the offline array copy), the 8x8
-digits that ship with scikit-learn, and synthetic data of any shape. Each function returns
-:class:`~kdrun.data.arrays.ArraySplits` and raises :class:`~kdrun.errors.KdrunError` with the places
+digits that ship with scikit-learn, synthetic images of any shape (each returns
+:class:`~kdrun.data.arrays.ArraySplits`), and synthetic token sequences
+(:class:`~kdrun.data.tensors.TensorSplits`). Each raises :class:`~kdrun.errors.KdrunError` with the places
 it looked when the files are missing."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from kdrun.data.arrays import ArraySplits
+from kdrun.data.tensors import TensorSplits
 from kdrun.errors import KdrunError
 
 _TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -122,3 +124,31 @@ def make_synthetic(num_train: int = 256, num_test: int = 64, shape: list[int] = 
         return (x.clamp(0, 1) * 255).to(torch.uint8), y
 
     return ArraySplits(*draw(num_train), *draw(num_test))
+
+
+def make_synthetic_tokens(num_train: int = 256, num_test: int = 64, seq_len: int = 16, vocab_size: int = 32,
+                          min_len: int = 4, seed: int = 0) -> TensorSplits:
+    """Token sequences a small model can learn, of random lengths (padding after each sequence's end).
+
+    Sequence i counts from a random token s_i in steps of d_i in {1, 2, 3}, modulo the vocabulary
+    (token 0 is padding and never occurs inside a sequence): ``x_t = 1 + (s_i - 1 + t d_i) mod (V - 1)``
+    for t < L_i, with L_i uniform in [min_len, seq_len]. Fields (each (N, seq_len)): ``input_ids``;
+    ``target``, the next token of each position; ``loss_mask``, true where a next token exists
+    (t < L_i - 1), so that micro-batches hold different numbers of valid tokens.
+    """
+    if vocab_size < 3 or not 2 <= min_len <= seq_len:
+        raise KdrunError(f"synthetic tokens: need vocab_size >= 3 and 2 <= min_len <= seq_len, got {vocab_size}, "
+                         f"{min_len}, {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> dict[str, torch.Tensor]:
+        start = torch.randint(1, vocab_size, (n, 1), generator=gen)
+        step = torch.randint(1, 4, (n, 1), generator=gen)
+        length = torch.randint(min_len, seq_len + 1, (n, 1), generator=gen)
+        t = torch.arange(seq_len + 1)[None, :]
+        tokens = 1 + (start - 1 + t * step) % (vocab_size - 1)
+        tokens = torch.where(t < length, tokens, torch.zeros_like(tokens))
+        return {"input_ids": tokens[:, :-1].contiguous(), "target": tokens[:, 1:].contiguous(),
+                "loss_mask": t[:, :-1] < length - 1}
+
+    return TensorSplits(draw(num_train), draw(num_test))

@@ -12,10 +12,17 @@ from kdrun.model_io import ModelIO, output_logits
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
-             class_groups: dict[str, Tensor] | None = None, io: ModelIO | None = None) -> dict[str, Any]:
+             class_groups: dict[str, Tensor] | None = None, io: ModelIO | None = None,
+             mask_field: str | None = None, prepare: Any = None) -> dict[str, Any]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``
     (under DDP each rank evaluates its shard and the counts are summed over ranks). ``io`` says how
     the model reads the batch and where its class scores are (default: ``model(batch.input)``).
+
+    ``prepare`` maps each batch first (the batch transform's ``for_eval``).
+
+    Scores per position (B, T, C) against targets (B, T) (next-token prediction) are counted over the
+    positions where the batch field ``mask_field`` is non-zero (every position without one): top-1 is
+    then the token accuracy and ``loss`` the mean token cross-entropy (log-perplexity).
 
     ``class_groups`` (name -> boolean mask over classes, e.g. many/medium/few-shot) adds
     ``group_top1``: the top-1 accuracy over the test samples of each group's classes.
@@ -26,10 +33,19 @@ def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
     correct = torch.zeros(2, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device)
     count = 0
+    positions = torch.zeros((), dtype=torch.float64, device=device)  # counted positions of (B, T, C) scores
     per_class: Tensor | None = None  # rows: correct, seen
     for batch in loader:
+        if prepare is not None:
+            batch = prepare(batch)
         logits = model(batch["input"]) if io is None else output_logits(io, io.call(model, batch))
         y = batch["target"]
+        if logits.dim() > 2:
+            hits, loss, n = _score_positions(logits, y, batch[mask_field] if mask_field else None)
+            correct += hits
+            loss_sum += loss
+            positions += n
+            continue
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top == y[:, None]
@@ -42,7 +58,7 @@ def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
                                   torch.bincount(y, minlength=c).double()])
             per_class = counts if per_class is None else per_class + counts
     model.train(was_training)
-    totals = torch.cat([correct.double(), loss_sum.double()[None], torch.tensor([float(count)], device=device, dtype=torch.float64)])
+    totals = torch.cat([correct.double(), loss_sum.double()[None], (positions + float(count))[None]])
     if dist_info is not None:
         all_reduce_sum(totals, dist_info)
     hit1, hit5, loss, n = totals.tolist()
@@ -59,3 +75,15 @@ def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
     if class_groups is not None:
         out["group_top1"] = groups
     return out
+
+
+def _score_positions(logits: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-1 and top-5 hits, summed cross-entropy and the number of counted positions (device tensors)."""
+    z = logits.flatten(0, -2).float()
+    y = target.flatten()
+    w = torch.ones_like(y, dtype=torch.float64) if mask is None else (mask.flatten() != 0).double()
+    top = z.topk(min(5, z.shape[1]), dim=1).indices
+    hit = top == y[:, None]
+    hits = torch.stack([(hit[:, 0].double() * w).sum(), (hit.any(dim=1).double() * w).sum()]).long()
+    loss = (nn.functional.cross_entropy(z, y, reduction="none").double() * w).sum()
+    return hits, loss.to(torch.float32), w.sum()

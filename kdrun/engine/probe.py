@@ -29,6 +29,8 @@ def extract(experiment: Experiment, model_name: str, tap: str, loader: Any) -> t
     model.eval()
     feats, labels = [], []
     for batch in loader:
+        if experiment.eval_transform is not None:
+            batch = experiment.eval_transform(batch)
         ns: dict[str, Tensor] = {}
         io.run(model, batch, ns)
         feats.append(ns[f"{model_name}.{tap}"].flatten(1).float())

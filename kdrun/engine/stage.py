@@ -175,8 +175,13 @@ class StageRunner:
         if group.scheduler is not None:
             target = import_target(group.scheduler["_target_"], f"{group.key}.scheduler")
             length = self.total_steps if self.plan.cfg.scheduler_interval == "step" else self.epochs
-            wants = "total_steps" in inspect.signature(target).parameters and group.scheduler.get("total_steps") is None
-            scheduler = instantiate_node(group.scheduler, optimizer, drop={"total_steps"},
+            arguments = inspect.signature(target).parameters
+            for k, v in group.scheduler.items():
+                if v is None and k in arguments and arguments[k].default is inspect.Parameter.empty and k != "total_steps":
+                    raise KdrunError(f"{group.key}.scheduler.{k} is null (e.g. T_max=${{..epochs}} in a stage without epochs): "
+                                     f"set it, or use sched@{group.key}.scheduler=warmup_cosine with scheduler_interval=step")
+            wants = "total_steps" in arguments and group.scheduler.get("total_steps") is None
+            scheduler = instantiate_node(group.scheduler, optimizer, drop={"total_steps"} if wants else set(),
                                          **({"total_steps": length} if wants else {}))
         return OptimizerGroup(group.name, params, group.losses, optimizer, scheduler)
 
@@ -474,7 +479,7 @@ class StageRunner:
             improved = self._evaluate(row, epoch)
         self.ctx.writer.write(self._with_round(row), record.step, tb_prefix=f"{self.key.label}/")
         stats = record.stages[self.key.label]
-        log.info("[%s] epoch %d/%d  loss %.4f  %s %.0f img/s  %.1fs", self.key.label, epoch + 1, self.epochs,
+        log.info("[%s] epoch %d/%d  loss %.4f  %s %.0f samples/s  %.1fs", self.key.label, epoch + 1, self.epochs,
                  row.get("loss/total", float("nan")),
                  f"{self.plan.eval_model} top-1 {row['top1']:.2f} (best {stats['best_top1']:.2f}) " if "top1" in row else "",
                  row["images_per_s"], seconds)
@@ -492,7 +497,8 @@ class StageRunner:
         improved = False
         if plan.eval_model is not None and exp.has_class_head(plan.eval_model):
             with self.autocast():
-                ev = evaluate(exp.models[plan.eval_model], ctx.test_loader, self.dist, ctx.class_groups, exp.io[plan.eval_model])
+                ev = evaluate(exp.models[plan.eval_model], ctx.test_loader, self.dist, ctx.class_groups, exp.io[plan.eval_model],
+                              exp.cfg.data.eval_mask, exp.eval_transform)
             row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
             row.update({f"top1_{g}": v for g, v in ev.get("group_top1", {}).items()})
             stats["last_top1"], stats["last_top5"] = ev["top1"], ev["top5"]
@@ -508,7 +514,8 @@ class StageRunner:
             if name == plan.eval_model or not exp.has_class_head(name):
                 continue
             with self.autocast():
-                other = evaluate(exp.models[name], ctx.test_loader, self.dist, io=exp.io[name])["top1"]
+                other = evaluate(exp.models[name], ctx.test_loader, self.dist, io=exp.io[name],
+                                 mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform)["top1"]
             row[f"top1/{name}"] = other
             m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
             m["last_top1"] = other
@@ -525,7 +532,8 @@ class StageRunner:
             if not exp.has_class_head(name) or key in self.record.frozen_top1 or name in later:
                 continue
             with self.autocast():
-                ev = evaluate(exp.models[name], self.ctx.test_loader, self.dist, io=exp.io[name])
+                ev = evaluate(exp.models[name], self.ctx.test_loader, self.dist, io=exp.io[name],
+                              mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform)
             self.record.frozen_top1[key] = ev["top1"]
             self.ctx.writer.write({"stage": self.plan.name, "model": name, "frozen_top1": ev["top1"], "frozen_top5": ev["top5"]},
                                   self.record.step, tb_prefix=f"{name}/")

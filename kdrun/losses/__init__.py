@@ -1,6 +1,7 @@
 """Loss terms, grouped by what they read: logits (:mod:`.logits`), feature maps (:mod:`.features`),
-relations between samples (:mod:`.relations`), and methods with trainable parts of their own (one
-module each). Every class follows the contract of :mod:`kdrun.losses.base`."""
+relations between samples (:mod:`.relations`), token sequences (:mod:`.tokens`), and methods with
+trainable parts of their own (one module each). Every class follows the contract of
+:mod:`kdrun.losses.base`."""
 from kdrun.losses.ab import ABLoss
 from kdrun.losses.base import LossTerm
 from kdrun.losses.crd import CRDLoss
@@ -11,12 +12,13 @@ from kdrun.losses.logits import (BalancedKLLoss, CrossEntropy, DISTLoss, DKDLoss
 from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
+from kdrun.losses.tokens import TokenCrossEntropy, TokenKLLoss
 from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRGLocalLoss, TRGLoss
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "BalancedKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SPLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SPLoss", "TokenCrossEntropy", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]

@@ -1,6 +1,7 @@
-"""Small convolutional networks for the quickstart and tests (any input size, any channels)."""
+"""Small networks for the quickstart and tests: CNNs (any input size, any channels) and a tiny token model."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from kdrun.models.zoo import register_model
@@ -57,3 +58,34 @@ def simple_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16, dep
                norm: str = "batch") -> SimpleCNN:
     """Build a :class:`SimpleCNN`."""
     return SimpleCNN(num_classes=num_classes, in_channels=in_channels, width=width, depth=depth, norm=norm)
+
+
+class TinyTokenLM(nn.Module):
+    """A tiny causal language model for tests and synthetic token data: the embeddings of each position's
+    token and of the previous one (zeros at t = 0), concatenated, then a two-layer MLP to next-token
+    logits. ``forward(input_ids (B, T)) -> (B, T, V)``; no attention and no normalisation (so a micro-batch
+    and the full batch compute the same per-token values).
+
+    Taps: ``embed`` (B, T, 2 D), ``feat`` (B, T, H, the hidden layer).
+    """
+
+    taps = {"embed": "embed_out", "feat": "act"}
+
+    def __init__(self, num_classes: int = 32, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, dim)
+        self.embed_out = nn.Identity()
+        self.fc1 = nn.Linear(2 * dim, hidden)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        e = self.embed(input_ids)
+        prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
+        return self.fc2(self.act(self.fc1(self.embed_out(torch.cat([e, prev], dim=-1)))))
+
+
+@register_model(doc="Tiny causal token model (current + previous token embeddings, MLP); vocabulary = data.num_classes")
+def tiny_token_lm(num_classes: int = 32, dim: int = 16, hidden: int = 32) -> TinyTokenLM:
+    """Build a :class:`TinyTokenLM` (``num_classes`` is the vocabulary size)."""
+    return TinyTokenLM(num_classes=num_classes, dim=dim, hidden=hidden)

@@ -1,0 +1,78 @@
+"""Importable test components (``_target_: tests.helpers.X``): models with structured outputs, a
+transform that adds a batch field, and a transform that kills its own process (for resume tests)."""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+from torch import Tensor, nn
+
+from kdrun.data.mix import BatchTransform
+from kdrun.models.simple import simple_cnn
+
+
+class AddFlipped(BatchTransform):
+    """A batch transform that adds ``batch.flipped``: the input mirrored left-right (on evaluation
+    batches too)."""
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**batch, "flipped": batch["input"].flip(-1)}
+
+    def for_eval(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self(batch)
+
+
+class KillAtCall:
+    """An identity batch transform that SIGKILLs its process on its ``at``-th call (the build-time
+    trace is call 1, training micro-batch k is call k + 1): a crash at a known moment."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = int(at), 0
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return batch
+
+
+class DictOutputCNN(nn.Module):
+    """A small CNN returning ``{"logits": ..., "pooled": ...}`` (like a Hugging Face ModelOutput)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.net = simple_cnn(num_classes=num_classes, in_channels=in_channels, width=8, depth=2)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        pooled = self.net.flatten(self.net.pool(self.net.blocks(x)))
+        return {"logits": self.net.fc(pooled), "pooled": pooled, "unused": None}
+
+
+class TupleOutputCNN(DictOutputCNN):
+    """The same network returning ``(logits, pooled)``."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        out = super().forward(x)
+        return out["logits"], out["pooled"]
+
+
+class KeywordCNN(DictOutputCNN):
+    """A network whose forward reads two keyword arguments: ``image`` and ``scale`` (B,)."""
+
+    def forward(self, image: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(image * scale.view(-1, 1, 1, 1).to(image.dtype))["logits"]
+
+
+class AddScale(AddFlipped):
+    """Adds ``batch.scale``, a per-sample factor of 1 (for KeywordCNN), to training and evaluation batches."""
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**batch, "scale": torch.ones(batch["input"].shape[0], device=batch["input"].device)}
+
+
+class TrainOnlyField:
+    """A plain transform adding ``batch.extra`` to training batches only (evaluation batches lack it)."""
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**batch, "extra": batch["input"]}
