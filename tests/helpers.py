@@ -23,18 +23,19 @@ class AddFlipped(BatchTransform):
         return self(batch)
 
 
-class KillAtCall:
-    """An identity batch transform that SIGKILLs its process on its ``at``-th call (the build-time
-    trace is call 1, training micro-batch k is call k + 1): a crash at a known moment."""
+class KillAtCall(BatchTransform):
+    """A batch transform that SIGKILLs its process on its ``at``-th call (the build-time trace is call 1,
+    training micro-batch k is call k + 1): a crash at a known moment. Otherwise it applies ``inner``
+    (another transform, e.g. mixup), or nothing."""
 
-    def __init__(self, at: int) -> None:
-        self.at, self.calls = int(at), 0
+    def __init__(self, at: int, inner: BatchTransform | None = None) -> None:
+        self.at, self.calls, self.inner = int(at), 0, inner
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         self.calls += 1
         if self.calls == self.at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return batch
+        return self.inner(batch) if self.inner is not None else batch
 
 
 class DictOutputCNN(nn.Module):
