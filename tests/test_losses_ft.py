@@ -171,3 +171,33 @@ def test_check_shapes():
         FTLoss(mode="main")
     with pytest.raises(RuntimeError, match="setup"):
         FTLoss(mode="transfer")(_maps(2, 6, 4, 4), _maps(2, 8, 4, 4))
+
+
+def test_the_init_stage_trains_only_the_paraphraser_with_every_model_frozen_in_eval_mode(tmp_path):
+    """RepDistiller's init: model_s.eval(), only the paraphraser learns. kdrun's init stage trains no model
+    (train: []), so the student's weights and BatchNorm statistics do not move and it is no random teacher."""
+    import copy
+
+    from kdrun.config import validate
+    from kdrun.engine.trainer import Trainer
+    from tests.conftest import compose_cfg
+
+    cfg = validate(compose_cfg(["data=synthetic", "data.num_classes=100", "data.batch_size=8", "data.source.num_train=16",
+                                "data.source.num_test=8", "teacher=resnet8", "student=resnet8", "teacher.checkpoint=null",
+                                "trainer.progress=off", "trainer.tensorboard=false", "trainer.device=cpu"], recipe="cifar100_ft"))
+    trainer = Trainer(cfg, tmp_path)
+    exp = trainer.prepare()
+    assert [p.name for p in exp.stages] == ["init", "main"] and exp.stages[0].trained_models == []
+    assert exp.random_models == ["teacher"]  # the student waits for its stage: not a random teacher
+    runner = trainer.stage_runner(0)
+    student, ft = exp.models["student"], exp.losses["ft"].module
+    assert not student.training and not any(p.requires_grad for p in student.parameters())
+    assert ft.mode == "paraphraser" and exp.stages[0].eval_model is None
+    before = copy.deepcopy(student.state_dict())
+    paraphraser = copy.deepcopy(ft.paraphraser.state_dict())
+    runner.train_step(next(iter(trainer.ctx.train_loader)), runner.term_weights(0))
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())  # BatchNorm statistics included
+    assert any(not torch.equal(v, paraphraser[k]) for k, v in ft.paraphraser.state_dict().items())
+    main = trainer.stage_runner(1)
+    assert ft.mode == "transfer" and student.training
+    assert main.plan.eval_model == "student"

@@ -62,19 +62,24 @@ def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
     if dist_info is not None:
         all_reduce_sum(totals, dist_info)
     hit1, hit5, loss, n = totals.tolist()
-    hits = [hit1, hit5]
     n = max(n, 1.0)
-    groups: dict[str, float] = {}
-    if class_groups is not None and per_class is not None:
-        if dist_info is not None:
-            all_reduce_sum(per_class, dist_info)
-        for name, mask in class_groups.items():
-            correct, seen = per_class[:, mask.to(per_class.device)].sum(dim=1).tolist()
-            groups[name] = 100.0 * correct / seen if seen else float("nan")
-    out: dict[str, Any] = {"top1": 100.0 * hits[0] / n, "top5": 100.0 * hits[1] / n, "loss": loss / n}
+    out: dict[str, Any] = {"top1": 100.0 * hit1 / n, "top5": 100.0 * hit5 / n, "loss": loss / n}
     if class_groups is not None:
-        out["group_top1"] = groups
+        out["group_top1"] = _group_top1(per_class, class_groups, dist_info)
     return out
+
+
+def _group_top1(per_class: Tensor | None, class_groups: dict[str, Tensor], dist_info: DistInfo | None) -> dict[str, float]:
+    """Top-1 (percent) over the test samples of each group's classes, from per-class (correct, seen)."""
+    if per_class is None:
+        return {}
+    if dist_info is not None:
+        all_reduce_sum(per_class, dist_info)
+    groups: dict[str, float] = {}
+    for name, mask in class_groups.items():
+        correct, seen = per_class[:, mask.to(per_class.device)].sum(dim=1).tolist()
+        groups[name] = 100.0 * correct / seen if seen else float("nan")
+    return groups
 
 
 def _score_positions(logits: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
