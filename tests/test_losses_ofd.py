@@ -193,3 +193,37 @@ def test_check_shapes():
         OFDLoss().set_teacher_bn([torch.nn.BatchNorm2d(3)])
     with pytest.raises(ValueError, match="kernel_size"):
         OFDLoss(kernel_size=2)
+
+
+def test_teacher_bn_paths_fix_the_margins_through_the_build_context():
+    from kdrun.component import BuildContext
+
+    teacher = torch.nn.Module()
+    teacher.layer1 = torch.nn.Sequential(torch.nn.BatchNorm2d(4))
+    with torch.no_grad():
+        teacher.layer1[0].weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.0]))
+        teacher.layer1[0].bias.copy_(torch.tensor([0.0, -1.0, 1.0, 3.0]))
+    shapes = {"student": [torch.Size([2, 3, 4, 4])], "teacher": [torch.Size([2, 4, 4, 4])]}
+    ofd = OFDLoss(teacher_bn=["layer1.0"])
+    ofd.setup(BuildContext(shapes=shapes, num_train=10, models={"teacher": teacher}))
+    assert bool(ofd.margin_fixed)
+    torch.testing.assert_close(ofd.margin(0), bn_margin(teacher.layer1[0].weight, teacher.layer1[0].bias))
+    with pytest.raises(ValueError, match=r"teacher has no module 'layer1.1'.*Did you mean 'layer1.0'"):
+        OFDLoss(teacher_bn=["layer1.1"]).setup(BuildContext(shapes=shapes, num_train=10, models={"teacher": teacher}))
+
+
+def test_the_ofd_recipe_takes_the_reference_margins_from_the_teachers_batchnorms():
+    from kdrun.build import build
+    from kdrun.config import validate
+    from kdrun.errors import KdrunError
+    from tests.conftest import compose_cfg
+
+    base = ["data=synthetic", "data.num_classes=100", "data.batch_size=8", "data.source.num_train=16", "data.source.num_test=8",
+            "teacher=resnet8", "student=resnet8", "teacher.checkpoint=null", "trainer.device=cpu"]
+    paths = "[layer1.0.bn2,layer2.0.bn2,layer3.0.bn2]"  # resnet8: one block per stage
+    exp = build(validate(compose_cfg(base + [f"+loss.ofd.teacher_bn={paths}"], recipe="cifar100_ofd")))
+    ofd, teacher = exp.losses["ofd"].module, exp.models["teacher"]
+    assert bool(ofd.margin_fixed)
+    torch.testing.assert_close(ofd.margin(2), bn_margin(teacher.layer3[0].bn2.weight, teacher.layer3[0].bn2.bias))
+    with pytest.raises(KdrunError, match=r"loss.ofd: teacher has no module 'layer9.0.bn2'"):
+        build(validate(compose_cfg(base + ["+loss.ofd.teacher_bn=[layer9.0.bn2,layer2.0.bn2,layer3.0.bn2]"], recipe="cifar100_ofd")))
