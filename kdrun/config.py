@@ -20,9 +20,11 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from kdrun import plan
 from kdrun.errors import KdrunError, did_you_mean
 from kdrun.plan import model_key
-from kdrun.schema import (ADAPTER_KEYS, DTYPES, LOSS_KEYS, OBJECTIVES, RESERVED_MODEL_NAMES, TOP_LEVEL_KEYS,
+from kdrun.schema import (ADAPTER_KEYS, DTYPES, LOSS_KEYS, OBJECTIVES, TOP_LEVEL_KEYS,
                           CoTrainConfig, DataConfig, ExperimentConfig, ModelConfig, ProbeConfig, PublishedConfig,
-                          RoundsConfig, StageConfig, TrainerConfig, experiment_config)
+                          RoundsConfig, StageConfig, TrainerConfig, experiment_config, model_entries)
+
+model_configs = model_entries  # all configured models by name (kdrun.schema.model_entries)
 
 __all__ = ["validate", "model_configs", "model_key", "import_target", "ADAPTER_KEYS", "LOSS_KEYS"]
 
@@ -138,20 +140,6 @@ def _complete(cfg: DictConfig) -> DictConfig:
     for key, schema in (("rounds", RoundsConfig), ("probe", ProbeConfig), ("published", PublishedConfig)):
         if out.get(key) is not None:
             out[key] = fill(out[key], schema)
-    return out
-
-
-def model_configs(cfg: DictConfig) -> dict[str, DictConfig]:
-    """All configured models by name: ``teacher``, ``student`` (when not null) and ``models.*``."""
-    out: dict[str, DictConfig] = {}
-    for key in ("teacher", "student"):
-        if cfg.get(key) is not None:
-            out[key] = cfg[key]
-    for name, mcfg in (cfg.get("models") or {}).items():
-        if name in out or name in RESERVED_MODEL_NAMES:
-            raise KdrunError(f"models.{name}: the name '{name}' is taken; choose another model name")
-        if mcfg is not None:
-            out[str(name)] = mcfg
     return out
 
 

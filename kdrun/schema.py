@@ -31,6 +31,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from kdrun.errors import KdrunError
+
 # ---------------------------------------------------------------------------------------- sections
 
 
@@ -302,13 +304,16 @@ def _component(node: DictConfig, schema: type) -> Any:
 
 
 def model_entries(cfg: DictConfig) -> dict[str, DictConfig]:
-    """The model nodes of a composed config by name: ``teacher``, ``student`` and ``models.*``."""
+    """The model nodes of a composed config by name: ``teacher``, ``student`` (when not null) and
+    ``models.*``; a ``models.<name>`` that takes a reserved or taken name is a config error."""
     out: dict[str, DictConfig] = {}
     for key in ("teacher", "student"):
         if cfg.get(key) is not None:
             out[key] = cfg[key]
     for name, node in (cfg.get("models") or {}).items():
-        if node is not None and name not in out and name not in RESERVED_MODEL_NAMES:
+        if name in out or name in RESERVED_MODEL_NAMES:
+            raise KdrunError(f"models.{name}: the name '{name}' is taken; choose another model name")
+        if node is not None:
             out[str(name)] = node
     return out
 

@@ -59,7 +59,8 @@ class CRDLoss(LossTerm):
     draws its negatives from other classes). The term learns the classes of the training samples from
     ``(index, target)`` of the batches it sees (a ``labels`` buffer, ``-1`` = not seen yet; samples not
     seen yet count as other-class), so the exclusion is exact from the second epoch on, or from the first
-    step when the builder passes ``train_labels`` to :meth:`setup`. The draw is vectorised: sorting the
+    step when the data set's training labels reach :meth:`setup` through its build context (arrays, and
+    Dataset folders whose datasets list ``targets``). The draw is vectorised: sorting the
     label table puts each class in one block, and a draw uniform over the ``N - n_c`` positions outside
     the anchor's block is mapped around it. Differences to the reference data set: draws are with
     replacement (it draws without, i.e. a few repeated negatives out of 16384 here) and the positive is
@@ -110,7 +111,7 @@ class CRDLoss(LossTerm):
     # ------------------------------------------------------------------------------ build time
     def setup(self, ctx: BuildContext) -> None:
         """Create the heads (from the input widths), the two memory banks and the partition constants;
-        with a ``target`` input also the label table (filled from ``train_labels`` when given)."""
+        with a ``target`` input also the label table (filled from ``ctx.train_labels`` when known)."""
         shapes, num_train, train_labels = ctx.shapes, ctx.num_train, ctx.train_labels
         if num_train < 2:
             raise ValueError(f"CRD: needs at least 2 training samples, got num_train={num_train}")
