@@ -57,6 +57,16 @@ def instantiate_node(node: Any, *args: Any, drop: set[str] = frozenset(), **kwar
         raise
 
 
+def instantiate_as(key: str, node: Any, **kwargs: Any) -> Any:
+    """:func:`instantiate_node`, with a failure of the target turned into one message naming ``key``."""
+    try:
+        return instantiate_node(node, **kwargs)
+    except KdrunError:
+        raise
+    except Exception as ex:
+        raise KdrunError(f"{key}: building {node['_target_']} failed: {ex}") from None
+
+
 def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None, sync_batchnorm: bool = False) -> Experiment:
     """Instantiate everything ``cfg`` describes (validated; typed or as :func:`kdrun.config.validate`
     returns it) on ``device`` (default: ``trainer.device``) and check it with a shape trace."""
@@ -140,12 +150,7 @@ def teacher_hint(cfg: ExperimentConfig, name: str) -> str:
 def make_model(cfg: ExperimentConfig, name: str, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
     """Instantiate model ``name``, load its ``checkpoint``, cast it to its ``dtype`` (SyncBatchNorm if asked)."""
     mcfg, key = cfg.models[name], model_key(name)
-    try:
-        model = instantiate_node(mcfg.net)
-    except KdrunError:
-        raise
-    except Exception as ex:
-        raise KdrunError(f"{key}.net: building {mcfg.net['_target_']} failed: {ex}") from None
+    model = instantiate_as(f"{key}.net", mcfg.net)
     if sync_batchnorm:
         if device.type != "cuda":
             raise KdrunError("trainer.sync_batchnorm=true needs CUDA devices (SyncBatchNorm does not run on CPU)")
@@ -232,12 +237,8 @@ def build_batch_transform(cfg: ExperimentConfig, reads: set[str]) -> Any:
             wants = "num_classes" in inspect.signature(target).parameters and "num_classes" not in cfg.batch_transform
         except (TypeError, ValueError):
             wants = False
-        try:
-            return instantiate_node(cfg.batch_transform, **({"num_classes": int(cfg.data.num_classes)} if wants else {}))
-        except KdrunError:
-            raise
-        except Exception as ex:
-            raise KdrunError(f"batch_transform: building {cfg.batch_transform['_target_']} failed: {ex}") from None
+        return instantiate_as("batch_transform", cfg.batch_transform,
+                              **({"num_classes": int(cfg.data.num_classes)} if wants else {}))
     if "batch.soft_target" in reads:
         return OneHotTargets(int(cfg.data.num_classes))
     return None
@@ -407,12 +408,7 @@ def build_losses(cfg: ExperimentConfig, loss_inputs: Mapping[str, Inputs], used:
         lcfg, inputs = cfg.loss[name], loss_inputs[name]
         _require(ns, inputs, f"loss.{name}")
         target = lcfg.node["_target_"]
-        try:
-            module = instantiate_node(lcfg.node)
-        except KdrunError:
-            raise
-        except Exception as ex:
-            raise KdrunError(f"loss.{name}: building {target} failed: {ex}") from None
+        module = instantiate_as(f"loss.{name}", lcfg.node)
         shapes = shapes_of(ns, inputs)
         try:
             if isinstance(module, Component):
