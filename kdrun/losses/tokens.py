@@ -13,15 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdrun.losses.base import LossTerm
+from kdrun.losses.features import to_float
 
 
 def _masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     m = (mask != 0).to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1.0)
-
-
-def _float(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _check(term: str, logits: torch.Size, mask: torch.Size, other: tuple[str, torch.Size] | None = None) -> None:
@@ -50,7 +47,7 @@ class TokenCrossEntropy(LossTerm):
             raise ValueError(f"token cross-entropy: 'target' {tuple(target)} must be (batch, positions) = {tuple(logits[:2])}")
 
     def forward(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        z = _float(logits)
+        z = to_float(logits)
         per_token = F.cross_entropy(z.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
         return _masked_mean(per_token, mask)
 
@@ -78,8 +75,8 @@ class TokenKLLoss(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
         t = self.temperature
-        log_s = F.log_softmax(_float(student) / t, dim=-1)
-        log_t = F.log_softmax(_float(teacher).detach() / t, dim=-1)
+        log_s = F.log_softmax(to_float(student) / t, dim=-1)
+        log_t = F.log_softmax(to_float(teacher).detach() / t, dim=-1)
         per_token = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
         return t * t * _masked_mean(per_token, mask)
 
