@@ -33,6 +33,7 @@ from kdrun.devices import resolve_device
 from kdrun.errors import KdrunError, did_you_mean
 from kdrun.experiment import AdapterSpec, Experiment, LossSpec, StagePlan
 from kdrun.model_io import ModelIO
+from kdrun.models.frozen import mark_frozen
 from kdrun.models.weights import load_weights
 from kdrun.names import Inputs, Namespace, describe, field_of, gather, names_of, owner_of, shapes_of
 from kdrun.plan import model_key
@@ -150,7 +151,12 @@ def teacher_hint(cfg: ExperimentConfig, name: str) -> str:
 def make_model(cfg: ExperimentConfig, name: str, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
     """Instantiate model ``name``, load its ``checkpoint``, cast it to its ``dtype`` (SyncBatchNorm if asked)."""
     mcfg, key = cfg.models[name], model_key(name)
-    model = instantiate_as(f"{key}.net", mcfg.net)
+    try:
+        model = instantiate_as(f"{key}.net", mcfg.net)
+    except KdrunError as ex:  # a builder's own message names its keys from 'net' (kdrun.models.hf)
+        text = str(ex)
+        raise KdrunError(f"{key}.{text}" if text.startswith("net") else text) from None
+    mark_frozen(model)
     if sync_batchnorm:
         if device.type != "cuda":
             raise KdrunError("trainer.sync_batchnorm=true needs CUDA devices (SyncBatchNorm does not run on CPU)")
@@ -379,7 +385,8 @@ def _auto_size(arg: str, first: Tensor, target: Tensor | None, key: str) -> int:
     """Resolve ``auto`` from the traced shapes.
 
     ``in_*`` reads the adapter's first input, ``out_*`` its ``target`` tensor; ``*_size`` is the
-    spatial size (dim 2, height), anything else (channels, features, dim) is dim 1.
+    spatial size (dim 2, height), ``*_dim`` the last dimension (the width of (batch, positions, width)
+    hidden states), anything else (channels, features) is dim 1.
     """
     if arg.startswith("in_"):
         tensor = first
@@ -393,6 +400,8 @@ def _auto_size(arg: str, first: Tensor, target: Tensor | None, key: str) -> int:
         if tensor.dim() < 3:
             raise KdrunError(f"{key}.{arg}=auto: the tensor has no spatial size (shape {tuple(tensor.shape)})")
         return int(tensor.shape[2])
+    if arg.endswith("_dim"):
+        return int(tensor.shape[-1])
     return int(tensor.shape[1])
 
 

@@ -8,7 +8,9 @@ Only the taps something reads are hooked, so unused taps cost nothing.
 Tap groups name several taps at once, derived from the standard tap names so that one recipe fits
 every architecture: ``stages`` = [stage1, ..., stageK], ``stages_pre`` = [stage1_pre, ...],
 ``features`` = [stem, stage1, ..., stageK], and the aliases ``last_stage`` = stageK and
-``last_stage_pre`` = stageK_pre. ``inputs: {student: student.stages}`` gives the loss a list.
+``last_stage_pre`` = stageK_pre; for transformers (taps ``hidden.<i>``), ``layers`` = [hidden.0, ...] and
+``last_layer``. ``inputs: {student: student.stages}`` gives the loss a list. A module that returns a
+tuple (a transformer layer returning its attention too) is tapped at its first element.
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ def tap_groups(taps: dict[str, str]) -> dict[str, list[str] | str]:
     if pre:
         groups["stages_pre"] = pre
         groups["last_stage_pre"] = pre[-1]
+    layers = numbered(r"hidden\.(\d+)")
+    if layers:  # transformer layers (kdrun.models.hf)
+        groups["layers"] = layers
+        groups["last_layer"] = layers[-1]
     return {k: v for k, v in groups.items() if k not in taps}
 
 
@@ -97,9 +103,9 @@ class TapRecorder:
             self._handles.append(modules[path].register_forward_hook(self._hook(tap)))
 
     def _hook(self, tap: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.active:
-                self.outputs[tap] = output
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.active:  # a module returning a tuple (a transformer layer with its attention) publishes its first element
+                self.outputs[tap] = output[0] if isinstance(output, tuple) and output and isinstance(output[0], Tensor) else output
         return hook
 
     def pop(self) -> dict[str, Tensor]:

@@ -31,7 +31,7 @@ def make_loader(splits: Any, part: str, data: DataConfig, device: torch.device, 
     if isinstance(splits, DatasetSplits):
         return DatasetLoader(getattr(splits, part), num_workers=data.num_workers, **common)
     if isinstance(splits, TensorSplits):
-        return TensorLoader(getattr(splits, part), **common)
+        return TensorLoader(getattr(splits, part), trim_field=splits.trim_field, **common)
     images, labels = (splits.train_images, splits.train_labels) if part == "train" else (splits.test_images, splits.test_labels)
     loader = ArrayLoader(images, labels, mean=data.mean, std=data.std, crop_padding=data.crop_padding, hflip=data.hflip,
                          **common)

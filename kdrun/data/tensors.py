@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,12 +35,16 @@ class TensorSplits:
 
     train: dict[str, Tensor]
     test: dict[str, Tensor]
+    trim_field: str | None = None  # right-padded (N, L) fields: each batch is cut to the longest non-zero run of this field
+    tokenizer: Any = None  # text data: the tokenizer that made the token ids (generation decodes with it)
 
     def __post_init__(self) -> None:
         _check(self.train, "train")
         _check(self.test, "test")
         if set(self.train) != set(self.test):
             raise ValueError(f"train fields {sorted(self.train)} and test fields {sorted(self.test)} differ")
+        if self.trim_field is not None and self.trim_field not in self.train:
+            raise ValueError(f"trim_field '{self.trim_field}' is not a field ({sorted(self.train)})")
 
     @property
     def num_train(self) -> int:
@@ -62,7 +67,8 @@ class TensorSplits:
         n_train, n_test = self.num_train, _check(self.test, "test")
         n = max(1, min(int(n), n_train))
         m = max(1, math.ceil(n_test * n / n_train))
-        return TensorSplits({k: v[:n] for k, v in self.train.items()}, {k: v[:m] for k, v in self.test.items()})
+        return TensorSplits({k: v[:n] for k, v in self.train.items()}, {k: v[:m] for k, v in self.test.items()},
+                            self.trim_field, self.tokenizer)
 
     def validation_split(self, n: int, seed: int = 0) -> TensorSplits:
         """Hold out ``n`` training samples (a seeded choice) as the evaluation set."""
@@ -71,7 +77,8 @@ class TensorSplits:
             raise ValueError(f"data.val_split must be between 1 and {total - 1}, got {n}")
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         val, train = perm[:n].sort().values, perm[n:].sort().values
-        return TensorSplits({k: v[train] for k, v in self.train.items()}, {k: v[val] for k, v in self.train.items()})
+        return TensorSplits({k: v[train] for k, v in self.train.items()}, {k: v[val] for k, v in self.train.items()},
+                            self.trim_field, self.tokenizer)
 
 
 class TensorLoader:
@@ -82,10 +89,13 @@ class TensorLoader:
 
     def __init__(self, fields: Mapping[str, Tensor], *, batch_size: int, train: bool, device: torch.device,
                  seed: int = 0, drop_last: bool = False, max_batches: int | None = None, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, trim_field: str | None = None) -> None:
         self.device = torch.device(device)
         self.fields = {k: v.to(self.device) for k, v in fields.items()}
         self.n = _check(self.fields, "data")
+        # dynamic padding: per-sample lengths on the host, so cutting a batch reads no device tensor
+        self.lengths = None if trim_field is None else (fields[trim_field] != 0).sum(dim=1).cpu()
+        self.width = None if trim_field is None else int(fields[trim_field].shape[1])
         self.batch_size, self.train = int(batch_size), train
         self.drop_last = drop_last and train
         self.seed, self.max_batches = int(seed), max_batches
@@ -108,12 +118,16 @@ class TensorLoader:
         gen.manual_seed(self.seed * 1_000_003 + self.epoch_key)
         order = (torch.randperm(self.n, generator=gen, device=self.device) if self.train
                  else torch.arange(self.n, device=self.device))
+        host_order = order.cpu() if self.lengths is not None else None  # once per epoch
         start, self.start = self.start, 0
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             if self.world_size > 1:
                 idx = torch.tensor_split(idx, self.world_size)[self.rank]
             batch = {k: v[idx] for k, v in self.fields.items()}
+            if host_order is not None:  # every rank cuts at the global batch's longest sample
+                width = int(self.lengths[host_order[i * self.batch_size:(i + 1) * self.batch_size]].max())
+                batch = {k: v[:, :width] if v.dim() >= 2 and v.shape[1] == self.width else v for k, v in batch.items()}
             batch["index"] = idx
             yield batch
 

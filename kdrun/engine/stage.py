@@ -44,6 +44,7 @@ from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.record import RunKey, RunRecord
 from kdrun.errors import KdrunError
 from kdrun.experiment import Experiment
+from kdrun.models.frozen import set_trainable, trainable_parameters
 from kdrun.names import gather, names_of
 from kdrun.plan import GroupPlan
 
@@ -162,10 +163,10 @@ class StageRunner:
 
     def _make_group(self, group: GroupPlan) -> OptimizerGroup:
         exp = self.exp
-        modules = [exp.models[m] for m in group.models]
-        modules += [exp.adapters[a].module for a in group.adapters if exp.adapters[a].trainable]
+        modules = [exp.adapters[a].module for a in group.adapters if exp.adapters[a].trainable]
         modules += [exp.losses[t].module for t in group.losses]
-        params = [p for m in modules for p in m.parameters()]
+        params = [p for m in group.models for p in trainable_parameters(exp.models[m])]
+        params += [p for m in modules for p in m.parameters()]
         if not params:
             raise KdrunError(f"{group.key}: nothing to train (its models, adapters and loss terms have no parameters)")
         target = import_target(group.optimizer["_target_"], f"{group.key}.optimizer")
@@ -224,7 +225,7 @@ class StageRunner:
         for name, model in exp.models.items():
             trains = name in plan.trained_models
             model.train(trains)
-            model.requires_grad_(trains)
+            set_trainable(model, trains)
         for name, spec in exp.adapters.items():
             trains = name in plan.adapters and spec.trainable
             spec.module.train(trains)

@@ -1,19 +1,34 @@
 """Loss terms over token sequences: a value per position, averaged over the valid tokens of a mask.
 
-Each term returns the mean over its micro-batch's valid tokens, ``sum_{b,t} m_bt l_bt / sum_{b,t} m_bt``
+Every term returns the mean over its micro-batch's valid tokens, ``sum_{b,t} m_bt l_bt / sum_{b,t} m_bt``
 (0 when the mask holds no token), and declares ``mean_over = "tokens"`` with its mask argument, so
 that under gradient accumulation and data parallelism the engine turns these means into the mean over
 every valid token of the optimizer step (:mod:`kdrun.engine.accumulate`) -- not a mean of
 micro-batch means, which over-weights short sequences.
+
+Notation: at a position, ``p = softmax(z_t / T)`` is the teacher's next-token distribution, ``q =
+softmax(z_s / T)`` the student's, ``KL(a||b) = sum_v a_v (log a_v - log b_v)``.
+
+Memory: the per-position arithmetic runs in float32 over chunks of ``chunk_size`` positions, each under
+activation checkpointing, so neither the forward nor the saved state for backward ever holds float32
+(batch, length, vocabulary) tensors of both models -- only one chunk's, recomputed in backward. The
+models' own logits (in their dtype) are the only full-size tensors.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import to_float
+
+LOG_FLOOR = -1.0e4  # log-probabilities are clamped here: exp() is 0, and 0 * (a - b) stays finite (vocab padding, tails)
+DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
 
 def _masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -21,25 +36,136 @@ def _masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
 
+def chunked_masked_sum(fn: Callable[..., Tensor], tensors: Sequence[Tensor], mask: Tensor,
+                       chunk_size: int | None) -> Tensor:
+    """``sum_i m_i fn(rows_i)`` over the flattened (batch x positions) rows of ``tensors``, computed in
+    chunks of ``chunk_size`` rows (None: at once). Each chunk that needs gradients is checkpointed, so the
+    float32 intermediates of ``fn`` exist for one chunk at a time, in forward and in backward."""
+    n = mask.numel()
+    flat = [t.reshape(n, *t.shape[mask.dim():]) for t in tensors]
+    m = (mask.reshape(n) != 0).float()
+
+    def part(*args: Tensor) -> Tensor:
+        return (fn(*args[:-1]) * args[-1]).sum()
+
+    if chunk_size is None or n <= chunk_size:
+        return part(*flat, m)
+    total = torch.zeros((), device=mask.device)
+    for start in range(0, n, chunk_size):
+        rows = [t[start:start + chunk_size] for t in flat] + [m[start:start + chunk_size]]
+        if torch.is_grad_enabled() and any(r.requires_grad for r in rows):
+            total = total + checkpoint(part, *rows, use_reentrant=False)
+        else:
+            total = total + part(*rows)
+    return total
+
+
+def _token_mean(fn: Callable[..., Tensor], tensors: Sequence[Tensor], mask: Tensor, chunk_size: int | None) -> Tensor:
+    return chunked_masked_sum(fn, tensors, mask, chunk_size) / (mask != 0).sum().clamp_min(1).float()
+
+
+def log_probs(z: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(z / T)`` in float32, floored at :data:`LOG_FLOOR` (``-inf`` logits of padded vocabulary rows included)."""
+    return F.log_softmax(to_float(z) / temperature, dim=-1).clamp_min(LOG_FLOOR)
+
+
+def kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``KL(a||b) = sum_v a_v (log a_v - log b_v)`` over the last dimension (log-probabilities in)."""
+    return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
+
+
+def log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """``log(w a + (1 - w) b)`` for ``0 < w < 1``, by log-sum-exp."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a)).clamp_min(LOG_FLOOR)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends (Maechler 2012)."""
+    x = x.clamp_max(-1e-7)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def top_k_with_tail(log_s: Tensor, log_t: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Both distributions restricted to the teacher's ``k`` most likely tokens plus one tail bucket
+    holding the rest of each model's mass: (..., k + 1) log-probabilities that each sum to 1 (the "tail
+    bucket" support of TRL's server distillation and DistillKit's ``symmetric_uniform``)."""
+    top_t, idx = log_t.topk(k, dim=-1)
+    top_s = log_s.gather(-1, idx)
+    tail_t = _log1mexp(torch.logsumexp(top_t, dim=-1, keepdim=True))
+    tail_s = _log1mexp(torch.logsumexp(top_s, dim=-1, keepdim=True))
+    return (torch.cat([top_s, tail_s], dim=-1).clamp_min(LOG_FLOOR),
+            torch.cat([top_t, tail_t], dim=-1).clamp_min(LOG_FLOOR))
+
+
+def divergence(kind: str, log_s: Tensor, log_t: Tensor, teacher_mix: float = 0.5, skew: float = 0.1,
+               stop_grad_mixture: bool = False) -> Tensor:
+    """Per-position divergence between student ``q`` and teacher ``p`` (log-probabilities in, last dim summed).
+
+    - ``fkl``: ``KL(p||q)`` (forward KL; word-level KD, Hinton et al. 2015 / Kim & Rush 2016).
+    - ``rkl``: ``KL(q||p)`` (reverse KL; MiniLLM, Gu et al. ICLR 2024).
+    - ``jsd``: generalized Jensen-Shannon of GKD (Agarwal et al. ICLR 2024) with ``pi = teacher_mix``, the
+      teacher's weight in the mixture ``m = pi p + (1 - pi) q``: ``pi KL(p||m) + (1 - pi) KL(q||m)``;
+      ``pi = 0`` is taken as ``fkl`` and ``pi = 1`` as ``rkl`` (the limits of the scaled divergence, as TRL
+      does). TRL's ``beta`` is ``pi``; DistiLLM's ``lambda`` is ``1 - pi`` (its default 0.9 is ``pi = 0.1``).
+    - ``skl``: skew KL ``KL(p || a p + (1 - a) q)`` with ``a = skew`` (DistiLLM, Ko et al. ICML 2024; 0.1).
+    - ``srkl``: skew reverse KL ``KL(q || a q + (1 - a) p)``; ``stop_grad_mixture`` detaches the ``q`` inside
+      the mixture (DistiLLM-2, Ko et al. ICML 2025).
+    - ``tvd``: total variation ``1/2 sum_v |p_v - q_v|``.
+    """
+    if kind == "fkl" or (kind == "jsd" and teacher_mix == 0.0):
+        return kl(log_t, log_s)
+    if kind == "rkl" or (kind == "jsd" and teacher_mix == 1.0):
+        return kl(log_s, log_t)
+    if kind == "jsd":
+        log_m = log_mix(log_t, log_s, teacher_mix)
+        return teacher_mix * kl(log_t, log_m) + (1.0 - teacher_mix) * kl(log_s, log_m)
+    if kind == "skl":
+        return kl(log_t, log_mix(log_t, log_s, skew)) if skew > 0 else kl(log_t, log_s)
+    if kind == "srkl":
+        inner = log_s.detach() if stop_grad_mixture else log_s
+        return kl(log_s, log_mix(inner, log_t, skew)) if skew > 0 else kl(log_s, log_t)
+    if kind == "tvd":
+        return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
+    raise ValueError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
+
+
 def _check(term: str, logits: torch.Size, mask: torch.Size, other: tuple[str, torch.Size] | None = None) -> None:
     if len(logits) != 3:
         raise ValueError(f"{term}: logits must be (batch, positions, vocabulary), got {tuple(logits)}")
     if tuple(mask) != tuple(logits[:2]):
         raise ValueError(f"{term}: 'mask' {tuple(mask)} must be (batch, positions) = {tuple(logits[:2])}")
-    if other is not None and tuple(other[1]) != tuple(logits):
-        raise ValueError(f"{term}: '{other[0]}' {tuple(other[1])} must have the shape of the logits {tuple(logits)}")
+    if other is None:
+        return
+    name, shape = other
+    if len(shape) == 3 and tuple(shape[:2]) == tuple(logits[:2]) and shape[2] != logits[2]:
+        raise ValueError(
+            f"{term}: the student's vocabulary has {logits[2]} entries and the {name}'s {shape[2]}: a token-level "
+            f"divergence needs teacher and student to share one tokenizer and vocabulary (use a teacher of the "
+            f"student's family, or sequence-level KD on teacher text)")
+    if tuple(shape) != tuple(logits):
+        raise ValueError(f"{term}: '{name}' {tuple(shape)} must have the shape of the logits {tuple(logits)}")
+
+
+def _check_chunk(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions or null (no chunks), got {chunk_size}")
+    return None if chunk_size is None else int(chunk_size)
 
 
 class TokenCrossEntropy(LossTerm):
     """Next-token cross-entropy averaged over valid tokens:
     ``sum_{b,t} m_bt * (-log softmax(z_bt)[y_bt]) / sum_{b,t} m_bt``.
 
-    Inputs: ``logits`` (B, T, V), ``target`` (B, T) token ids (the next token of each position),
-    ``mask`` (B, T), non-zero where the position counts (a batch field, e.g. ``batch.loss_mask``:
-    response tokens only, no padding)."""
+    Inputs: ``logits`` (B, T, V), ``target`` (B, T) token ids (the next token of each position; -100 where
+    none), ``mask`` (B, T), non-zero where the position counts (a batch field, e.g. ``batch.token_mask``:
+    response tokens only, no padding). Args: ``chunk_size`` positions per float32 chunk (default 1024)."""
 
     mean_over = "tokens"
     count_input = "mask"
+
+    def __init__(self, chunk_size: int | None = 1024) -> None:
+        super().__init__()
+        self.chunk_size = _check_chunk(chunk_size)
 
     def check_shapes(self, logits: torch.Size, target: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
         _check("token cross-entropy", logits, mask)
@@ -47,9 +173,10 @@ class TokenCrossEntropy(LossTerm):
             raise ValueError(f"token cross-entropy: 'target' {tuple(target)} must be (batch, positions) = {tuple(logits[:2])}")
 
     def forward(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        z = to_float(logits)
-        per_token = F.cross_entropy(z.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
-        return _masked_mean(per_token, mask)
+        def per_token(z: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(to_float(z), y.clamp_min(0), reduction="none")
+
+        return _token_mean(per_token, [logits, target], mask, self.chunk_size)
 
 
 class TokenKLLoss(LossTerm):
@@ -59,7 +186,7 @@ class TokenKLLoss(LossTerm):
     ``T^2 * sum_{b,t} m_bt KL(softmax(z^t_bt / T) || softmax(z^s_bt / T)) / sum_{b,t} m_bt``.
 
     Inputs: ``student``, ``teacher`` (B, T, V) logits over the same vocabulary, ``mask`` (B, T) a batch
-    field. Args: temperature (default 1.0)."""
+    field. Args: temperature (default 1.0). :class:`TokenDivergence` is the general form."""
 
     mean_over = "tokens"
     count_input = "mask"
@@ -75,10 +202,184 @@ class TokenKLLoss(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
         t = self.temperature
-        log_s = F.log_softmax(to_float(student) / t, dim=-1)
-        log_t = F.log_softmax(to_float(teacher).detach() / t, dim=-1)
-        per_token = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
+        per_token = kl(log_probs(teacher.detach(), t), log_probs(student, t))
         return t * t * _masked_mean(per_token, mask)
 
 
-__all__ = ["TokenCrossEntropy", "TokenKLLoss"]
+class TokenDivergence(LossTerm):
+    """A token-level divergence between teacher and student next-token distributions, averaged over the
+    valid tokens of ``mask``: ``s * sum_{b,t} m_bt D(p_bt, q_bt) / sum_{b,t} m_bt`` with
+    ``p = softmax(z_t / T)``, ``q = softmax(z_s / T)`` and ``s = T^2`` if ``t_squared`` else 1.
+
+    ``kind`` picks ``D`` (see :func:`divergence`): ``fkl`` (default), ``rkl``, ``jsd`` (``teacher_mix``,
+    default 0.5), ``skl`` / ``srkl`` (``skew``, default 0.1; ``stop_grad_mixture`` for srkl), ``tvd``.
+
+    ``top_k``: restrict both distributions to the teacher's ``k`` most likely tokens plus a tail bucket
+    with each model's remaining mass (:func:`top_k_with_tail`; null: the whole vocabulary).
+
+    Defaults follow LLM practice: T = 1 and no T^2 (MiniLLM, DistiLLM, TRL). ``chunk_size``: positions per
+    float32 chunk (default 1024; null computes all at once).
+
+    Inputs: ``student``, ``teacher`` (B, T, V) logits over one vocabulary (the same tokenizer: a
+    different vocabulary size is refused at build time), ``mask`` (B, T) a batch field.
+    """
+
+    mean_over = "tokens"
+    count_input = "mask"
+
+    def __init__(self, kind: str = "fkl", temperature: float = 1.0, teacher_mix: float = 0.5, skew: float = 0.1,
+                 stop_grad_mixture: bool = False, top_k: int | None = None, t_squared: bool = False,
+                 chunk_size: int | None = 1024) -> None:
+        super().__init__()
+        if kind not in DIVERGENCES:
+            raise ValueError(f"token divergence: unknown kind '{kind}'; choose one of {', '.join(DIVERGENCES)}")
+        if temperature <= 0:
+            raise ValueError(f"token divergence: temperature must be positive, got {temperature}")
+        if not 0.0 <= teacher_mix <= 1.0:
+            raise ValueError(f"token divergence: teacher_mix must be in [0, 1], got {teacher_mix}")
+        if not 0.0 <= skew < 1.0:
+            raise ValueError(f"token divergence: skew must be in [0, 1), got {skew}")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"token divergence: top_k must be a positive number of tokens or null, got {top_k}")
+        self.kind, self.temperature = kind, float(temperature)
+        self.teacher_mix, self.skew, self.stop_grad_mixture = float(teacher_mix), float(skew), bool(stop_grad_mixture)
+        self.top_k = None if top_k is None else int(top_k)
+        self.scale = self.temperature ** 2 if t_squared else 1.0
+        self.chunk_size = _check_chunk(chunk_size)
+
+    def check_shapes(self, student: torch.Size, teacher: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
+        _check(f"token divergence ({self.kind})", student, mask, ("teacher", teacher))
+        if self.top_k is not None and self.top_k > student[2]:
+            raise ValueError(f"token divergence: top_k {self.top_k} exceeds the vocabulary ({student[2]})")
+
+    def per_token(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """``D(p, q)`` for rows of logits (..., V) -> (...)."""
+        log_s, log_t = log_probs(student, self.temperature), log_probs(teacher.detach(), self.temperature)
+        if self.top_k is not None:
+            log_s, log_t = top_k_with_tail(log_s, log_t, self.top_k)
+        return divergence(self.kind, log_s, log_t, self.teacher_mix, self.skew, self.stop_grad_mixture)
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        return self.scale * _token_mean(self.per_token, [student, teacher], mask, self.chunk_size)
+
+
+class TAIDLoss(LossTerm):
+    """TAID: temporally adaptive interpolated distillation (Shing et al., "TAID: Temporally Adaptive
+    Interpolated Distillation for Efficient Knowledge Transfer in Language Models", ICLR 2025).
+
+    Target ``p_t = softmax((1 - t) sg(z_s) + t z_t)``, loss ``-sum_v p_t(v) log q(v)`` averaged over the
+    valid tokens. ``t`` moves from ``t_start`` to ``t_end`` once per optimizer step, from the detached loss
+    ``l`` of the previous step (SakanaAI/TAID ``src/distil_losses/taid.py``)::
+
+        rel = (l_prev - l) / l_prev;  m <- beta m + (1 - beta) rel;  delta = alpha sigmoid(m) (1 - t)
+        t <- min(t_end, max(t_start + (t_end - t_start) step / total_steps, t + delta))
+
+    Defaults: ``t_start`` 0.4, ``t_end`` 1.0, ``alpha`` 5e-4, ``beta`` 0.99; ``adaptive=false`` keeps only
+    the linear floor. Under data parallelism ``l`` is the mean over ranks (all-reduced), so every rank holds
+    the same ``t`` (the reference code uses each rank's own loss). ``t``, ``m`` and ``l_prev`` are buffers:
+    saved in checkpoints, restored on resume.
+
+    Inputs: ``student``, ``teacher`` (B, T, V) logits, ``mask`` (B, T).
+    """
+
+    mean_over = "tokens"
+    count_input = "mask"
+
+    def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
+                 adaptive: bool = True, chunk_size: int | None = 1024) -> None:
+        super().__init__()
+        if not 0.0 <= t_start <= t_end <= 1.0:
+            raise ValueError(f"TAID: need 0 <= t_start <= t_end <= 1, got {t_start}, {t_end}")
+        self.t_start, self.t_end, self.alpha, self.beta = float(t_start), float(t_end), float(alpha), float(beta)
+        self.adaptive = bool(adaptive)
+        self.chunk_size = _check_chunk(chunk_size)
+        self.register_buffer("t", torch.tensor(float(t_start)))
+        self.register_buffer("momentum", torch.zeros(()))
+        self.register_buffer("prev_loss", torch.full((), float("nan")))
+        self.register_buffer("step_loss", torch.zeros(2))  # (sum of this step's micro-batch losses, count)
+
+    def check_shapes(self, student: torch.Size, teacher: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
+        _check("TAID", student, mask, ("teacher", teacher))
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Update ``t`` from the previous optimizer step's loss (device arithmetic only, no host read)."""
+        floor = self.t_start + (self.t_end - self.t_start) * step / max(total_steps, 1)
+        t = self.t
+        if self.adaptive:
+            acc = self.step_loss.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(acc)
+            seen = acc[1] > 0
+            loss = acc[0] / acc[1].clamp_min(1.0)
+            prev = self.prev_loss
+            rel = torch.where(torch.isfinite(prev) & seen, (prev - loss) / prev.clamp_min(1e-12), torch.zeros_like(loss))
+            m = torch.where(seen, self.beta * self.momentum + (1 - self.beta) * rel, self.momentum)
+            t = torch.where(seen, t + self.alpha * torch.sigmoid(m) * (1 - t), t)
+            self.momentum.copy_(m)
+            self.prev_loss.copy_(torch.where(seen, loss, prev))
+        self.t.copy_(t.clamp_min(floor).clamp_max(self.t_end))
+        self.step_loss.zero_()
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        t = self.t
+
+        def per_token(zs: Tensor, zt: Tensor) -> Tensor:
+            target = F.softmax((1 - t) * to_float(zs).detach() + t * to_float(zt.detach()), dim=-1)
+            return -(target * F.log_softmax(to_float(zs), dim=-1)).sum(dim=-1)
+
+        loss = _token_mean(per_token, [student, teacher], mask, self.chunk_size)
+        if self.training and torch.is_grad_enabled():
+            self.step_loss.add_(torch.stack([loss.detach(), torch.ones_like(loss)]))
+        return loss
+
+
+class TokenHiddenLoss(LossTerm):
+    """Hidden-state distillation per token, averaged over valid tokens and over the (student, teacher)
+    pairs of a layer map: ``(1/K) sum_k sum_{b,t} m_bt d(h^s_k,bt, h^t_k,bt) / sum_{b,t} m_bt``.
+
+    ``kind``: ``mse`` -- ``d = mean_j (h^s_j - h^t_j)^2`` (DistillKit, TextBrewer's hidden MSE);
+    ``cosine`` -- ``d = 1 - cos(h^s, h^t)`` (DistilBERT's cosine embedding loss, Sanh et al. 2019).
+    Inputs: ``student``, ``teacher`` -- one (B, T, D) tensor each or equally long lists (the layer map,
+    e.g. ``[student.hidden.1, student.hidden.3]`` against ``[teacher.hidden.3, teacher.hidden.7]``), with
+    equal widths (a projection adapter maps a narrower student: ``kdrun.models.adapters.Projector``);
+    ``mask`` (B, T).
+    """
+
+    mean_over = "tokens"
+    count_input = "mask"
+
+    def __init__(self, kind: str = "mse") -> None:
+        super().__init__()
+        if kind not in ("mse", "cosine"):
+            raise ValueError(f"token hidden loss: kind must be 'mse' or 'cosine', got '{kind}'")
+        self.kind = kind
+
+    @staticmethod
+    def _pairs(student, teacher) -> tuple[list, list]:
+        s = list(student) if isinstance(student, (list, tuple)) else [student]
+        t = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+        return s, t
+
+    def check_shapes(self, student, teacher, mask: torch.Size) -> None:  # type: ignore[override]
+        s_list, t_list = self._pairs(student, teacher)
+        if len(s_list) != len(t_list):
+            raise ValueError(f"token hidden loss: {len(s_list)} student and {len(t_list)} teacher layers; the layer map pairs them one to one")
+        for i, (s, t) in enumerate(zip(s_list, t_list)):
+            if len(s) != 3 or tuple(s[:2]) != tuple(mask):
+                raise ValueError(f"token hidden loss: pair {i}: student hidden {tuple(s)} must be (batch, positions, width) with mask {tuple(mask)}")
+            if tuple(s) != tuple(t):
+                raise ValueError(f"token hidden loss: pair {i}: student {tuple(s)} and teacher {tuple(t)} differ; "
+                                 f"add a projection adapter (kdrun.models.adapters.Projector) on the student side")
+
+    def forward(self, student, teacher, mask: Tensor) -> Tensor:  # type: ignore[override]
+        s_list, t_list = self._pairs(student, teacher)
+        total = torch.zeros((), device=mask.device)
+        for s, t in zip(s_list, t_list):
+            s, t = to_float(s), to_float(t.detach())
+            d = (s - t).pow(2).mean(dim=-1) if self.kind == "mse" else 1 - F.cosine_similarity(s, t, dim=-1)
+            total = total + _masked_mean(d, mask)
+        return total / len(s_list)
+
+
+__all__ = ["TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "chunked_masked_sum",
+           "divergence", "kl", "log_probs", "top_k_with_tail"]

@@ -2,7 +2,7 @@
 
 An adapter is configured under ``adapters`` and publishes ``adapters.<name>``; its ``in_*: auto``
 and ``out_*: auto`` arguments are resolved to the channel count (``size(1)``) of its first input and
-of its ``target`` tensor. Spatial sizes are not resolved that way: pass them explicitly (an
+of its ``target`` tensor; ``*_dim: auto`` to their last dimension (a token's hidden width). Spatial sizes are not resolved that way: pass them explicitly (an
 ``in_size: auto`` would be read as a channel count).
 """
 from __future__ import annotations
@@ -109,3 +109,20 @@ class LinearEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x.flatten(1))
+
+
+class Projector(nn.Module):
+    """One linear map over the last dimension: ``(..., in_dim) -> (..., out_dim)``.
+
+    The learned projection of hidden-state distillation between models of different widths (TinyBERT's
+    ``W_h``, Jiao et al. 2020; DistillKit's and TextBrewer's projections): ``student.hidden.<i>`` (B, T, d_s)
+    onto the teacher's width d_t. ``in_dim: auto, out_dim: auto`` with ``target: teacher.hidden.<j>``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        self.linear = nn.Linear(self.in_dim, self.out_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)

@@ -1,0 +1,319 @@
+"""Text data for language models: tokenizers, corpora packed into blocks, prompt/response sets.
+
+Every source returns :class:`~kdrun.data.tensors.TensorSplits` with these fields, each (N, L):
+
+- ``input_ids``: the tokens the models read; ``attention_mask``: 1 on tokens, 0 on padding (right padding);
+- ``labels``: the next token of each position, already shifted (position t is scored against
+  ``labels[t]``; no loss shifts again), ``-100`` where nothing is scored;
+- ``token_mask``: ``labels != -100`` -- what every token loss and the perplexity read.
+
+The test split is held out before anything is tokenised (whole documents or whole examples).
+
+Tokenizers: ``tokenizer`` is a path or hub name (``AutoTokenizer``, e.g. the teacher's directory), or
+``{train: {corpus: pydoc_topics, vocab_size: 1024}}`` -- a byte-level BPE trained with the ``tokenizers``
+library on the corpus at build time and cached under ``~/.cache/kdrun/tokenizers`` (no download).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdrun.data.tensors import TensorSplits
+from kdrun.errors import KdrunError
+
+log = logging.getLogger("kdrun")
+
+IGNORE_INDEX = -100
+PAD, EOS = "<pad>", "<eos>"
+DEFAULT_PROMPT_FORMAT = "{prompt}\n"
+
+
+# ----------------------------------------------------------------------------------------- corpora
+def pydoc_topics() -> list[str]:
+    """Python's own help topics (``pydoc_data.topics``): 79 documents, ~465k characters of English
+    technical prose, shipped with every CPython -- a corpus that needs no download."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        raise KdrunError("this Python has no pydoc_data module (the corpus 'pydoc_topics'); give data.source.text=<file>") from None
+    return [topics[k] for k in sorted(topics)]
+
+
+def read_documents(source: str | Sequence[str], field: str = "text") -> list[str]:
+    """Documents from ``pydoc_topics``, a ``.txt`` file (one document, blank-line separated paragraphs kept),
+    a ``.jsonl`` / ``.json`` / ``.parquet`` file or a ``datasets`` directory (column ``field``), or a list of these."""
+    if not isinstance(source, str):
+        return [d for s in source for d in read_documents(s, field)]
+    if source == "pydoc_topics":
+        return pydoc_topics()
+    path = Path(source).expanduser()
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise KdrunError(f"data.source: no text file '{source}'")
+        return [path.read_text(encoding="utf-8")]
+    return [str(r[field]) for r in read_records(source, [field], "data.source")]
+
+
+def read_records(source: str, fields: Sequence[str], key: str) -> list[dict[str, Any]]:
+    """Rows of a local ``.jsonl`` / ``.json`` / ``.parquet`` file or of a ``datasets`` directory
+    (``save_to_disk``), checked to have ``fields``."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise KdrunError(f"{key}: no file or directory '{source}'. Give a local .jsonl/.json/.parquet file or a directory "
+                         f"written by datasets' save_to_disk (data sets are not downloaded here)")
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise KdrunError(f"{key}: reading a datasets directory needs the 'datasets' package: pip install -e \".[text]\"") from None
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as ex:
+            raise KdrunError(f"{key}: '{source}' is not a datasets directory ({ex})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            raise KdrunError(f"{key}: '{source}' holds several splits {list(ds)}; point at one split's directory")
+        rows = list(ds)
+    elif path.suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as ex:
+                        raise KdrunError(f"{key}: {source} line {i} is not JSON ({ex.msg})") from None
+    elif path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise KdrunError(f"{key}: {source} must hold a JSON list of records")
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise KdrunError(f"{key}: reading parquet needs pyarrow (installed with datasets): pip install -e \".[text]\"") from None
+        rows = pq.read_table(str(path)).to_pylist()
+    else:
+        raise KdrunError(f"{key}: '{source}' has an unknown format; use .jsonl, .json, .parquet, .txt or a datasets directory")
+    if not rows:
+        raise KdrunError(f"{key}: '{source}' holds no records")
+    missing = [f for f in fields if f not in rows[0]]
+    if missing:
+        raise KdrunError(f"{key}: the records of '{source}' have no field {missing} (they have {sorted(rows[0])}); "
+                         f"name the fields with data.source.prompt_field / response_field / text_field")
+    return rows
+
+
+# -------------------------------------------------------------------------------------- tokenizers
+def _cache_root() -> Path:
+    return Path(os.environ.get("KDRUN_CACHE", "~/.cache/kdrun")).expanduser() / "tokenizers"
+
+
+def train_tokenizer(corpus: str | Sequence[str] = "pydoc_topics", vocab_size: int = 1024,
+                    cache_dir: str | None = None) -> Any:
+    """A byte-level BPE tokenizer (GPT-2 style: any text encodes) with ``<pad>`` (id 0) and ``<eos>``
+    (id 1), trained on ``corpus`` to ``vocab_size`` entries and cached by (corpus, size): the first
+    build trains it (well under a second on ``pydoc_topics``), later builds load it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if int(vocab_size) < 260:
+        raise KdrunError(f"tokenizer.train.vocab_size must be at least 260 (256 bytes + specials), got {vocab_size}")
+    documents = read_documents(corpus)
+    digest = hashlib.sha256(json.dumps([str(corpus), int(vocab_size)]).encode() + "".join(documents).encode()).hexdigest()[:16]
+    where = Path(cache_dir).expanduser() if cache_dir else _cache_root() / f"bpe{int(vocab_size)}-{digest}"
+    if (where / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(where))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=[PAD, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(documents, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+    tmp = where.with_name(where.name + f".tmp{os.getpid()}")
+    fast.save_pretrained(str(tmp))
+    try:
+        tmp.rename(where)  # atomic: a concurrent build either sees the whole directory or trains its own
+    except OSError:
+        pass
+    log.info("trained a %d-token byte-level BPE tokenizer on %s (cached in %s)", vocab_size, corpus, where)
+    return PreTrainedTokenizerFast.from_pretrained(str(where if where.is_dir() else tmp))
+
+
+def load_tokenizer(spec: Any, key: str = "data.source.tokenizer") -> Any:
+    """A tokenizer from ``spec``: a path / hub name, ``{path: ...}``, or ``{train: {corpus, vocab_size}}``."""
+    if isinstance(spec, Mapping) and "train" in spec:
+        return train_tokenizer(**dict(spec["train"]))
+    path = spec.get("path") if isinstance(spec, Mapping) else spec
+    if not isinstance(path, str):
+        raise KdrunError(f"{key}: give a path or hub name, or {{train: {{corpus: pydoc_topics, vocab_size: 1024}}}}; got {spec!r}")
+    from transformers import AutoTokenizer
+
+    from kdrun.models.hf import load_pretrained
+
+    tok = load_pretrained(AutoTokenizer, path, key, what="the tokenizer")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # GPT-2 and Llama ship no pad token; padding is masked everywhere anyway
+    return tok
+
+
+def check_same_vocabulary(student: Any, teacher: Any, key: str = "teacher.tokenizer") -> None:
+    """Refuse two tokenizers whose vocabularies differ (token-level distillation reads one id space);
+    the same family can differ by added tokens, so the tables are compared, not their sizes."""
+    a, b = student.get_vocab(), teacher.get_vocab()
+    if a == b:
+        return
+    only_s, only_t = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
+    moved = sum(1 for t in set(a) & set(b) if a[t] != b[t])
+    raise KdrunError(f"{key}: the teacher's tokenizer ({len(b)} tokens) and the student's ({len(a)}) differ "
+                     f"(only the student's: {only_s}; only the teacher's: {only_t}; {moved} shared tokens with other ids). "
+                     f"Token-level distillation needs one vocabulary: use a teacher of the student's family, or "
+                     f"distil on teacher-generated text (sequence-level KD)")
+
+
+# ------------------------------------------------------------------------------------------ fields
+def _fields(rows: list[list[int]], targets: list[list[int]], length: int, pad_id: int) -> dict[str, Tensor]:
+    n = len(rows)
+    ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((n, length), dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets)):  # build time, once per example (not in the training step)
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        labels[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        attn[i, :len(r)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "token_mask": labels != IGNORE_INDEX}
+
+
+def _split_documents(docs: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    if not 0.0 < test_fraction < 1.0:
+        raise KdrunError(f"data.source.test_fraction must be in (0, 1), got {test_fraction}")
+    if len(docs) < 2:  # one document: hold out its tail
+        text = docs[0]
+        cut = int(len(text) * (1 - test_fraction))
+        return [text[:cut]], [text[cut:]]
+    perm = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = max(1, round(len(docs) * test_fraction))
+    return [docs[i] for i in perm[n_test:]], [docs[i] for i in perm[:n_test]]
+
+
+def _pack(docs: list[str], tok: Any, seq_len: int, max_blocks: int | None) -> dict[str, Tensor]:
+    eos = tok.eos_token_id
+    stream: list[int] = []
+    for ids in tok(docs, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + ([eos] if eos is not None else []))
+    tokens = torch.tensor(stream, dtype=torch.long)
+    blocks = (tokens.numel() - 1) // seq_len
+    if max_blocks is not None:
+        blocks = min(blocks, int(max_blocks))
+    if blocks < 1:
+        raise KdrunError(f"data.source: the corpus gives {tokens.numel()} tokens, fewer than one block of seq_len={seq_len}")
+    x = tokens[:blocks * seq_len].view(blocks, seq_len)
+    y = tokens[1:blocks * seq_len + 1].view(blocks, seq_len)
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y, "token_mask": torch.ones_like(x, dtype=torch.bool)}
+
+
+def text_corpus(tokenizer: Any, text: str | Sequence[str] = "pydoc_topics", seq_len: int = 128,
+                test_fraction: float = 0.1, seed: int = 0, text_field: str = "text",
+                max_train_blocks: int | None = None, max_test_blocks: int | None = None) -> TensorSplits:
+    """Language-model data: documents held out whole for the test split (a seeded ``test_fraction`` of
+    them), each split's documents tokenised, joined with ``<eos>`` and packed into blocks of ``seq_len``
+    tokens (GPT-2 / nanoGPT style packing: every position is scored, no padding)."""
+    tok = load_tokenizer(tokenizer)
+    train_docs, test_docs = _split_documents(read_documents(text, text_field), test_fraction, seed)
+    return TensorSplits(_pack(train_docs, tok, seq_len, max_train_blocks), _pack(test_docs, tok, seq_len, max_test_blocks),
+                        tokenizer=tok)
+
+
+def format_prompt(tok: Any, prompt: str, chat_template: str | None, prompt_format: str) -> str:
+    """The prompt as the model sees it: the model's chat template (``chat_template: model``, a user turn
+    plus the assistant header) or ``prompt_format`` (default ``"{prompt}\\n"``)."""
+    if chat_template == "model":
+        if getattr(tok, "chat_template", None) is None:
+            raise KdrunError("data.source.chat_template=model: the tokenizer has no chat template; set "
+                             "data.source.chat_template=null to use data.source.prompt_format")
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt_format.format(prompt=prompt)
+
+
+def _examples(rows: list[dict[str, Any]], tok: Any, prompt_field: str, response_field: str, max_length: int,
+              chat_template: str | None, prompt_format: str, overflow: str, key: str) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    prompts = [format_prompt(tok, str(r[prompt_field]), chat_template, prompt_format) for r in rows]
+    p_ids = tok(prompts, add_special_tokens=chat_template != "model")["input_ids"]
+    r_ids = tok([str(r[response_field]) for r in rows], add_special_tokens=False)["input_ids"]
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    inputs, targets, prompt_lens = [], [], []
+    for i, (p, r) in enumerate(zip(p_ids, r_ids)):
+        seq = p + r + eos
+        if len(p) >= max_length:
+            if overflow == "drop":
+                continue
+            raise KdrunError(f"{key}: example {i}'s prompt has {len(p)} tokens, not fewer than data.source.max_length="
+                             f"{max_length}: raise max_length, or set data.source.overflow=drop to skip such examples")
+        if len(seq) - 1 > max_length:
+            if overflow == "error":
+                raise KdrunError(f"{key}: example {i} has {len(seq) - 1} tokens, more than data.source.max_length={max_length}; "
+                                 f"raise max_length, or set data.source.overflow=truncate (cut the response) or drop")
+            if overflow == "drop":
+                continue
+            seq = seq[:max_length + 1]
+        x, y = seq[:-1], seq[1:]
+        # position t predicts y[t]; only response tokens (and the closing eos) are scored
+        y = [IGNORE_INDEX if t < len(p) - 1 else tok_id for t, tok_id in enumerate(y)]
+        inputs.append(x)
+        targets.append(y)
+        prompt_lens.append(len(p))
+    if not inputs:
+        raise KdrunError(f"{key}: no example fits data.source.max_length={max_length}")
+    return inputs, targets, prompt_lens
+
+
+def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_field: str = "prompt",
+                 response_field: str = "response", max_length: int = 512, chat_template: str | None = None,
+                 prompt_format: str = DEFAULT_PROMPT_FORMAT, overflow: str = "truncate", padding: str = "longest",
+                 test_fraction: float = 0.1, seed: int = 0, max_examples: int | None = None) -> TensorSplits:
+    """Prompt/response examples (local files, :func:`read_records`): the loss is on response tokens only.
+
+    Each example is ``prompt_tokens + response_tokens + <eos>``, the prompt formatted by the model's chat
+    template (``chat_template: model``) or ``prompt_format``. ``overflow`` for an example longer than
+    ``max_length``: ``truncate`` (cut the response; default), ``drop`` or ``error``; a prompt that alone
+    does not fit is an error unless ``drop``. ``padding``: ``longest`` (default: each batch is cut to its
+    longest example) or ``max_length`` (static shapes, for ``torch.compile``). ``test`` absent: a seeded
+    ``test_fraction`` of ``train`` is held out. Extra fields ``prompt_length`` (N,) serves generation (the
+    prompt is ``input_ids[:prompt_length]``, the reference the scored tokens) and ROUGE-L.
+    """
+    if overflow not in ("truncate", "drop", "error"):
+        raise KdrunError(f"data.source.overflow must be truncate, drop or error, got '{overflow}'")
+    if padding not in ("longest", "max_length"):
+        raise KdrunError(f"data.source.padding must be longest or max_length, got '{padding}'")
+    tok = load_tokenizer(tokenizer)
+    fields = [prompt_field, response_field]
+    rows = read_records(train, fields, "data.source.train")
+    if test is None:
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, round(len(rows) * test_fraction))
+        test_rows, rows = [rows[i] for i in perm[:n_test]], [rows[i] for i in perm[n_test:]]
+    else:
+        test_rows = read_records(test, fields, "data.source.test")
+    if max_examples is not None:
+        rows = rows[:int(max_examples)]
+    out = {}
+    for split, split_rows in (("train", rows), ("test", test_rows)):
+        x, y, plen = _examples(split_rows, tok, prompt_field, response_field, max_length, chat_template,
+                               prompt_format, overflow, f"data.source.{split}")
+        f = _fields(x, y, max_length, tok.pad_token_id)
+        f["prompt_length"] = torch.tensor(plen, dtype=torch.long)
+        out[split] = f
+    return TensorSplits(out["train"], out["test"], trim_field="attention_mask" if padding == "longest" else None,
+                        tokenizer=tok)
+
+
+__all__ = ["IGNORE_INDEX", "check_same_vocabulary", "format_prompt", "instructions", "load_tokenizer", "pydoc_topics",
+           "read_documents", "read_records", "text_corpus", "train_tokenizer"]
