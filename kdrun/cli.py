@@ -106,16 +106,26 @@ def _job_failed(run_dir: Path, message: str) -> float:
 def _report(s: dict) -> None:
     lines = [f"kdrun: {s['name']} finished in {s['wall_time_s']:.1f} s"]
     where = s.get("eval_set", "test")
+    frozen_ppl = s.get("frozen_ppl") or {}
     for name, top1 in s["frozen_top1"].items():
         tag = ", random init" if name in s["random_models"] else ""
-        lines.append(f"  {name} (frozen{tag}) {where} top-1: {top1:.2f}")
+        if name in frozen_ppl:
+            lines.append(f"  {name} (frozen{tag}) {where} perplexity: {frozen_ppl[name]:.2f} (token top-1 {top1:.2f})")
+        else:
+            lines.append(f"  {name} (frozen{tag}) {where} top-1: {top1:.2f}")
     for stage, st in s["stages"].items():
-        if st.get("best_top1") is not None:
+        if st.get("best_ppl") is not None:
+            lines.append(f"  [{stage}] {st['eval_model']} {where} perplexity: best {st['best_ppl']:.2f} "
+                         f"(step {st['best_ppl_step']}), last {st['last_ppl']:.2f}")
+        elif st.get("best_top1") is not None:
             lines.append(f"  [{stage}] {st['eval_model']} {where} top-1: best {st['best_top1']:.2f} (epoch {st['best_epoch']}), "
                          f"last {st['last_top1']:.2f}")
         for model, ms in (st.get("models") or {}).items():  # co-trained models
             if ms.get("best_top1") is not None:
                 lines.append(f"  [{stage}] {model} (co-trained) {where} top-1: best {ms['best_top1']:.2f}, last {ms['last_top1']:.2f}")
+    for name, g in (s.get("generation") or {}).items():
+        spread = f" +- {g['rouge_l_std']:.2f} over {len(g['per_seed'])} seeds" if len(g["per_seed"]) > 1 else ""
+        lines.append(f"  {name} ROUGE-L on {g['examples']} {where} prompts: {g['rouge_l']:.2f}{spread}")
     for name, top1 in (s.get("probe") or {}).items():
         lines.append(f"  linear probe on {name}: {where} top-1 {top1:.2f}")
     if s.get("shot_top1"):

@@ -21,7 +21,7 @@ from kdrun import plan
 from kdrun.errors import KdrunError, did_you_mean
 from kdrun.plan import model_key
 from kdrun.schema import (ADAPTER_KEYS, DTYPES, LOSS_KEYS, OBJECTIVES, TOP_LEVEL_KEYS,
-                          CoTrainConfig, DataConfig, ExperimentConfig, ModelConfig, ProbeConfig, PublishedConfig,
+                          CoTrainConfig, DataConfig, ExperimentConfig, ModelConfig, GenerationConfig, ProbeConfig, PublishedConfig,
                           RoundsConfig, StageConfig, TrainerConfig, experiment_config, model_entries)
 
 model_configs = model_entries  # all configured models by name (kdrun.schema.model_entries)
@@ -61,7 +61,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_stage_nodes(cfg)
     if cfg.get("batch_transform"):  # an empty node (batch_transform=none) is no transform
         _check_target(cfg.batch_transform, "batch_transform")
-    for key, schema in (("rounds", RoundsConfig), ("probe", ProbeConfig)):
+    for key, schema in (("rounds", RoundsConfig), ("probe", ProbeConfig), ("generation", GenerationConfig)):
         if cfg.get(key) is not None:
             _check_node(cfg[key], key, schema)
     if cfg.get("resume") not in (None, "auto") and not isinstance(cfg.get("resume"), str):
@@ -117,6 +117,14 @@ def _check_plan(cfg: ExperimentConfig) -> None:
                 raise KdrunError(f"probe.models: no model '{m}'.{did_you_mean(m, cfg.models)} Models: {', '.join(cfg.models)}.")
         if cfg.probe.epochs < 1 or cfg.probe.lr <= 0 or cfg.probe.batch_size < 1:
             raise KdrunError("probe.epochs and probe.batch_size must be at least 1 and probe.lr positive")
+    gen = cfg.generation
+    if gen is not None:
+        for m in gen.models:
+            if m not in cfg.models:
+                raise KdrunError(f"generation.models: no model '{m}'.{did_you_mean(m, cfg.models)} Models: {', '.join(cfg.models)}.")
+        if gen.max_new_tokens < 1 or gen.batch_size < 1 or (gen.do_sample and not gen.seeds) or gen.temperature <= 0:
+            raise KdrunError("generation: max_new_tokens and batch_size must be at least 1, temperature positive, and "
+                             "sampling (do_sample=true) needs at least one seed")
 
 
 def _complete(cfg: DictConfig) -> DictConfig:

@@ -24,3 +24,15 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KdrunError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
     return dev
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far, in MiB: the CUDA caching allocator's peak of allocated tensors on a GPU; the
+    process's peak resident set size on the CPU (everything the process ever held, not tensors alone)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)

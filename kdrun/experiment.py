@@ -93,6 +93,8 @@ class Experiment:
         """Whether model ``name``'s output has one column per class, per sample or per position (a
         projection head has not: its top-1 is not measured; a linear probe judges its features)."""
         shape = self.shapes.get(f"{name}.logits")
+        if shape is not None and len(shape) == 3 and self.cfg.data.eval_mask is not None:
+            return True  # token scores: next-token prediction over the model's own vocabulary (padded rows included)
         return shape is not None and len(shape) >= 2 and shape[-1] == int(self.cfg.data.num_classes)
 
     @property

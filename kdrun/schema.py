@@ -93,6 +93,7 @@ class DataConfig:
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     eval_mask: Optional[str] = None  # token data: the batch field selecting the positions that evaluation counts
+    eval_target: str = "target"  # the batch field evaluation scores against (text data: labels)
     source: Any = MISSING
 
 
@@ -190,6 +191,23 @@ class ProbeConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Generation-based evaluation after the last stage (:mod:`kdrun.engine.generation`): each model of
+    ``models`` completes the test prompts and is scored by ROUGE-L against the reference responses, once
+    per seed when sampling (defaults: MiniLLM's evaluation, T = 1, top-k 0, top-p 1, 5 seeds)."""
+
+    models: list[str] = field(default_factory=lambda: ["student"])
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    max_examples: Optional[int] = 500
+    batch_size: int = 16
+
+
+@dataclass
 class PublishedEntry:
     teacher: Optional[str] = None
     student: str = MISSING
@@ -241,7 +259,7 @@ ADAPTER_KEYS = kdrun_keys(AdapterConfig)
 OBJECTIVES = ("best_top1", "last_top1", "best_top5", "last_top5", "probe_top1")
 TOP_LEVEL_KEYS = {
     "objective", "name", "method", "seed", "resume", "data", "trainer", "teacher", "student", "models",
-    "adapters", "loss", "stages", "published", "teachers_dir", "hydra", "batch_transform", "rounds", "probe",
+    "adapters", "loss", "stages", "published", "teachers_dir", "hydra", "batch_transform", "rounds", "probe", "generation",
 }
 RESERVED_MODEL_NAMES = {"batch", "adapters"}
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -276,6 +294,7 @@ class ExperimentConfig:
     rounds: Optional[RoundsConfig]
     probe: Optional[ProbeConfig]
     raw: DictConfig
+    generation: Optional[GenerationConfig] = None
 
     @property
     def teacher_name(self) -> Optional[str]:
@@ -337,6 +356,7 @@ def experiment_config(cfg: DictConfig) -> ExperimentConfig:
         stages={str(k): typed(v, StageConfig) for k, v in cfg.stages.items()},
         published=optional("published", PublishedConfig), batch_transform=transform,
         rounds=optional("rounds", RoundsConfig), probe=optional("probe", ProbeConfig), raw=cfg,
+        generation=optional("generation", GenerationConfig),
     )
 
 

@@ -1,6 +1,7 @@
 """Test-set evaluation: top-1 and top-5 accuracy, counted on the device and read once."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from kdrun.model_io import ModelIO, output_logits
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
              class_groups: dict[str, Tensor] | None = None, io: ModelIO | None = None,
-             mask_field: str | None = None, prepare: Any = None) -> dict[str, Any]:
+             mask_field: str | None = None, prepare: Any = None, target_field: str = "target") -> dict[str, Any]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``
     (under DDP each rank evaluates its shard and the counts are summed over ranks). ``io`` says how
     the model reads the batch and where its class scores are (default: ``model(batch.input)``).
@@ -22,7 +23,8 @@ def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
 
     Scores per position (B, T, C) against targets (B, T) (next-token prediction) are counted over the
     positions where the batch field ``mask_field`` is non-zero (every position without one): top-1 is
-    then the token accuracy and ``loss`` the mean token cross-entropy (log-perplexity).
+    then the token accuracy, ``loss`` the mean token cross-entropy (nats) and ``ppl`` the perplexity
+    ``exp(loss)``. ``target_field`` names the batch field of the targets (text data: ``labels``).
 
     ``class_groups`` (name -> boolean mask over classes, e.g. many/medium/few-shot) adds
     ``group_top1``: the top-1 accuracy over the test samples of each group's classes.
@@ -35,12 +37,14 @@ def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
     count = 0
     positions = torch.zeros((), dtype=torch.float64, device=device)  # counted positions of (B, T, C) scores
     per_class: Tensor | None = None  # rows: correct, seen
+    per_position = False
     for batch in loader:
         if prepare is not None:
             batch = prepare(batch)
         logits = model(batch["input"]) if io is None else output_logits(io, io.call(model, batch))
-        y = batch["target"]
+        y = batch[target_field]
         if logits.dim() > 2:
+            per_position = True
             hits, loss, n = _score_positions(logits, y, batch[mask_field] if mask_field else None)
             correct += hits
             loss_sum += loss
@@ -64,6 +68,8 @@ def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
     hit1, hit5, loss, n = totals.tolist()
     n = max(n, 1.0)
     out: dict[str, Any] = {"top1": 100.0 * hit1 / n, "top5": 100.0 * hit5 / n, "loss": loss / n}
+    if per_position:
+        out["ppl"] = math.exp(min(loss / n, 700.0))
     if class_groups is not None:
         out["group_top1"] = _group_top1(per_class, class_groups, dist_info)
     return out
@@ -87,6 +93,7 @@ def _score_positions(logits: Tensor, target: Tensor, mask: Tensor | None) -> tup
     z = logits.flatten(0, -2).float()
     y = target.flatten()
     w = torch.ones_like(y, dtype=torch.float64) if mask is None else (mask.flatten() != 0).double()
+    y = y.clamp_min(0)  # ignored positions (-100) are masked out; any class id keeps the arithmetic valid
     top = z.topk(min(5, z.shape[1]), dim=1).indices
     hit = top == y[:, None]
     hits = torch.stack([(hit[:, 0].double() * w).sum(), (hit.any(dim=1).double() * w).sum()]).long()

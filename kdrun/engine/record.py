@@ -41,6 +41,7 @@ class RunRecord:
     step: int = 0
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # by RunKey.label
     frozen_top1: dict[str, float] = field(default_factory=dict)  # by RunKey.of(model)
+    frozen_ppl: dict[str, float] = field(default_factory=dict)  # language models: test perplexity, by RunKey.of(model)
     train_time_s: float = 0.0
     round: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: accuracies, exported student

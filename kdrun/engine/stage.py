@@ -42,6 +42,7 @@ from kdrun.engine.distributed import DistInfo, all_reduce_sum
 from kdrun.engine.evaluate import evaluate
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.record import RunKey, RunRecord
+from kdrun.devices import peak_memory_mb
 from kdrun.errors import KdrunError
 from kdrun.experiment import Experiment
 from kdrun.models.frozen import set_trainable, trainable_parameters
@@ -87,9 +88,10 @@ class EpochMeter:
         self.epoch_acc: Tensor | None = None
         self.steps = 0
         self.samples = 0
+        self.tokens = 0  # token positions (padding included) of text batches: batch.input_ids sizes, known on the host
         self.seconds = 0.0
 
-    def add(self, total: Tensor, values: Mapping[str, Tensor], samples: int) -> None:
+    def add(self, total: Tensor, values: Mapping[str, Tensor], samples: int, tokens: int = 0) -> None:
         if self.keys is None:
             self.keys = ["total", *values]
         vec = torch.stack([total.float(), *(values[k].float() for k in self.keys[1:])])
@@ -98,6 +100,7 @@ class EpochMeter:
         self.since += 1
         self.steps += 1
         self.samples += samples
+        self.tokens += tokens
 
     def take(self) -> Tensor:
         """The means since the last log row (then restart that count)."""
@@ -106,7 +109,7 @@ class EpochMeter:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("keys", "acc", "since", "epoch_acc", "steps", "samples", "seconds")}
+        return {k: getattr(self, k) for k in ("keys", "acc", "since", "epoch_acc", "steps", "samples", "tokens", "seconds")}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
         for k, v in state.items():
@@ -400,7 +403,8 @@ class StageRunner:
                 c.on_step(record.stage_step, self.total_steps)
             total, values = self.train_step(window, weights, [loader.rank_sizes(j) for j in range(i + 1 - len(window), i + 1)])
             record.step, record.stage_step, record.batch = record.step + 1, record.stage_step + 1, i + 1
-            self.meter.add(total.detach(), values, sum(int(b["index"].shape[0]) for b in window))
+            self.meter.add(total.detach(), values, sum(int(b["index"].shape[0]) for b in window),
+                           sum(b["input_ids"].numel() for b in window if "input_ids" in b))
             window = []
             bar.update(self.accumulate)
             if self.meter.since == log_every:
@@ -428,6 +432,7 @@ class StageRunner:
         for g in self.groups[1:]:
             out[f"lr/{g.name}"] = g.optimizer.param_groups[0]["lr"]
         out["_samples"] = meter.samples * dist.world_size
+        out["_tokens"] = meter.tokens * dist.world_size
         return out
 
     def _flush(self, epoch: int) -> dict[str, float]:
@@ -472,18 +477,24 @@ class StageRunner:
                     g.scheduler.step()
         record.epoch = epoch + 1
         last = epoch + 1 == self.epochs or record.stage_step >= self.total_steps
-        samples = means.pop("_samples")
+        samples, tokens = means.pop("_samples"), means.pop("_tokens")
         row: dict[str, Any] = {"stage": self.plan.name, "epoch": epoch + 1, "step": record.step, **means,
                                "epoch_time_s": seconds, "images_per_s": samples / max(seconds, 1e-9)}
+        if tokens:
+            row["tokens_per_s"] = tokens / max(seconds, 1e-9)
+        row["peak_memory_mb"] = peak_memory_mb(exp.device)
         improved = False
         if (epoch + 1) % tcfg.eval_every == 0 or last:
             improved = self._evaluate(row, epoch)
         self.ctx.writer.write(self._with_round(row), record.step, tb_prefix=f"{self.key.label}/")
         stats = record.stages[self.key.label]
-        log.info("[%s] epoch %d/%d  loss %.4f  %s %.0f samples/s  %.1fs", self.key.label, epoch + 1, self.epochs,
-                 row.get("loss/total", float("nan")),
-                 f"{self.plan.eval_model} top-1 {row['top1']:.2f} (best {stats['best_top1']:.2f}) " if "top1" in row else "",
-                 row["images_per_s"], seconds)
+        if "ppl" in row:
+            score = f"{self.plan.eval_model} perplexity {row['ppl']:.2f} (best {stats['best_ppl']:.2f}) "
+        else:
+            score = f"{self.plan.eval_model} top-1 {row['top1']:.2f} (best {stats['best_top1']:.2f}) " if "top1" in row else ""
+        speed = f"{row['tokens_per_s']:.0f} tokens/s" if tokens else f"{row['images_per_s']:.0f} samples/s"
+        log.info("[%s] epoch %d/%d  loss %.4f  %s %s  %.1fs", self.key.label, epoch + 1, self.epochs,
+                 row.get("loss/total", float("nan")), score, speed, seconds)
         if improved or last or (epoch + 1) % tcfg.save_every == 0:
             self.save(best=improved)
 
@@ -499,8 +510,15 @@ class StageRunner:
         if plan.eval_model is not None and exp.has_class_head(plan.eval_model):
             with self.autocast():
                 ev = evaluate(exp.models[plan.eval_model], ctx.test_loader, self.dist, ctx.class_groups, exp.io[plan.eval_model],
-                              exp.cfg.data.eval_mask, exp.eval_transform)
+                              exp.cfg.data.eval_mask, exp.eval_transform, exp.cfg.data.eval_target)
             row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
+            if "ppl" in ev:  # a language model: lower perplexity is better, and decides the best checkpoint
+                row["ppl"] = ev["ppl"]
+                stats["last_ppl"] = ev["ppl"]
+                if stats.get("best_ppl") is None or ev["ppl"] < stats["best_ppl"]:
+                    stats.update(best_ppl=ev["ppl"], best_ppl_step=self.record.stage_step)
+                    improved = True
+                row["best_ppl"] = stats["best_ppl"]
             row.update({f"top1_{g}": v for g, v in ev.get("group_top1", {}).items()})
             stats["last_top1"], stats["last_top5"] = ev["top1"], ev["top5"]
             if "group_top1" in ev:
@@ -509,14 +527,15 @@ class StageRunner:
                 stats.update(best_top1=ev["top1"], best_top5=ev["top5"], best_epoch=epoch + 1, best_step=self.record.stage_step)
                 if "group_top1" in ev:
                     stats["best_shot_top1"] = ev["group_top1"]
-                improved = True
+                improved = improved or "ppl" not in ev
             row["best_top1"] = stats["best_top1"]
         for name in plan.trained_models:  # co-trained models (DML peers, online teachers)
             if name == plan.eval_model or not exp.has_class_head(name):
                 continue
             with self.autocast():
                 other = evaluate(exp.models[name], ctx.test_loader, self.dist, io=exp.io[name],
-                                 mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform)["top1"]
+                                 mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform,
+                                 target_field=exp.cfg.data.eval_target)["top1"]
             row[f"top1/{name}"] = other
             m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
             m["last_top1"] = other
@@ -534,9 +553,13 @@ class StageRunner:
                 continue
             with self.autocast():
                 ev = evaluate(exp.models[name], self.ctx.test_loader, self.dist, io=exp.io[name],
-                              mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform)
+                              mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform,
+                              target_field=exp.cfg.data.eval_target)
             self.record.frozen_top1[key] = ev["top1"]
+            if "ppl" in ev:
+                self.record.frozen_ppl[key] = ev["ppl"]
             self.ctx.writer.write({"stage": self.plan.name, "model": name, "frozen_top1": ev["top1"], "frozen_top5": ev["top5"]},
                                   self.record.step, tb_prefix=f"{name}/")
             note = "  (RANDOMLY INITIALISED)" if name in exp.random_models else ""
-            log.info("[%s] frozen %s test top-1 %.2f, top-5 %.2f%s", self.plan.name, name, ev["top1"], ev["top5"], note)
+            ppl = f", perplexity {ev['ppl']:.2f}" if "ppl" in ev else ""
+            log.info("[%s] frozen %s test top-1 %.2f, top-5 %.2f%s%s", self.plan.name, name, ev["top1"], ev["top5"], ppl, note)

@@ -50,7 +50,7 @@ def published_entry(cfg: ExperimentConfig | Any) -> dict[str, Any] | None:
 
 
 def write_summary(experiment: Experiment, record: RunRecord, run_dir: Path, exported: dict[str, str],
-                  wall_time_s: float, final_key: str) -> dict[str, Any]:
+                  wall_time_s: float, final_key: str, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``summary.json``: the final stage's best/last accuracy (``final_key``: its label), every
     stage's, teachers', the published number and the difference, parameters and time."""
     cfg = experiment.cfg
@@ -69,10 +69,13 @@ def write_summary(experiment: Experiment, record: RunRecord, run_dir: Path, expo
         "best_top5": stats.get("best_top5"),
         "last_top5": stats.get("last_top5"),
         "best_epoch": stats.get("best_epoch"),
+        "best_ppl": stats.get("best_ppl"),  # language models: test perplexity (lower is better)
+        "last_ppl": stats.get("last_ppl"),
         "final_stage": final.name,
         "eval_set": "validation" if cfg.data.val_split else "test",
         "stages": record.stages,
         "frozen_top1": record.frozen_top1,
+        "frozen_ppl": record.frozen_ppl,
         "random_models": list(experiment.random_models),
         "params": {name: sum(p.numel() for p in m.parameters()) for name, m in experiment.models.items()},
         "wall_time_s": wall_time_s,
@@ -88,6 +91,8 @@ def write_summary(experiment: Experiment, record: RunRecord, run_dir: Path, expo
         summary["rounds"] = record.rounds
     if record.probe:
         summary.update(record.probe)
+    if generation:
+        summary["generation"] = generation
     if "last_shot_top1" in stats:  # long-tailed data: many/medium/few-shot accuracy
         summary["shot_top1"] = stats["last_shot_top1"]
         summary["shot_top1_best"] = stats.get("best_shot_top1")
@@ -115,7 +120,8 @@ def _tensorboard_hparams(summary: dict[str, Any], run_dir: Path) -> None:
         key, _, value = item.lstrip("+~").partition("=")
         if key and not key.startswith("hydra"):
             hparams[key] = value
-    metrics = {f"hparam/{k}": float(summary[k]) for k in ("best_top1", "last_top1") if summary.get(k) is not None}
+    metrics = {f"hparam/{k}": float(summary[k]) for k in ("best_top1", "last_top1", "best_ppl", "last_ppl")
+               if summary.get(k) is not None}
     with SummaryWriter(str(Path(run_dir) / "tb")) as writer:
         writer.add_hparams(hparams, metrics, run_name="hparams")
 

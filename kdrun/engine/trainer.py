@@ -224,7 +224,13 @@ class Trainer:
         rounds = self.cfg.rounds
         final = RunKey(rounds.count - 1 if rounds is not None else 0, exp.stages[-1].name, with_rounds=rounds is not None)
         exported = export_models(exp, self.run_dir)
-        summary = write_summary(exp, ctx.record, self.run_dir, exported, time.perf_counter() - self.started, final.label)
+        generation = None
+        if self.cfg.generation is not None:
+            from kdrun.engine.generation import evaluate_generation
+
+            generation = evaluate_generation(dict(exp.models.items()), self.cfg.generation, exp.data, exp.device, self.run_dir)
+        summary = write_summary(exp, ctx.record, self.run_dir, exported, time.perf_counter() - self.started, final.label,
+                                generation)
         distributed.barrier(info)
         return summary
 

@@ -12,13 +12,13 @@ from kdrun.losses.logits import (BalancedKLLoss, CrossEntropy, DISTLoss, DKDLoss
 from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
-from kdrun.losses.tokens import TokenCrossEntropy, TokenKLLoss
+from kdrun.losses.tokens import TAIDLoss, TokenCrossEntropy, TokenDivergence, TokenHiddenLoss, TokenKLLoss
 from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRGLocalLoss, TRGLoss
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "BalancedKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SPLoss", "TokenCrossEntropy", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SPLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]

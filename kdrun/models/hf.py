@@ -153,7 +153,10 @@ def _build(auto_class: str, key: str, path: str | None, config: dict[str, Any] |
         model_type = spec.pop("model_type", None)
         if model_type is None:
             raise KdrunError(f"{key}.config needs a model_type (llama, qwen2, gpt2, bert, ...)")
-        if num_classes is not None and size_arg not in spec:
+        if size_arg not in spec:
+            if not num_classes:
+                raise KdrunError(f"{key}.config needs {size_arg} (for a language model, the tokenizer's vocabulary: "
+                                 f"len(tokenizer)), or set data.num_classes")
             spec[size_arg] = int(num_classes)
         spec.update(config_overrides or {})
         try:
