@@ -23,14 +23,26 @@ def export_models(experiment: Experiment, run_dir: Path) -> dict[str, str]:
     """Write ``<name>.pt`` = ``{'model': state_dict}`` for every model trained by some stage.
 
     Adapters and loss-term modules are not part of an exported model. The files load as
-    ``<model>.checkpoint=<file>`` in any other run.
+    ``<model>.checkpoint=<file>`` in any other run. A Hugging Face model is also written as a
+    ``save_pretrained`` directory ``<name>_hf/`` (with the data's tokenizer), which ``from_pretrained`` and
+    ``<model>.net.path`` read; a LoRA model's directory holds its adapter weights only (``peft``).
     """
+    from kdrun.models.hf import is_hf_model
+
     out = {}
     for name in experiment.trained_models:
-        state = {k: v.detach().cpu() for k, v in experiment.models[name].state_dict().items()}
+        model = experiment.models[name]
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         path = Path(run_dir) / f"{name}.pt"
         atomic_save({"model": state}, path)
         out[name] = str(path)
+        if is_hf_model(model):
+            where = Path(run_dir) / f"{name}_hf"
+            model.save_pretrained(str(where))
+            tokenizer = getattr(experiment.data, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(where))
+            out[f"{name}_hf"] = str(where)
     return out
 
 

@@ -269,7 +269,8 @@ class TAIDLoss(LossTerm):
 
     Target ``p_t = softmax((1 - t) sg(z_s) + t z_t)``, loss ``-sum_v p_t(v) log q(v)`` averaged over the
     valid tokens. ``t`` moves from ``t_start`` to ``t_end`` once per optimizer step, from the detached loss
-    ``l`` of the previous step (SakanaAI/TAID ``src/distil_losses/taid.py``)::
+    ``l`` of the previous step -- its mean over every valid token of the step's micro-batches -- (SakanaAI/TAID
+    ``src/distil_losses/taid.py``)::
 
         rel = (l_prev - l) / l_prev;  m <- beta m + (1 - beta) rel;  delta = alpha sigmoid(m) (1 - t)
         t <- min(t_end, max(t_start + (t_end - t_start) step / total_steps, t + delta))
@@ -296,7 +297,7 @@ class TAIDLoss(LossTerm):
         self.register_buffer("t", torch.tensor(float(t_start)))
         self.register_buffer("momentum", torch.zeros(()))
         self.register_buffer("prev_loss", torch.full((), float("nan")))
-        self.register_buffer("step_loss", torch.zeros(2))  # (sum of this step's micro-batch losses, count)
+        self.register_buffer("step_loss", torch.zeros(2))  # this step's (token-weighted loss sum, token count)
 
     def check_shapes(self, student: torch.Size, teacher: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
         _check("TAID", student, mask, ("teacher", teacher))
@@ -328,8 +329,9 @@ class TAIDLoss(LossTerm):
             return -(target * F.log_softmax(to_float(zs), dim=-1)).sum(dim=-1)
 
         loss = _token_mean(per_token, [student, teacher], mask, self.chunk_size)
-        if self.training and torch.is_grad_enabled():
-            self.step_loss.add_(torch.stack([loss.detach(), torch.ones_like(loss)]))
+        if self.training and torch.is_grad_enabled():  # token-weighted: the step's l is its global token mean
+            count = (mask != 0).sum().to(self.step_loss.dtype)
+            self.step_loss.add_(torch.stack([loss.detach().to(self.step_loss.dtype) * count, count]))
         return loss
 
 
