@@ -88,6 +88,8 @@ def _check_choices(cfg: DictConfig) -> None:
     for key in ("eval_every_steps", "save_every_steps"):
         if t.get(key) is not None and int(t[key]) < 1:
             raise KdrunError(f"trainer.{key} must be at least 1 (or null: only at epoch ends), got {t[key]}")
+    if t.get("gradient_clip_norm") is not None and not float(t.gradient_clip_norm) > 0:
+        raise KdrunError(f"trainer.gradient_clip_norm must be positive (or null: no clipping), got {t.gradient_clip_norm}")
     if cfg.get("published") is not None and cfg.published.get("metric") not in ("best", "last"):
         raise KdrunError(f"published.metric must be 'best' or 'last', got '{cfg.published.get('metric')}'")
 

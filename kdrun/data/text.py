@@ -315,5 +315,42 @@ def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_fie
                         tokenizer=tok)
 
 
-__all__ = ["IGNORE_INDEX", "check_same_vocabulary", "format_prompt", "instructions", "load_tokenizer", "pydoc_topics",
+def text_classification(tokenizer: Any, train: str, test: str | None = None, text_field: str = "sentence",
+                        label_field: str = "label", text_pair_field: str | None = None, max_length: int = 128,
+                        padding: str = "longest", test_fraction: float = 0.1, seed: int = 0) -> TensorSplits:
+    """Labelled texts (GLUE-style: SST-2's ``sentence``/``label``; MNLI with ``text_pair_field``) from local
+    files (:func:`read_records`): fields ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
+    tokenizer makes them) truncated to ``max_length``, and ``target``, the class id, so evaluation reports
+    accuracy (top-1) as for images. ``padding`` as in :func:`instructions`."""
+    if padding not in ("longest", "max_length"):
+        raise KdrunError(f"data.source.padding must be longest or max_length, got '{padding}'")
+    tok = load_tokenizer(tokenizer)
+    fields = [text_field, label_field] + ([text_pair_field] if text_pair_field else [])
+    rows = read_records(train, fields, "data.source.train")
+    if test is None:
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, round(len(rows) * test_fraction))
+        test_rows, rows = [rows[i] for i in perm[:n_test]], [rows[i] for i in perm[n_test:]]
+    else:
+        test_rows = read_records(test, fields, "data.source.test")
+    out = {}
+    for split, split_rows in (("train", rows), ("test", test_rows)):
+        try:
+            labels = torch.tensor([int(r[label_field]) for r in split_rows], dtype=torch.long)
+        except (TypeError, ValueError):
+            raise KdrunError(f"data.source.{split}: '{label_field}' must hold integer class ids") from None
+        if (labels < 0).any():
+            raise KdrunError(f"data.source.{split}: negative labels in '{label_field}' (an unlabelled test split? "
+                             f"GLUE test labels are hidden: evaluate on the validation file)")
+        texts = [str(r[text_field]) for r in split_rows]
+        pairs = [str(r[text_pair_field]) for r in split_rows] if text_pair_field else None
+        enc = tok(texts, pairs, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        f = {k: enc[k].long() for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        f["target"] = labels
+        out[split] = f
+    return TensorSplits(out["train"], out["test"], trim_field="attention_mask" if padding == "longest" else None,
+                        tokenizer=tok)
+
+
+__all__ = ["IGNORE_INDEX", "text_classification", "check_same_vocabulary", "format_prompt", "instructions", "load_tokenizer", "pydoc_topics",
            "read_documents", "read_records", "text_corpus", "train_tokenizer"]

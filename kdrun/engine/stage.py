@@ -330,7 +330,11 @@ class StageRunner:
                 self._backward(t, weighted)
             total = t.detach() if total is None else total + t.detach()
             values = v if not values else {name: values[name] + x for name, x in v.items()}
+        clip = self.exp.cfg.trainer.gradient_clip_norm
         for g in self.groups:
+            if clip is not None:  # on the device: the norm is never read on the host
+                self.scaler.unscale_(g.optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in g.params if p.grad is not None], clip, foreach=True)
             self.scaler.step(g.optimizer)
         self.scaler.update()
         if self.per_step_schedule:

@@ -57,12 +57,13 @@ def _looks_local(path: str) -> bool:
 def missing_message(what: str, path: str, key: str, error: Exception | None = None) -> str:
     """The one message for a model or tokenizer that cannot be loaded: what, where it was looked for, the fixes."""
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
-    reason = f" ({' '.join(str(error).split())[:200]})" if error is not None else ""
+    reason = f" ({' '.join(str(error).split())[:120]}...)" if error is not None else ""
     return (f"{key}: cannot load {what} '{path}'{reason}. It is not a local directory with a config.json, and not in "
             f"the Hugging Face cache ({cache}){' (HF_HUB_OFFLINE is set, so nothing was downloaded)' if _offline() else ''}. "
             f"Give a local directory ({key}=/path/to/model, as written by save_pretrained or `hf download {path} "
-            f"--local-dir DIR` on a machine with internet), copy a populated cache and point HF_HOME at it, or build "
-            f"a random model from a config ({key.rsplit('.', 1)[0]}.config={{model_type: llama, ...}}).")
+            f"--local-dir DIR` on a machine with internet), or copy a populated cache and point HF_HOME at it"
+            + (f"; or build a random model from a config ({key.rsplit('.', 1)[0]}.config={{model_type: llama, ...}})."
+               if what == "the model" else "."))
 
 
 def _pretrained_kwargs(path: str, key: str, revision: str | None) -> dict[str, Any]:
