@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import to_float
 
-LOG_FLOOR = -1.0e4  # log-probabilities are clamped here: exp() is 0, and 0 * (a - b) stays finite (vocab padding, tails)
+LOG_FLOOR = -1.0e4  # mixtures and tail buckets are clamped here: exp() is 0, and 0 * (a - b) stays finite (empty tails)
 DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
 
@@ -65,8 +65,10 @@ def _token_mean(fn: Callable[..., Tensor], tensors: Sequence[Tensor], mask: Tens
 
 
 def log_probs(z: Tensor, temperature: float = 1.0) -> Tensor:
-    """``log softmax(z / T)`` in float32, floored at :data:`LOG_FLOOR` (``-inf`` logits of padded vocabulary rows included)."""
-    return F.log_softmax(to_float(z) / temperature, dim=-1).clamp_min(LOG_FLOOR)
+    """``log softmax(z / T)`` in float32 (no division at T = 1). Logits must be finite: a model that masks
+    vocabulary rows should give them a large negative finite value, not ``-inf``."""
+    z = to_float(z)
+    return F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
 
 
 def kl(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Text-path benchmark: kdrun's token-level KD step against a hand-written Hugging Face KD loop, and the
+chunked divergence against a naive full-vocabulary one. Prints tables (docs/text.md records them).
+
+1. ``overhead``: the text quickstart's distillation stage (frozen Llama-shaped teacher, student, forward KL
+   over batch.token_mask) run by kdrun (``StageRunner.train_epoch``: loader, forward, the engine's global
+   token mean, backward, AdamW, periodic metrics flush) against a minimal loop over the same batches with the
+   same models, optimizer and arithmetic (``loss = sum_t m_t KL_t / sum_t m_t``; kdrun's term unchunked, so
+   both compute the same thing). Alternating rounds of ``--steps`` steps after a warm-up; median
+   milliseconds per step and tokens/s; the ratio kdrun / hand is the framework overhead (target <= 1.05).
+2. ``memory``: ``TokenDivergence(fkl)`` forward + backward on bf16 logits (B=2, V=32,000) for several
+   sequence lengths, with ``chunk_size=256`` and unchunked. Memory: the growth of the process's peak
+   resident set (VmHWM, reset before each case through /proc/self/clear_refs) over its resident set before
+   the case, on the CPU; ``torch.cuda.max_memory_allocated`` growth on a GPU. The logits themselves are
+   allocated before the measurement starts.
+
+Usage: python scripts/text_benchmark.py [--steps 20 --rounds 5 --device cpu --only overhead|memory]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak(device: torch.device) -> float:
+    """Reset the peak counter; return the current level in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_kib("VmRSS:") / 1024
+
+
+def peak_growth(device: torch.device, start: float) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20 - start
+    return _rss_kib("VmHWM:") / 1024 - start
+
+
+def overhead(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hydra import compose, initialize_config_dir
+
+    from kdrun.config import validate
+    from kdrun.engine.trainer import Trainer
+    from kdrun.paths import config_dir
+    from kdrun.registry import register_configs
+
+    register_configs()
+    overrides = ["+recipe=text_quickstart", "~stages.teacher", "teacher.allow_random=true", "stages.distill.scheduler=null",
+                 "+loss.kd.chunk_size=null", "trainer.eval_every_steps=null", "trainer.eval_every=1000",
+                 "trainer.save_checkpoints=false", "trainer.tensorboard=false", "trainer.progress=off",
+                 f"trainer.device={args.device}", f"trainer.max_steps_per_epoch={args.steps}",
+                 "stages.distill.max_steps=1000000", f"data.batch_size={args.batch_size}"]
+    with initialize_config_dir(str(REPO / "configs" if (REPO / "configs").is_dir() else config_dir()), version_base="1.3"):
+        cfg = validate(compose("kdrun", overrides=overrides))
+    trainer = Trainer(cfg, Path(args.run_dir))
+    exp = trainer.prepare()
+    runner = trainer.stage_runner(0)
+    runner.set_modes()
+    loader = trainer.ctx.train_loader
+    teacher, student = exp.models["teacher"], exp.models["student"]
+    # the hand loop trains its own copy of the student with its own AdamW of the same settings
+    hand_student = type(student)(student.config).to(exp.device)
+    hand_student.load_state_dict(student.state_dict())
+    hand_student.train()
+    opt_cfg = dict(cfg.stages["distill"].optimizer)
+    hand_opt = torch.optim.AdamW(hand_student.parameters(), lr=opt_cfg["lr"], weight_decay=opt_cfg.get("weight_decay", 0.0),
+                                 betas=tuple(opt_cfg.get("betas", (0.9, 0.999))), eps=opt_cfg.get("eps", 1e-8))
+
+    def sync() -> None:
+        if exp.device.type == "cuda":
+            torch.cuda.synchronize(exp.device)
+
+    def kdrun_round(epoch: int) -> tuple[float, int]:
+        sync()
+        t0 = time.perf_counter()
+        runner.train_epoch(epoch)
+        sync()
+        return time.perf_counter() - t0, args.steps
+
+    def hand_round(epoch: int) -> tuple[float, int]:
+        loader.set_epoch(10_000 + epoch)
+        sync()
+        t0 = time.perf_counter()
+        n = 0
+        for batch in loader:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s_logits = hand_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            log_s, log_t = F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1)
+            m = batch["token_mask"].float()
+            loss = ((log_t.exp() * (log_t - log_s)).sum(-1) * m).sum() / m.sum().clamp_min(1.0)
+            loss.backward()
+            hand_opt.step()
+            hand_opt.zero_grad(set_to_none=True)
+            n += 1
+            if n == args.steps:
+                break
+        sync()
+        return time.perf_counter() - t0, n
+
+    tokens_per_step = args.batch_size * int(cfg.data.source.seq_len)
+    for w in range(args.warmup_rounds):
+        kdrun_round(w)
+        hand_round(w)
+    times: dict[str, list[float]] = {"kdrun": [], "hand": []}
+    mem: dict[str, float] = {}
+    for r in range(args.rounds):
+        order = [("kdrun", kdrun_round), ("hand", hand_round)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            start = reset_peak(exp.device)
+            seconds, steps = fn(args.warmup_rounds + r)
+            mem[name] = max(mem.get(name, 0.0), peak_growth(exp.device, start))
+            times[name].append(1000 * seconds / steps)
+    print(f"\n## overhead: text quickstart distillation step ({exp.device}, batch {args.batch_size} x {cfg.data.source.seq_len} tokens, "
+          f"{args.rounds} rounds of {args.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+    print("| side | ms/step (median) | tokens/s | peak memory growth (MiB) |")
+    print("|---|---|---|---|")
+    for name in ("kdrun", "hand"):
+        ms = statistics.median(times[name])
+        print(f"| {name} | {ms:.1f} | {tokens_per_step / ms * 1000:.0f} | {mem[name]:.0f} |")
+    ratio = statistics.median(times["kdrun"]) / statistics.median(times["hand"])
+    print(f"\nkdrun / hand = {ratio:.3f} (target <= 1.05)")
+
+
+def memory(args: argparse.Namespace) -> None:
+    from kdrun.losses.tokens import TokenDivergence
+
+    device = torch.device(args.device)
+    vocab = 32_000
+    print(f"\n## memory: TokenDivergence(fkl) forward + backward, bf16 logits, batch 2, vocabulary {vocab:,} ({device})\n")
+    print("| length | chunk_size | peak memory growth (MiB) | ms |")
+    print("|---|---|---|---|")
+    for length in args.lengths:
+        for chunk in (256, None):
+            s = torch.randn(2, length, vocab, dtype=torch.bfloat16, device=device, requires_grad=True)
+            t = torch.randn(2, length, vocab, dtype=torch.bfloat16, device=device)
+            mask = torch.ones(2, length, dtype=torch.bool, device=device)
+            term = TokenDivergence("fkl", chunk_size=chunk)
+            start = reset_peak(device)
+            t0 = time.perf_counter()
+            term(s, t, mask).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ms = 1000 * (time.perf_counter() - t0)
+            print(f"| {length} | {chunk if chunk else 'none'} | {peak_growth(device, start):.0f} | {ms:.0f} |")
+            del s, t, mask
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["overhead", "memory"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup-rounds", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--run-dir", default="/tmp/kdrun-text-benchmark")
+    args = p.parse_args()
+    if args.only in (None, "overhead"):
+        overhead(args)
+    if args.only in (None, "memory"):
+        memory(args)
+
+
+if __name__ == "__main__":
+    main()
