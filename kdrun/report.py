@@ -55,6 +55,10 @@ class Run:
         return list(stages)[-1] if stages else None
 
     def value(self, key: str) -> float | None:
+        if key == "rouge_l":  # the eval model's ROUGE-L (else the first generating model's)
+            gen = self.summary.get("generation") or {}
+            entry = gen.get(self.summary.get("eval_model")) or next(iter(gen.values()), None)
+            return _num(entry.get("rouge_l")) if isinstance(entry, dict) else None
         return _num(self.summary.get(key))
 
     def shot(self, group: str, key: str = "shot_top1") -> float | None:
@@ -378,6 +382,12 @@ def has_probe(groups: Sequence[Group]) -> bool:
     return any(r.summary.get("probe_top1") is not None for g in groups for r in g.runs)
 
 
+def has_text(groups: Sequence[Group]) -> tuple[bool, bool]:
+    """Whether some run is a language model (perplexity) and whether some run scored generations (ROUGE-L)."""
+    runs = [r for g in groups for r in g.runs]
+    return any(r.value("best_ppl") is not None for r in runs), any(r.value("rouge_l") is not None for r in runs)
+
+
 def _fmt(v: float | None, signed: bool = False) -> str:
     if v is None:
         return DASH
@@ -395,6 +405,11 @@ def markdown_table(groups: Sequence[Group]) -> str:
     probe = has_probe(groups)
     if probe:
         head += ["probe top-1"]
+    ppl, rouge = has_text(groups)
+    if ppl:
+        head += ["best ppl", "last ppl"]
+    if rouge:
+        head += ["ROUGE-L"]
     if show_ov:
         head += ["overrides"]
     rows = []
@@ -407,11 +422,16 @@ def markdown_table(groups: Sequence[Group]) -> str:
             row += [g.shot(s).text() for s in SHOTS]
         if probe:
             row += [g.stat("probe_top1").text()]
+        if ppl:
+            row += [g.stat("best_ppl").text(), g.stat("last_ppl").text()]
+        if rouge:
+            row += [g.stat("rouge_l").text()]
         if show_ov:
             row += [" ".join(extra[i]) or DASH]
         rows.append([c.replace("|", "\\|") for c in row])
     widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
-    right = {"n", "best top-1", "last top-1", "published", "Δ vs published", "probe top-1", *SHOTS}
+    right = {"n", "best top-1", "last top-1", "published", "Δ vs published", "probe top-1", "best ppl", "last ppl",
+             "ROUGE-L", *SHOTS}
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(cells, widths, head)) + " |"
@@ -443,6 +463,12 @@ def table_records(groups: Sequence[Group]) -> list[dict[str, Any]]:
         }
         if has_probe(groups):
             rec["probe_top1_mean"], rec["probe_top1_std"] = g.stat("probe_top1").mean, g.stat("probe_top1").std
+        ppl, rouge = has_text(groups)
+        if ppl:
+            for k in ("best_ppl", "last_ppl"):
+                rec[f"{k}_mean"], rec[f"{k}_std"] = g.stat(k).mean, g.stat(k).std
+        if rouge:
+            rec["rouge_l_mean"], rec["rouge_l_std"] = g.stat("rouge_l").mean, g.stat("rouge_l").std
         if shots:
             for s in SHOTS:
                 st = g.shot(s)

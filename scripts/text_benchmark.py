@@ -8,13 +8,19 @@ chunked divergence against a naive full-vocabulary one. Prints tables (docs/text
    same models, optimizer and arithmetic (``loss = sum_t m_t KL_t / sum_t m_t``; kdrun's term unchunked, so
    both compute the same thing). Alternating rounds of ``--steps`` steps after a warm-up; median
    milliseconds per step and tokens/s; the ratio kdrun / hand is the framework overhead (target <= 1.05).
-2. ``memory``: ``TokenDivergence(fkl)`` forward + backward on bf16 logits (B=2, V=32,000) for several
+2. ``trl``: the same pair and batches through TRL's ``GKDTrainer`` (``trl.experimental.gkd``) with on-policy
+   generation off (``lmbda=0``, ``seq_kd=False``) and ``beta=0`` (forward KL), constant learning rate, against
+   kdrun's step on the same data; only when ``trl`` is importable (install it beside kdrun, e.g.
+   ``pip install --no-deps --target DIR trl`` and ``PYTHONPATH=DIR``; it is never a kdrun dependency). Step
+   times come from a callback at each step's end (median over the timed steps). TRL shifts inside its loss,
+   so it scores L - 1 positions of each block where kdrun scores L.
+3. ``memory``: ``TokenDivergence(fkl)`` forward + backward on bf16 logits (B=2, V=32,000) for several
    sequence lengths, with ``chunk_size=256`` and unchunked. Memory: the growth of the process's peak
    resident set (VmHWM, reset before each case through /proc/self/clear_refs) over its resident set before
    the case, on the CPU; ``torch.cuda.max_memory_allocated`` growth on a GPU. The logits themselves are
    allocated before the measurement starts.
 
-Usage: python scripts/text_benchmark.py [--steps 20 --rounds 5 --device cpu --only overhead|memory]
+Usage: python scripts/text_benchmark.py [--steps 20 --rounds 5 --device cpu --only overhead|trl|memory]
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ def peak_growth(device: torch.device, start: float) -> float:
     return _rss_kib("VmHWM:") / 1024 - start
 
 
-def overhead(args: argparse.Namespace) -> None:
+def quickstart_trainer(args: argparse.Namespace, extra: list[str]):
+    """The text quickstart's distillation stage (random frozen teacher, constant lr), built by kdrun."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hydra import compose, initialize_config_dir
 
@@ -70,11 +77,73 @@ def overhead(args: argparse.Namespace) -> None:
                  "+loss.kd.chunk_size=null", "trainer.eval_every_steps=null", "trainer.eval_every=1000",
                  "trainer.save_checkpoints=false", "trainer.tensorboard=false", "trainer.progress=off",
                  f"trainer.device={args.device}", f"trainer.max_steps_per_epoch={args.steps}",
-                 "stages.distill.max_steps=1000000", f"data.batch_size={args.batch_size}"]
-    with initialize_config_dir(str(REPO / "configs" if (REPO / "configs").is_dir() else config_dir()), version_base="1.3"):
+                 "stages.distill.max_steps=1000000", f"data.batch_size={args.batch_size}", *extra]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = validate(compose("kdrun", overrides=overrides))
     trainer = Trainer(cfg, Path(args.run_dir))
-    exp = trainer.prepare()
+    return cfg, trainer, trainer.prepare()
+
+
+def trl_comparison(args: argparse.Namespace) -> None:
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        print("\n## trl: skipped (trl is not importable; install it beside kdrun, never as a dependency)")
+        return
+    from transformers import TrainerCallback
+
+    cfg, trainer, exp = quickstart_trainer(args, [])
+    runner = trainer.stage_runner(0)
+    runner.set_modes()
+    teacher, student = exp.models["teacher"], exp.models["student"]
+    trl_student = type(student)(student.config)
+    trl_student.load_state_dict(student.state_dict())
+    data = exp.data.train
+    n = args.steps * (args.rounds + args.warmup_rounds) * args.batch_size
+    rows = [{"input_ids": data["input_ids"][i % len(data["input_ids"])]} for i in range(n)]
+
+    def collate(batch):
+        ids = torch.stack([b["input_ids"] for b in batch])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    class Times(TrainerCallback):
+        def __init__(self) -> None:
+            self.t = []
+
+        def on_step_end(self, *a, **k):
+            self.t.append(time.perf_counter())
+
+    times = Times()
+    lr = float(cfg.stages["distill"].optimizer["lr"])
+    gkd_args = GKDConfig(output_dir=str(Path(args.run_dir) / "trl"), per_device_train_batch_size=args.batch_size,
+                         max_steps=len(rows) // args.batch_size, learning_rate=lr, lr_scheduler_type="constant",
+                         weight_decay=0.0, warmup_steps=0, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
+                         logging_steps=args.steps, report_to=[], save_strategy="no", use_cpu=exp.device.type == "cpu",
+                         dataloader_num_workers=0, max_length=int(cfg.data.source.seq_len), disable_tqdm=True,
+                         max_grad_norm=None)
+    gkd = GKDTrainer(model=trl_student, teacher_model=teacher, args=gkd_args, data_collator=collate, train_dataset=rows,
+                     processing_class=exp.data.tokenizer)
+    gkd.add_callback(times)
+    gkd.train()
+    skip = args.steps * args.warmup_rounds
+    trl_ms = statistics.median([1000 * (b - a) for a, b in zip(times.t[skip:], times.t[skip + 1:])])
+    kd_ms = []
+    for r in range(args.warmup_rounds + args.rounds):
+        t0 = time.perf_counter()
+        runner.train_epoch(r)
+        if r >= args.warmup_rounds:
+            kd_ms.append(1000 * (time.perf_counter() - t0) / args.steps)
+    tokens = args.batch_size * int(cfg.data.source.seq_len)
+    print(f"\n## trl: GKDTrainer (lmbda 0, beta 0 = forward KL) vs kdrun, same pair and batches ({exp.device}, batch "
+          f"{args.batch_size} x {cfg.data.source.seq_len})\n")
+    print("| side | ms/step (median) | tokens/s |")
+    print("|---|---|---|")
+    for name, ms in (("kdrun", statistics.median(kd_ms)), ("TRL GKDTrainer", trl_ms)):
+        print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:.0f} |")
+
+
+def overhead(args: argparse.Namespace) -> None:
+    cfg, trainer, exp = quickstart_trainer(args, [])
     runner = trainer.stage_runner(0)
     runner.set_modes()
     loader = trainer.ctx.train_loader
@@ -169,7 +238,7 @@ def memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["overhead", "memory"])
+    p.add_argument("--only", choices=["overhead", "trl", "memory"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
@@ -180,6 +249,8 @@ def main() -> None:
     args = p.parse_args()
     if args.only in (None, "overhead"):
         overhead(args)
+    if args.only in (None, "trl"):
+        trl_comparison(args)
     if args.only in (None, "memory"):
         memory(args)
 

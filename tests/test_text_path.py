@@ -170,7 +170,7 @@ def _cfg(tmp_path, extra, recipe="text_quickstart"):
     return validate(compose_cfg(FAST + TINY + list(extra), recipe=recipe))
 
 
-def test_text_run_reports_perplexity_and_exports_hf_directories(tmp_path):
+def test_text_run_reports_perplexity_and_exports_hf_directories(tmp_path, capsys):
     summary = run(_cfg(tmp_path, []), tmp_path / "run")
     assert summary["best_ppl"] is not None and summary["last_ppl"] == pytest.approx(summary["stages"]["distill"]["last_ppl"])
     assert summary["frozen_ppl"]["teacher"] > 1
@@ -179,6 +179,11 @@ def test_text_run_reports_perplexity_and_exports_hf_directories(tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epoch_rows = [r for r in rows if "tokens_per_s" in r]
     assert epoch_rows and all(r["peak_memory_mb"] > 0 for r in epoch_rows)
+    from kdrun.report import main as report
+
+    report([str(tmp_path / "run")])
+    table = capsys.readouterr().out
+    assert "best ppl" in table and f"{summary['best_ppl']:.2f}" in table
 
 
 def test_lora_student_trains_only_adapters_and_exports_them(tmp_path):
