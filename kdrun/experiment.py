@@ -80,6 +80,7 @@ class Experiment:
     batch_transform: Any = None  # batch -> batch, applied before every model in training (mixup, one-hot targets)
     eval_transform: Any = None  # batch -> batch on evaluation batches (the transform's for_eval), or None
     sync_batchnorm: bool = False
+    sharded: bool = False  # models sharded by FSDP (trainer.fsdp): checkpoints gather full tensors on every rank
 
     def modules(self) -> nn.ModuleDict:
         """Every stateful module by kind, for checkpoints: models, adapters, loss terms."""

@@ -105,6 +105,7 @@ class TrainerConfig:
     max_epochs: Optional[int] = None  # caps every stage (smoke runs)
     max_steps_per_epoch: Optional[int] = None  # caps the optimizer steps of each epoch (smoke tests)
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step; means stay global means (engine/accumulate.py)
+    fsdp: bool = False  # shard every model over the ranks (FSDP2, torchrun; kdrun/engine/fsdp.py) instead of DDP replicas
     gradient_clip_norm: Optional[float] = None  # clip each optimizer group's gradient to this total L2 norm (LLM recipes: 1.0)
     deterministic: bool = False  # torch.use_deterministic_algorithms + cudnn.deterministic
     log_every: int = 50  # optimizer steps between reads of the running losses (the only host syncs)

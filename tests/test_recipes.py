@@ -28,6 +28,41 @@ def pairs(recipe: str) -> list[tuple[str | None, str]]:
     return [(row.get("teacher"), row.student) for row in table]
 
 
+_TEXT_DIR: list[str] = []
+
+
+def _text_file() -> str:
+    """A small local prompt/response + sentence/label file for the recipes whose data are files on disk."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    if not _TEXT_DIR:
+        _TEXT_DIR.append(tempfile.mkdtemp(prefix="kdrun-recipes-"))
+    path = Path(_TEXT_DIR[0]) / "rows.jsonl"
+    if not path.exists():
+        rows = [{"instruction": f"Add {a} and {b}.", "prompt": f"Add {a} and {b}.", "response": f"{a + b}",
+                 "sentence": f"a {'good' if a > b else 'bad'} film {a}", "label": int(a > b)} for a in range(5) for b in range(5)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+TOKENIZER = "data.source.tokenizer={train: {corpus: pydoc_topics, vocab_size: 300}}"
+GPT2 = "{model_type: gpt2, n_embd: 16, n_layer: 2, n_head: 2, n_positions: 160, vocab_size: 300}"
+QWEN = ("{model_type: qwen2, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+        "num_key_value_heads: 1, max_position_embeddings: 64, vocab_size: 300}")
+BERT = "{model_type: bert, hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 32, vocab_size: 300}"
+# recipes whose default models are Hugging Face checkpoints and whose data are local files: tiny random models
+# of the same families and a small local file stand in (the wiring is under test, not the weights)
+HF_STANDINS = {
+    "gpt2xl_gpt2_dolly": ["student.net.path=null", f"+teacher.net.config={GPT2}", f"+student.net.config={GPT2}",
+                          "data.source.max_length=150"],
+    "qwen25_1p5b_0p5b_instruct": ["student.net.path=null", f"+teacher.net.config={QWEN}", f"+student.net.config={QWEN}",
+                                  "data.source.max_length=32", "data.source.chat_template=null"],
+    "bert_sst2_kd": [f"+teacher.net.config={BERT}", f"student.net.config={BERT}", "data.source.max_length=16"],
+}
+
+
 def smoke_overrides(recipe: str) -> list[str]:
     out = ["trainer.max_epochs=1", "trainer.max_steps_per_epoch=1", "trainer.progress=off", "trainer.tensorboard=false",
            "trainer.save_checkpoints=false", "trainer.device=cpu"]
@@ -35,6 +70,11 @@ def smoke_overrides(recipe: str) -> list[str]:
         num_classes = 10 if recipe.startswith("cifar10_") else 100
         out += ["data=synthetic", f"data.num_classes={num_classes}", "data.batch_size=8", "data.eval_batch_size=8",
                 "data.source.num_train=16", "data.source.num_test=8"]
+    if recipe in HF_STANDINS:
+        out += ["teacher.net.path=null", TOKENIZER, f"data.source.train={_text_file()}",
+                "data.batch_size=4", "trainer.accumulate_grad_batches=1", *HF_STANDINS[recipe]]
+        if compose_cfg(out, recipe=recipe).get("generation") is not None:
+            out += ["generation.max_new_tokens=3", "++generation.seeds=[1]", "generation.max_examples=2"]
     cfg = compose_cfg(out, recipe=recipe)
     if cfg.get("teacher") is not None:
         out += ["teacher.checkpoint=null"]

@@ -48,10 +48,17 @@ def save_training_state(experiment: Experiment, record: RunRecord, stage_state: 
     """``checkpoints/last.pt`` (and ``best.pt``): every module, the stage's optimizer groups and
     running sums, where the run stands (round, stage, epoch, batch, step), its records and every RNG
     state. Rank 0 writes; nothing is written with ``trainer.save_checkpoints=false``."""
-    if not dist.is_main or not experiment.cfg.trainer.save_checkpoints:
+    if not experiment.cfg.trainer.save_checkpoints:
+        return
+    modules = experiment.modules().state_dict()
+    if experiment.sharded:  # a collective: every rank gathers, rank 0 writes full tensors
+        from kdrun.engine.fsdp import gather_full
+
+        modules, stage_state = gather_full(modules), gather_full(stage_state)
+    if not dist.is_main:
         return
     state = {
-        "modules": experiment.modules().state_dict(),
+        "modules": modules,
         "stage": stage_state,
         "record": dataclasses.asdict(record),
         "rng": rng_state(),

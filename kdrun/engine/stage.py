@@ -210,6 +210,8 @@ class StageRunner:
 
         reads = {n for t in plan.losses for n in names_of(exp.losses[t].inputs)}
         for name in plan.trained_models:
+            if exp.sharded:  # FSDP reduce-scatters the sharded model's gradients itself
+                continue
             # a stage that never reads a model's logits leaves its head without gradient (AB/FT init stages)
             ddp = wrap(exp.models[name], True, unused=f"{name}.logits" not in reads)
             calls[name] = model_callables(nn.ModuleDict({name: ddp}), tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)[name]
@@ -256,7 +258,12 @@ class StageRunner:
             raise KdrunError(f"resume: the checkpoint's stage '{self.plan.name}' has optimizer groups {sorted(groups)}, "
                              f"this config has {sorted(g.name for g in self.groups)}")
         for g in self.groups:
-            g.optimizer.load_state_dict(groups[g.name]["optimizer"])
+            opt_state = groups[g.name]["optimizer"]
+            if self.exp.sharded:
+                from kdrun.engine.fsdp import shard_optimizer_state
+
+                opt_state = shard_optimizer_state(g.optimizer, opt_state)
+            g.optimizer.load_state_dict(opt_state)
             if g.scheduler is not None and groups[g.name].get("scheduler") is not None:
                 g.scheduler.load_state_dict(groups[g.name]["scheduler"])
         if state.get("scaler"):
@@ -354,7 +361,12 @@ class StageRunner:
             self.scaler.scale(objective).backward(inputs=g.params, retain_graph=i < last)
 
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
-        """Under DDP, no gradient all-reduce for the window's micro-batches before the last one."""
+        """Under DDP, no gradient all-reduce for the window's micro-batches before the last one (under
+        FSDP, no reduce-scatter of the sharded models' gradients)."""
+        if self.exp.sharded:
+            from kdrun.engine.fsdp import set_gradient_sync
+
+            set_gradient_sync([self.exp.models[m] for m in self.plan.trained_models], not skip)
         if not skip or not self.ddp:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()

@@ -19,26 +19,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("kdrun")
 
 
-def export_models(experiment: Experiment, run_dir: Path) -> dict[str, str]:
+def export_models(experiment: Experiment, run_dir: Path, states: dict[str, dict] | None = None) -> dict[str, str]:
     """Write ``<name>.pt`` = ``{'model': state_dict}`` for every model trained by some stage.
 
     Adapters and loss-term modules are not part of an exported model. The files load as
     ``<model>.checkpoint=<file>`` in any other run. A Hugging Face model is also written as a
     ``save_pretrained`` directory ``<name>_hf/`` (with the data's tokenizer), which ``from_pretrained`` and
     ``<model>.net.path`` read; a LoRA model's directory holds its adapter weights only (``peft``).
+    ``states``: full state dicts by model, gathered beforehand from sharded (FSDP) models.
     """
     from kdrun.models.hf import is_hf_model
 
     out = {}
     for name in experiment.trained_models:
         model = experiment.models[name]
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state = states[name] if states is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
         path = Path(run_dir) / f"{name}.pt"
         atomic_save({"model": state}, path)
         out[name] = str(path)
         if is_hf_model(model):
             where = Path(run_dir) / f"{name}_hf"
-            model.save_pretrained(str(where))
+            model.save_pretrained(str(where), **({"state_dict": state} if states is not None else {}))
             tokenizer = getattr(experiment.data, "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(where))

@@ -93,6 +93,12 @@ class Trainer:
             log.setLevel(logging.WARNING)
         seed_everything(cfg.seed, tcfg.deterministic)
         exp = build(cfg, resolve_device(tcfg.device, info), sync_batchnorm=tcfg.sync_batchnorm and info.enabled)
+        if tcfg.fsdp:
+            from kdrun.engine.fsdp import check_supported, shard_models
+
+            check_supported(cfg, info.world_size if info.enabled else 0)
+            shard_models(exp.models, exp.device, info.world_size)
+            exp.sharded = True
         if tcfg.channels_last:
             for module in exp.modules().values():
                 to_channels_last(module)
@@ -125,7 +131,13 @@ class Trainer:
         names = [p.name for p in exp.stages]
         if ckpt.get("stage_names") != names:
             raise KdrunError(f"resume: {path} was written by a run with stages {ckpt.get('stage_names')}, this one has {names}")
-        exp.modules().load_state_dict(ckpt["modules"])
+        modules = exp.modules()
+        if exp.sharded:
+            from kdrun.engine.fsdp import shard_state_dict
+
+            modules.load_state_dict(shard_state_dict(modules, ckpt["modules"]))
+        else:
+            modules.load_state_dict(ckpt["modules"])
         record = RunRecord(**ckpt["record"])
         set_rng_state(ckpt["rng"])
         self.checkpoint = ckpt
@@ -217,13 +229,18 @@ class Trainer:
         ctx = self.ctx
         assert ctx is not None
         info = ctx.dist
+        exp = ctx.experiment
+        states = None
+        if exp.sharded:  # every rank takes part in gathering the shards; rank 0 writes
+            from kdrun.engine.fsdp import gather_full
+
+            states = {name: gather_full(exp.models[name].state_dict()) for name in exp.trained_models}
         if not info.is_main:
             distributed.barrier(info)
             return None
-        exp = ctx.experiment
         rounds = self.cfg.rounds
         final = RunKey(rounds.count - 1 if rounds is not None else 0, exp.stages[-1].name, with_rounds=rounds is not None)
-        exported = export_models(exp, self.run_dir)
+        exported = export_models(exp, self.run_dir, states)
         generation = None
         if self.cfg.generation is not None:
             from kdrun.engine.generation import evaluate_generation

@@ -106,6 +106,14 @@ def _layer_list(model: nn.Module, count: int | None) -> str | None:
     return None if best is None else best[1]
 
 
+def layer_stack(model: nn.Module) -> nn.ModuleList | None:
+    """The stack of transformer layers of a Hugging Face model (the FSDP units), or None for other models."""
+    if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+        return None
+    path = _layer_list(model, getattr(model.config, "num_hidden_layers", None))
+    return None if path is None else dict(model.named_modules())[path]
+
+
 def standard_taps(model: nn.Module) -> dict[str, str]:
     """``embed``, ``hidden.<i>`` and ``final_norm`` -> module paths of a transformers model (wrapped by peft or not)."""
     modules = dict(model.named_modules())

@@ -1,0 +1,74 @@
+"""FSDP2 on CPU (gloo, 2 processes through torchrun, ``trainer.fsdp=true``): every model sharded, the text
+quickstart (tiny) trains the weights one process trains; checkpoints hold full tensors, and a sharded run
+killed mid-epoch resumes from them to the weights of the uninterrupted sharded run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow  # torchrun subprocesses
+
+TINY = ["+recipe=text_quickstart", "data.source.tokenizer.train.vocab_size=300", "data.source.seq_len=16",
+        "data.source.max_train_blocks=64", "data.source.max_test_blocks=16", "data.batch_size=8",
+        "stages.teacher.max_steps=5", "stages.distill.max_steps=7", "teacher.net.config.hidden_size=32",
+        "teacher.net.config.intermediate_size=64", "student.net.config.hidden_size=16", "student.net.config.intermediate_size=32",
+        "trainer.progress=off", "trainer.tensorboard=false", "trainer.device=cpu", "trainer.eval_every_steps=null",
+        "trainer.deterministic=true", "trainer.save_every_steps=3", "trainer.accumulate_grad_batches=2"]
+
+
+def run(args, cwd, ranks=None, ok=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HYDRA_FULL_ERROR")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(os.getcwd()), env.get("PYTHONPATH", "")]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks else [sys.executable]
+    proc = subprocess.run([*launch, "-m", "kdrun", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def weights(run_dir, name):
+    return torch.load(run_dir / f"{name}.pt", weights_only=True)["model"]
+
+
+def test_two_sharded_ranks_train_the_weights_of_one_process(tmp_path):
+    run([*TINY, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    proc = run([*TINY, "trainer.fsdp=true", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, ranks=2)
+    assert "fsdp: student sharded over 2 ranks (2 layer units + root)" in proc.stderr + proc.stdout
+    for name in ("teacher", "student"):
+        a, b = weights(tmp_path / "one", name), weights(tmp_path / "two", name)
+        assert set(a) == set(b)
+        for k in a:  # full tensors, not shards; summation order differs between one process and 2 ranks
+            assert a[k].shape == b[k].shape
+            assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (name, k, float((a[k] - b[k]).abs().max()))
+    ckpt = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    emb = ckpt["modules"]["models.student.model.embed_tokens.weight"]
+    assert emb.shape == (300, 16) and type(emb) is torch.Tensor
+
+
+def test_a_sharded_run_killed_mid_epoch_resumes_exactly(tmp_path):
+    run([*TINY, "trainer.fsdp=true", f"hydra.run.dir={tmp_path / 'full'}"], tmp_path, ranks=2)
+    conf = tmp_path / "conf" / "batch_transform"
+    conf.mkdir(parents=True)
+    # 4 steps of 2 micro-batches per epoch; call 1 is the trace, the teacher's 5 steps are calls 2-11, distill step k
+    # starts at call 12 + 2 (k - 1): dies at the start of distill step 7, after the step-6 checkpoint (mid-epoch 2)
+    (conf / "kill.yaml").write_text("_target_: tests.helpers.KillAtCall\nat: 24\n")
+    cut = [*TINY, "trainer.fsdp=true", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "batch_transform=kill",
+           f"hydra.run.dir={tmp_path / 'cut'}"]
+    proc = run(cut, tmp_path, ranks=2, ok=False)
+    assert proc.returncode != 0
+    record = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["record"]
+    assert (record["stage_index"], record["stage_step"], record["batch"]) == (1, 6, 4)
+    (conf / "kill.yaml").write_text("_target_: tests.helpers.KillAtCall\nat: 1000000\n")
+    run([*cut, "resume=auto"], tmp_path, ranks=2)
+    for name in ("teacher", "student"):
+        a, b = weights(tmp_path / "full", name), weights(tmp_path / "cut", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_fsdp_without_a_distributed_launch_is_refused(tmp_path):
+    proc = run([*TINY, "trainer.fsdp=true", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, ok=False)
+    assert proc.returncode == 2 and "torchrun" in proc.stderr
