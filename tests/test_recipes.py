@@ -71,7 +71,7 @@ def smoke_overrides(recipe: str) -> list[str]:
         out += ["data=synthetic", f"data.num_classes={num_classes}", "data.batch_size=8", "data.eval_batch_size=8",
                 "data.source.num_train=16", "data.source.num_test=8"]
     if recipe in HF_STANDINS:
-        out += ["teacher.net.path=null", TOKENIZER, f"data.source.train={_text_file()}",
+        out += ["teacher.net.path=null", TOKENIZER, "data.source.teacher_tokenizer=null", f"data.source.train={_text_file()}",
                 "data.batch_size=4", "trainer.accumulate_grad_batches=1", *HF_STANDINS[recipe]]
         if compose_cfg(out, recipe=recipe).get("generation") is not None:
             out += ["generation.max_new_tokens=3", "++generation.seeds=[1]", "generation.max_examples=2"]

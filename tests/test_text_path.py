@@ -288,3 +288,69 @@ def test_text_quickstart_end_to_end(tmp_path):
     teacher, alone, distilled = (stages[s]["last_ppl"] for s in ("teacher", "alone", "distill"))
     assert teacher < distilled < alone, (teacher, distilled, alone)
     assert summary["wall_time_s"] < 180
+
+
+def test_a_teacher_tokenizer_with_another_vocabulary_is_refused(tmp_path):
+    path = _jsonl(tmp_path / "qa.jsonl", QA)
+    same = instructions(TOK, path, teacher_tokenizer=TOK)
+    assert same.train["input_ids"].shape[0] > 0
+    with pytest.raises(KdrunError, match="data.source.teacher_tokenizer: .*differ"):
+        instructions(TOK, path, teacher_tokenizer={"train": {"corpus": "pydoc_topics", "vocab_size": 320}})
+
+
+def test_parquet_datasets_directories_and_chat_templates(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(QA)
+    ds.to_parquet(str(tmp_path / "qa.parquet"))
+    ds.save_to_disk(str(tmp_path / "qa_ds"))
+    a = instructions(TOK, str(tmp_path / "qa.parquet"), padding="max_length", max_length=40)
+    b = instructions(TOK, str(tmp_path / "qa_ds"), padding="max_length", max_length=40)
+    assert torch.equal(a.train["input_ids"], b.train["input_ids"])
+    tok = train_tokenizer("pydoc_topics", 300)
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    tok.save_pretrained(str(tmp_path / "tok"))
+    chat = instructions(str(tmp_path / "tok"), str(tmp_path / "qa.parquet"), chat_template="model", max_length=64,
+                        padding="max_length")
+    f = chat.train
+    prompt = tok.decode(f["input_ids"][0, :int(f["prompt_length"][0])])
+    assert prompt.startswith("<|user|>What is") and prompt.endswith("<|assistant|>")
+    with pytest.raises(KdrunError, match="no chat template"):
+        instructions(TOK, str(tmp_path / "qa.parquet"), chat_template="model")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = _tiny()
+    b = _tiny(gradient_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    a.train(), b.train()
+    x = torch.randint(0, 50, (2, 9))
+    for m in (a, b):
+        m(input_ids=x).logits.float().logsumexp(-1).mean().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    assert b.is_gradient_checkpointing
+
+
+def test_attention_maps_through_eager_attention():
+    model = _tiny(attn_implementation="eager", config_overrides={"output_attentions": True})
+    out = model(input_ids=torch.randint(0, 50, (2, 6)))
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 2, 6, 6)
+    assert torch.allclose(out.attentions[0].sum(-1), torch.ones(2, 2, 6), atol=1e-5)
+
+
+def test_hidden_state_distillation_through_a_projector_and_a_layer_map(tmp_path):
+    """Student layers 0 and 1 (width 16), each through a Projector sized by ``auto``, against teacher layers 0 and 1
+    (width 32): cosine per token, averaged over the pairs."""
+    proj = ("+adapters.{n}={{_target_: kdrun.models.adapters.Projector, in_dim: auto, out_dim: auto, "
+            "inputs: {{x: student.hidden.{i}}}, target: teacher.hidden.{i}}}")
+    term = ("+loss.hidden={{_target_: kdrun.losses.TokenHiddenLoss, kind: cosine, weight: 1.0, "
+            "inputs: {{student: [adapters.p0, adapters.p1], teacher: {teacher}, mask: batch.token_mask}}}}")
+    base = [proj.format(n="p0", i=0), proj.format(n="p1", i=1), "stages.distill.losses=[kd,hidden]"]
+    with pytest.raises(KdrunError, match="layer map"):  # teacher.layers (2) + teacher.last_layer: 3 against 2
+        run(_cfg(tmp_path, base + [term.format(teacher="[teacher.layers, teacher.last_layer]")]), tmp_path / "bad")
+    summary = run(_cfg(tmp_path, base + [term.format(teacher="teacher.layers")]), tmp_path / "run")
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    hidden = [r["loss/hidden"] for r in rows if "loss/hidden" in r]
+    assert hidden and all(0 <= v <= 2 for v in hidden) and summary["steps"] > 0

@@ -9,6 +9,10 @@ Every source returns :class:`~kdrun.data.tensors.TensorSplits` with these fields
 
 The test split is held out before anything is tokenised (whole documents or whole examples).
 
+``teacher_tokenizer`` (every source; optional): the teacher's own tokenizer, checked at build time to have the
+student's vocabulary, token for token (models of one family can differ by added tokens); a difference is refused
+with one message. The teacher then reads the student's token ids.
+
 Tokenizers: ``tokenizer`` is a path or hub name (``AutoTokenizer``, e.g. the teacher's directory), or
 ``{train: {corpus: pydoc_topics, vocab_size: 1024}}`` -- a byte-level BPE trained with the ``tokenizers``
 library on the corpus at build time and cached under ``~/.cache/kdrun/tokenizers`` (no download).
@@ -220,13 +224,22 @@ def _pack(docs: list[str], tok: Any, seq_len: int, max_blocks: int | None) -> di
     return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y, "token_mask": torch.ones_like(x, dtype=torch.bool)}
 
 
+def _with_teacher_tokenizer(tok: Any, teacher_tokenizer: Any) -> None:
+    """Refuse a teacher tokenizer whose vocabulary differs from the student's (the teacher reads the student's ids)."""
+    if teacher_tokenizer is not None:
+        check_same_vocabulary(tok, load_tokenizer(teacher_tokenizer, "data.source.teacher_tokenizer"),
+                              "data.source.teacher_tokenizer")
+
+
 def text_corpus(tokenizer: Any, text: str | Sequence[str] = "pydoc_topics", seq_len: int = 128,
                 test_fraction: float = 0.1, seed: int = 0, text_field: str = "text",
-                max_train_blocks: int | None = None, max_test_blocks: int | None = None) -> TensorSplits:
+                max_train_blocks: int | None = None, max_test_blocks: int | None = None,
+                teacher_tokenizer: Any = None) -> TensorSplits:
     """Language-model data: documents held out whole for the test split (a seeded ``test_fraction`` of
     them), each split's documents tokenised, joined with ``<eos>`` and packed into blocks of ``seq_len``
     tokens (GPT-2 / nanoGPT style packing: every position is scored, no padding)."""
     tok = load_tokenizer(tokenizer)
+    _with_teacher_tokenizer(tok, teacher_tokenizer)
     train_docs, test_docs = _split_documents(read_documents(text, text_field), test_fraction, seed)
     return TensorSplits(_pack(train_docs, tok, seq_len, max_train_blocks), _pack(test_docs, tok, seq_len, max_test_blocks),
                         tokenizer=tok)
@@ -278,7 +291,8 @@ def _examples(rows: list[dict[str, Any]], tok: Any, prompt_field: str, response_
 def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_field: str = "prompt",
                  response_field: str = "response", max_length: int = 512, chat_template: str | None = None,
                  prompt_format: str = DEFAULT_PROMPT_FORMAT, overflow: str = "truncate", padding: str = "longest",
-                 test_fraction: float = 0.1, seed: int = 0, max_examples: int | None = None) -> TensorSplits:
+                 test_fraction: float = 0.1, seed: int = 0, max_examples: int | None = None,
+                 teacher_tokenizer: Any = None) -> TensorSplits:
     """Prompt/response examples (local files, :func:`read_records`): the loss is on response tokens only.
 
     Each example is ``prompt_tokens + response_tokens + <eos>``, the prompt formatted by the model's chat
@@ -294,6 +308,7 @@ def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_fie
     if padding not in ("longest", "max_length"):
         raise KdrunError(f"data.source.padding must be longest or max_length, got '{padding}'")
     tok = load_tokenizer(tokenizer)
+    _with_teacher_tokenizer(tok, teacher_tokenizer)
     fields = [prompt_field, response_field]
     rows = read_records(train, fields, "data.source.train")
     if test is None:
@@ -317,7 +332,8 @@ def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_fie
 
 def text_classification(tokenizer: Any, train: str, test: str | None = None, text_field: str = "sentence",
                         label_field: str = "label", text_pair_field: str | None = None, max_length: int = 128,
-                        padding: str = "longest", test_fraction: float = 0.1, seed: int = 0) -> TensorSplits:
+                        padding: str = "longest", test_fraction: float = 0.1, seed: int = 0,
+                        teacher_tokenizer: Any = None) -> TensorSplits:
     """Labelled texts (GLUE-style: SST-2's ``sentence``/``label``; MNLI with ``text_pair_field``) from local
     files (:func:`read_records`): fields ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
     tokenizer makes them) truncated to ``max_length``, and ``target``, the class id, so evaluation reports
@@ -325,6 +341,7 @@ def text_classification(tokenizer: Any, train: str, test: str | None = None, tex
     if padding not in ("longest", "max_length"):
         raise KdrunError(f"data.source.padding must be longest or max_length, got '{padding}'")
     tok = load_tokenizer(tokenizer)
+    _with_teacher_tokenizer(tok, teacher_tokenizer)
     fields = [text_field, label_field] + ([text_pair_field] if text_pair_field else [])
     rows = read_records(train, fields, "data.source.train")
     if test is None:
