@@ -79,15 +79,35 @@ def _pretrained_kwargs(path: str, key: str, revision: str | None) -> dict[str, A
     return {"pretrained_model_name_or_path": path, "revision": revision}
 
 
+def _cached(repo_id: str, revision: str | None) -> bool:
+    """Whether the Hugging Face cache holds a config or tokenizer file of ``repo_id`` (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, name, revision=revision), str):
+                return True
+        except Exception:  # an id the hub client refuses (e.g. malformed): not cached
+            return False
+    return False
+
+
 def load_pretrained(loader: Any, path: str, key: str, what: str = "the model", revision: str | None = None,
                     **kwargs: Any) -> Any:
     """``loader.from_pretrained(path)`` from disk or cache first, the Hub only when online; a clear error else."""
     base = _pretrained_kwargs(path, key, revision)
-    try:
-        return loader.from_pretrained(**base, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as ex:
-        if _offline() or Path(path).expanduser().exists():
-            raise KdrunError(missing_message(what, path, key, ex)) from None
+    local = Path(path).expanduser().exists()
+    if not local and not _cached(path, revision):
+        if _offline():  # not on disk, not in the cache, and no network: say so without asking the Hub
+            raise KdrunError(missing_message(what, path, key))
+    else:
+        try:
+            return loader.from_pretrained(**base, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as ex:
+            if _offline() or local:
+                raise KdrunError(missing_message(what, path, key, ex)) from None
     try:
         return loader.from_pretrained(**base, **kwargs)
     except (OSError, ValueError) as ex:
