@@ -34,23 +34,31 @@ def weights(run_dir, name):
     return torch.load(run_dir / f"{name}.pt", weights_only=True)["model"]
 
 
-def test_two_sharded_ranks_train_the_weights_of_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """One uninterrupted 2-rank sharded run, shared by the tests below (torchrun launches are the slow part)."""
+    where = tmp_path_factory.mktemp("fsdp")
+    proc = run([*TINY, "trainer.fsdp=true", f"hydra.run.dir={where / 'two'}"], where, ranks=2)
+    return where, proc
+
+
+def test_two_sharded_ranks_train_the_weights_of_one_process(sharded_run, tmp_path):
+    where, proc = sharded_run
     run([*TINY, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
-    proc = run([*TINY, "trainer.fsdp=true", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, ranks=2)
     assert "fsdp: student sharded over 2 ranks (2 layer units + root)" in proc.stderr + proc.stdout
     for name in ("teacher", "student"):
-        a, b = weights(tmp_path / "one", name), weights(tmp_path / "two", name)
+        a, b = weights(tmp_path / "one", name), weights(where / "two", name)
         assert set(a) == set(b)
         for k in a:  # full tensors, not shards; summation order differs between one process and 2 ranks
             assert a[k].shape == b[k].shape
             assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (name, k, float((a[k] - b[k]).abs().max()))
-    ckpt = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = torch.load(where / "two" / "checkpoints" / "last.pt", weights_only=True)
     emb = ckpt["modules"]["models.student.model.embed_tokens.weight"]
     assert emb.shape == (300, 16) and type(emb) is torch.Tensor
 
 
-def test_a_sharded_run_killed_mid_epoch_resumes_exactly(tmp_path):
-    run([*TINY, "trainer.fsdp=true", f"hydra.run.dir={tmp_path / 'full'}"], tmp_path, ranks=2)
+def test_a_sharded_run_killed_mid_epoch_resumes_exactly(sharded_run, tmp_path):
+    where, _ = sharded_run
     conf = tmp_path / "conf" / "batch_transform"
     conf.mkdir(parents=True)
     # 4 steps of 2 micro-batches per epoch; call 1 is the trace, the teacher's 5 steps are calls 2-11, distill step k
@@ -65,10 +73,24 @@ def test_a_sharded_run_killed_mid_epoch_resumes_exactly(tmp_path):
     (conf / "kill.yaml").write_text("_target_: tests.helpers.KillAtCall\nat: 1000000\n")
     run([*cut, "resume=auto"], tmp_path, ranks=2)
     for name in ("teacher", "student"):
-        a, b = weights(tmp_path / "full", name), weights(tmp_path / "cut", name)
+        a, b = weights(where / "two", name), weights(tmp_path / "cut", name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_fsdp_without_a_distributed_launch_is_refused(tmp_path):
-    proc = run([*TINY, "trainer.fsdp=true", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, ok=False)
-    assert proc.returncode == 2 and "torchrun" in proc.stderr
+def test_fsdp_without_a_distributed_launch_is_refused():
+    from kdrun.engine.fsdp import check_supported
+    from kdrun.errors import KdrunError
+    from kdrun.schema import experiment_config
+    from kdrun.config import validate
+    from tests.conftest import compose_cfg
+
+    cfg = experiment_config(validate(compose_cfg([t for t in TINY if not t.startswith("+recipe")] + ["trainer.fsdp=true"],
+                                                 recipe="text_quickstart")))
+    with pytest.raises(KdrunError, match="torchrun"):
+        check_supported(cfg, 0)
+    check_supported(cfg, 2)
+    for extra, word in (("+generation={models: [student]}", "generation"), ("trainer.compile=true", "compile")):
+        bad = experiment_config(validate(compose_cfg([t for t in TINY if not t.startswith("+recipe")] + ["trainer.fsdp=true", extra],
+                                                     recipe="text_quickstart")))
+        with pytest.raises(KdrunError, match=word):
+            check_supported(bad, 2)
