@@ -9,7 +9,8 @@ chunked divergence against a naive full-vocabulary one. Prints tables (docs/text
    both compute the same thing). Alternating rounds of ``--steps`` steps after a warm-up; median
    milliseconds per step and tokens/s; the ratio kdrun / hand is the framework overhead (target <= 1.05).
 2. ``trl``: the same pair and batches through TRL's ``GKDTrainer`` (``trl.experimental.gkd``) with on-policy
-   generation off (``lmbda=0``, ``seq_kd=False``) and ``beta=0`` (forward KL), constant learning rate, against
+   generation off (``lmbda=0``, ``seq_kd=False``) and ``beta=0`` (forward KL), constant learning rate, fp32 and no
+   gradient checkpointing (TRL's SFT-based configs default to bf16 and gradient checkpointing; kdrun's run has neither), against
    kdrun's step on the same data; only when ``trl`` is importable (install it beside kdrun, e.g.
    ``pip install --no-deps --target DIR trl`` and ``PYTHONPATH=DIR``; it is never a kdrun dependency). Step
    times come from a callback at each step's end (median over the timed steps). TRL shifts inside its loss,
@@ -100,10 +101,12 @@ def trl_comparison(args: argparse.Namespace) -> None:
     trl_student.load_state_dict(student.state_dict())
     data = exp.data.train
     n = args.steps * (args.rounds + args.warmup_rounds) * args.batch_size
-    rows = [{"input_ids": data["input_ids"][i % len(data["input_ids"])]} for i in range(n)]
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"input_ids": [data["input_ids"][i % len(data["input_ids"])].tolist() for i in range(n)]})
 
     def collate(batch):
-        ids = torch.stack([b["input_ids"] for b in batch])
+        ids = torch.tensor([b["input_ids"] for b in batch], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     class Times(TrainerCallback):
@@ -113,26 +116,29 @@ def trl_comparison(args: argparse.Namespace) -> None:
         def on_step_end(self, *a, **k):
             self.t.append(time.perf_counter())
 
+    threads = torch.get_num_threads()
+    kd_ms = []  # kdrun first: the Hugging Face Trainer may change process-wide settings
+    for r in range(args.warmup_rounds + args.rounds):
+        t0 = time.perf_counter()
+        runner.train_epoch(r)
+        if r >= args.warmup_rounds:
+            kd_ms.append(1000 * (time.perf_counter() - t0) / args.steps)
     times = Times()
     lr = float(cfg.stages["distill"].optimizer["lr"])
     gkd_args = GKDConfig(output_dir=str(Path(args.run_dir) / "trl"), per_device_train_batch_size=args.batch_size,
-                         max_steps=len(rows) // args.batch_size, learning_rate=lr, lr_scheduler_type="constant",
+                         max_steps=n // args.batch_size, learning_rate=lr, lr_scheduler_type="constant",
                          weight_decay=0.0, warmup_steps=0, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
                          logging_steps=args.steps, report_to=[], save_strategy="no", use_cpu=exp.device.type == "cpu",
                          dataloader_num_workers=0, max_length=int(cfg.data.source.seq_len), disable_tqdm=True,
-                         max_grad_norm=None)
+                         max_grad_norm=0.0, bf16=False, fp16=False, gradient_checkpointing=False)
     gkd = GKDTrainer(model=trl_student, teacher_model=teacher, args=gkd_args, data_collator=collate, train_dataset=rows,
                      processing_class=exp.data.tokenizer)
     gkd.add_callback(times)
     gkd.train()
     skip = args.steps * args.warmup_rounds
     trl_ms = statistics.median([1000 * (b - a) for a, b in zip(times.t[skip:], times.t[skip + 1:])])
-    kd_ms = []
-    for r in range(args.warmup_rounds + args.rounds):
-        t0 = time.perf_counter()
-        runner.train_epoch(r)
-        if r >= args.warmup_rounds:
-            kd_ms.append(1000 * (time.perf_counter() - t0) / args.steps)
+    if torch.get_num_threads() != threads:
+        print(f"(note: torch threads {threads} for kdrun, {torch.get_num_threads()} after the TRL trainer)")
     tokens = args.batch_size * int(cfg.data.source.seq_len)
     print(f"\n## trl: GKDTrainer (lmbda 0, beta 0 = forward KL) vs kdrun, same pair and batches ({exp.device}, batch "
           f"{args.batch_size} x {cfg.data.source.seq_len})\n")
