@@ -17,6 +17,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun._hydra_compat import install_fast_help
 from kdrun.schema import AdapterConfig, CoTrainConfig, LossTermConfig, ModelConfig, StageConfig, fill_defaults
 from kdrun.errors import KdrunError, did_you_mean
 from kdrun.models.zoo import zoo
@@ -86,6 +87,7 @@ def register_configs() -> None:
         return
     if not OmegaConf.has_resolver("pick"):
         OmegaConf.register_new_resolver("pick", pick)
+    install_fast_help()  # every composition copies the store per config group; share it instead
     cs = ConfigStore.instance()
     files = {path.stem for path in (config_dir() / "model").glob("*.yaml")}
     for name in sorted(set(zoo()) | files):
