@@ -80,7 +80,7 @@ def read_records(source: str, fields: Sequence[str], key: str) -> list[dict[str,
             raise KdrunError(f"{key}: reading a datasets directory needs the 'datasets' package: pip install -e \".[text]\"") from None
         try:
             ds = datasets.load_from_disk(str(path))
-        except Exception as ex:
+        except Exception as ex:  # noqa: BLE001 - any failure to read it is the same user error
             raise KdrunError(f"{key}: '{source}' is not a datasets directory ({ex})") from None
         if isinstance(ds, datasets.DatasetDict):
             raise KdrunError(f"{key}: '{source}' holds several splits {list(ds)}; point at one split's directory")
@@ -196,16 +196,40 @@ def _fields(rows: list[list[int]], targets: list[list[int]], length: int, pad_id
     return {"input_ids": ids, "attention_mask": attn, "labels": labels, "token_mask": labels != IGNORE_INDEX}
 
 
-def _split_documents(docs: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def _check_fraction(test_fraction: float) -> None:
     if not 0.0 < test_fraction < 1.0:
         raise KdrunError(f"data.source.test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def _hold_out(items: list[Any], test_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, test): a seeded ``test_fraction`` of ``items`` (at least one) held out whole."""
+    _check_fraction(test_fraction)
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = max(1, round(len(items) * test_fraction))
+    return [items[i] for i in perm[n_test:]], [items[i] for i in perm[:n_test]]
+
+
+def _split_documents(docs: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     if len(docs) < 2:  # one document: hold out its tail
+        _check_fraction(test_fraction)
         text = docs[0]
         cut = int(len(text) * (1 - test_fraction))
         return [text[:cut]], [text[cut:]]
-    perm = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = max(1, round(len(docs) * test_fraction))
-    return [docs[i] for i in perm[n_test:]], [docs[i] for i in perm[:n_test]]
+    return _hold_out(docs, test_fraction, seed)
+
+
+def _record_splits(train: str, test: str | None, fields: list[str], test_fraction: float,
+                   seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, test rows) from the files; without ``test``, a held-out part of ``train``."""
+    rows = read_records(train, fields, "data.source.train")
+    if test is None:
+        return _hold_out(rows, test_fraction, seed)
+    return rows, read_records(test, fields, "data.source.test")
+
+
+def _check_padding(padding: str) -> None:
+    if padding not in ("longest", "max_length"):
+        raise KdrunError(f"data.source.padding must be longest or max_length, got '{padding}'")
 
 
 def _pack(docs: list[str], tok: Any, seq_len: int, max_blocks: int | None) -> dict[str, Tensor]:
@@ -305,18 +329,10 @@ def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_fie
     """
     if overflow not in ("truncate", "drop", "error"):
         raise KdrunError(f"data.source.overflow must be truncate, drop or error, got '{overflow}'")
-    if padding not in ("longest", "max_length"):
-        raise KdrunError(f"data.source.padding must be longest or max_length, got '{padding}'")
+    _check_padding(padding)
     tok = load_tokenizer(tokenizer)
     _with_teacher_tokenizer(tok, teacher_tokenizer)
-    fields = [prompt_field, response_field]
-    rows = read_records(train, fields, "data.source.train")
-    if test is None:
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_test = max(1, round(len(rows) * test_fraction))
-        test_rows, rows = [rows[i] for i in perm[:n_test]], [rows[i] for i in perm[n_test:]]
-    else:
-        test_rows = read_records(test, fields, "data.source.test")
+    rows, test_rows = _record_splits(train, test, [prompt_field, response_field], test_fraction, seed)
     if max_examples is not None:
         rows = rows[:int(max_examples)]
     out = {}
@@ -338,18 +354,11 @@ def text_classification(tokenizer: Any, train: str, test: str | None = None, tex
     files (:func:`read_records`): fields ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
     tokenizer makes them) truncated to ``max_length``, and ``target``, the class id, so evaluation reports
     accuracy (top-1) as for images. ``padding`` as in :func:`instructions`."""
-    if padding not in ("longest", "max_length"):
-        raise KdrunError(f"data.source.padding must be longest or max_length, got '{padding}'")
+    _check_padding(padding)
     tok = load_tokenizer(tokenizer)
     _with_teacher_tokenizer(tok, teacher_tokenizer)
     fields = [text_field, label_field] + ([text_pair_field] if text_pair_field else [])
-    rows = read_records(train, fields, "data.source.train")
-    if test is None:
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_test = max(1, round(len(rows) * test_fraction))
-        test_rows, rows = [rows[i] for i in perm[:n_test]], [rows[i] for i in perm[n_test:]]
-    else:
-        test_rows = read_records(test, fields, "data.source.test")
+    rows, test_rows = _record_splits(train, test, fields, test_fraction, seed)
     out = {}
     for split, split_rows in (("train", rows), ("test", test_rows)):
         try:
@@ -369,5 +378,16 @@ def text_classification(tokenizer: Any, train: str, test: str | None = None, tex
                         tokenizer=tok)
 
 
-__all__ = ["IGNORE_INDEX", "text_classification", "check_same_vocabulary", "format_prompt", "instructions", "load_tokenizer", "pydoc_topics",
-           "read_documents", "read_records", "text_corpus", "train_tokenizer"]
+__all__ = [
+    "IGNORE_INDEX",
+    "check_same_vocabulary",
+    "format_prompt",
+    "instructions",
+    "load_tokenizer",
+    "pydoc_topics",
+    "read_documents",
+    "read_records",
+    "text_classification",
+    "text_corpus",
+    "train_tokenizer",
+]

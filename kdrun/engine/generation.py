@@ -123,8 +123,7 @@ def evaluate_generation(models: dict[str, nn.Module], spec: Any, data: Any, devi
         log.info("generation: %s ROUGE-L %.2f%s on %d test prompts", name, mean,
                  f" +- {std:.2f} over {len(seeds)} seeds" if len(seeds) > 1 else "", len(prompts))
     with open(Path(run_dir) / "generations.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     return results
 
 

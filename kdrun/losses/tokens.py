@@ -181,33 +181,6 @@ class TokenCrossEntropy(LossTerm):
         return _token_mean(per_token, [logits, target], mask, self.chunk_size)
 
 
-class TokenKLLoss(LossTerm):
-    """Forward KL between the teacher's and the student's next-token distributions at temperature T,
-    averaged over valid tokens and scaled by T^2 (Hinton et al. 2015, per position):
-
-    ``T^2 * sum_{b,t} m_bt KL(softmax(z^t_bt / T) || softmax(z^s_bt / T)) / sum_{b,t} m_bt``.
-
-    Inputs: ``student``, ``teacher`` (B, T, V) logits over the same vocabulary, ``mask`` (B, T) a batch
-    field. Args: temperature (default 1.0). :class:`TokenDivergence` is the general form."""
-
-    mean_over = "tokens"
-    count_input = "mask"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"token KL: temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
-
-    def check_shapes(self, student: torch.Size, teacher: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
-        _check("token KL", student, mask, ("teacher", teacher))
-
-    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        t = self.temperature
-        per_token = kl(log_probs(teacher.detach(), t), log_probs(student, t))
-        return t * t * _masked_mean(per_token, mask)
-
-
 class TokenDivergence(LossTerm):
     """A token-level divergence between teacher and student next-token distributions, averaged over the
     valid tokens of ``mask``: ``s * sum_{b,t} m_bt D(p_bt, q_bt) / sum_{b,t} m_bt`` with
@@ -263,6 +236,20 @@ class TokenDivergence(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
         return self.scale * _token_mean(self.per_token, [student, teacher], mask, self.chunk_size)
+
+
+class TokenKLLoss(TokenDivergence):
+    """Forward KL between the teacher's and the student's next-token distributions at temperature T,
+    averaged over valid tokens and scaled by T^2 (Hinton et al. 2015, per position):
+
+    ``T^2 * sum_{b,t} m_bt KL(softmax(z^t_bt / T) || softmax(z^s_bt / T)) / sum_{b,t} m_bt``.
+
+    :class:`TokenDivergence` with ``kind=fkl, t_squared=true`` and no chunks. Inputs: ``student``,
+    ``teacher`` (B, T, V) logits over the same vocabulary, ``mask`` (B, T) a batch field. Args:
+    temperature (default 1.0)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__(kind="fkl", temperature=temperature, t_squared=True, chunk_size=None)
 
 
 class TAIDLoss(LossTerm):
@@ -328,7 +315,7 @@ class TAIDLoss(LossTerm):
 
         def per_token(zs: Tensor, zt: Tensor) -> Tensor:
             target = F.softmax((1 - t) * to_float(zs).detach() + t * to_float(zt.detach()), dim=-1)
-            return -(target * F.log_softmax(to_float(zs), dim=-1)).sum(dim=-1)
+            return -(target * log_probs(zs)).sum(dim=-1)
 
         loss = _token_mean(per_token, [student, teacher], mask, self.chunk_size)
         if self.training and torch.is_grad_enabled():  # token-weighted: the step's l is its global token mean

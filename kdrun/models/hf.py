@@ -89,7 +89,7 @@ def _cached(repo_id: str, revision: str | None) -> bool:
         try:
             if isinstance(try_to_load_from_cache(repo_id, name, revision=revision), str):
                 return True
-        except Exception:  # an id the hub client refuses (e.g. malformed): not cached
+        except Exception:  # noqa: BLE001 - an id the hub client refuses (e.g. malformed): not cached
             return False
     return False
 
