@@ -129,8 +129,45 @@ def load_data(cfg: ExperimentConfig) -> Any:
         except ValueError as ex:
             raise KdrunError(str(ex)) from None
     if d.subset is not None:
-        splits = splits.subset(d.subset)
+        splits = splits.subset(d.subset, d.subset_seed)
+    _check_labels(cfg, splits)
+    cover = splits.class_coverage
+    if d.subset is not None:
+        log.info("data.subset=%d: %d training and %d test examples (seeded, class-stratified), %s", d.subset,
+                 splits.num_train, split_size(splits, "test"),
+                 "classes not known" if cover["train"] is None else
+                 f"{cover['train']} and {cover['test']} of {d.num_classes} classes")
     return splits
+
+
+def split_size(splits: Any, split: str) -> int:
+    """The number of examples of ``split`` (train or test) of any kdrun data set."""
+    from kdrun.data.tensors import TensorSplits
+
+    if isinstance(splits, TensorSplits):
+        return int(next(iter(getattr(splits, split).values())).shape[0])
+    if hasattr(splits, f"{split}_labels"):
+        return int(getattr(splits, f"{split}_labels").shape[0])
+    return len(getattr(splits, split))
+
+
+def _check_labels(cfg: ExperimentConfig, splits: Any) -> None:
+    """Class labels inside ``[0, data.num_classes)``; ``data.mean``/``std`` one value per input channel."""
+    d = cfg.data
+    labels = getattr(splits, "train_labels", None)
+    if labels is not None and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= d.num_classes:
+            raise KdrunError(f"data.num_classes={d.num_classes}, but {d.name}'s labels run from {low} to {high}: "
+                             f"set data.num_classes={max(high + 1, d.num_classes)} (or fix the labels)")
+    sample = splits.sample_batch(1).get("input")
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if value is not None and sample is not None and sample.dim() == 4 and len(value) != sample.shape[1]:
+            raise KdrunError(f"data.{key} has {len(value)} values but {d.name}'s images have {sample.shape[1]} channels: "
+                             f"give one value per channel")
+        if key == "std" and value is not None and any(v <= 0 for v in value):
+            raise KdrunError(f"data.std must be positive, got {list(value)}")
 
 
 # ----------------------------------------------------------------------------------------- models

@@ -131,9 +131,14 @@ def _report(s: dict) -> None:
     if s.get("shot_top1"):
         lines.append("  many / medium / few-shot top-1 (last): " + " / ".join(f"{v:.2f}" for v in s["shot_top1"].values()))
     pub = s.get("published")
-    if pub:
+    if pub and pub.get("comparable", True):
         delta = f"{pub['delta']:+.2f}" if pub.get("delta") is not None else "n/a"
         lines.append(f"  published ({pub['metric']}): {pub['top1']:.2f} [{pub['source']}], difference {delta}")
+    elif pub:
+        lines.append(f"  published ({pub['metric']}): {pub['top1']:.2f} [{pub['source']}]: NOT COMPARABLE, a smoke run "
+                     f"({'; '.join(s['not_comparable'])})")
+    elif s.get("not_comparable"):
+        lines.append(f"  smoke run ({'; '.join(s['not_comparable'])}): not comparable with full runs")
     lines.append(f"  run directory: {s['run_dir']}")
     print("\n".join(lines), flush=True)
 

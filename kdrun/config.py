@@ -77,6 +77,7 @@ def _check_choices(cfg: DictConfig) -> None:
                          f"got '{cfg.objective}'")
     if cfg.get("objective") == "probe_top1" and cfg.get("probe") is None:
         raise KdrunError("objective=probe_top1 needs a linear probe: set probe (e.g. +probe.models=[student] +probe.tap=feat)")
+    _check_ranges(cfg)
     t = cfg.trainer
     if t.get("progress", "auto") not in ("auto", "on", "off"):
         raise KdrunError(f"trainer.progress must be auto, on or off, got '{t.progress}'")
@@ -94,10 +95,47 @@ def _check_choices(cfg: DictConfig) -> None:
         raise KdrunError(f"published.metric must be 'best' or 'last', got '{cfg.published.get('metric')}'")
 
 
+def _at_least(node: Any, prefix: str, key: str, low: int | float, null: str | None = None, number: type = int) -> None:
+    """``node[key]`` (when set) a number of type ``number`` of at least ``low``; ``null`` says what null means."""
+    value = node.get(key) if isinstance(node, DictConfig) else None
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (number is float or isinstance(value, int))
+    if not ok or value < low:
+        also = f" (or null: {null})" if null else ""
+        kind = "an integer" if number is int else "a number"
+        raise KdrunError(f"{prefix}.{key} must be {kind} of at least {low}{also}, got {value!r}")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Numbers outside their meaningful range: errors, never a silent other meaning (0 is not "no cap")."""
+    d, t = cfg.data, cfg.trainer
+    _at_least(d, "data", "subset", 1, "the whole data set")
+    _at_least(d, "data", "val_split", 1, "evaluate on the test set")
+    for key in ("batch_size", "eval_batch_size", "num_classes"):
+        _at_least(d, "data", key, 1)
+    for key in ("num_workers", "crop_padding", "subset_seed", "val_seed"):
+        _at_least(d, "data", key, 0)
+    _at_least(t, "trainer", "max_epochs", 1, "no cap")
+    _at_least(t, "trainer", "max_steps_per_epoch", 1, "no cap")
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise KdrunError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    for name, node in (cfg.get("loss") or {}).items():
+        if not isinstance(node, DictConfig):
+            continue
+        weight = node.get("weight", 1.0)
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and not (0 <= weight < float("inf")):
+            raise KdrunError(f"loss.{name}.weight must be a finite number >= 0, got {weight} "
+                             f"(0 turns the term off; a term to maximise needs its own loss class)")
+        _at_least(node, f"loss.{name}", "warmup_epochs", 0, None)
+
+
 def _check_plan(cfg: ExperimentConfig) -> None:
     """The rules between sections, checked by the planning functions the builder uses."""
     for sname, stage in cfg.stages.items():
-        plan.group_plans(sname, stage, list(cfg.models), cfg.adapters, cfg.loss)
+        for group in plan.group_plans(sname, stage, list(cfg.models), cfg.adapters, cfg.loss):
+            _check_optimizer(group)
         if stage.eval is not None and stage.eval not in cfg.models:
             raise KdrunError(f"stages.{sname}.eval: no model '{stage.eval}'.{did_you_mean(stage.eval, cfg.models)}")
     for name, mcfg in cfg.models.items():
@@ -127,6 +165,41 @@ def _check_plan(cfg: ExperimentConfig) -> None:
         if gen.max_new_tokens < 1 or gen.batch_size < 1 or (gen.do_sample and not gen.seeds) or gen.temperature <= 0:
             raise KdrunError("generation: max_new_tokens and batch_size must be at least 1, temperature positive, and "
                              "sampling (do_sample=true) needs at least one seed")
+
+
+def _check_optimizer(group: plan.GroupPlan) -> None:
+    """Build the group's optimizer (on a stand-in parameter) and scheduler now, so that a bad argument
+    (a negative learning rate) is found before any stage trains, not when its stage starts."""
+    import torch
+
+    from kdrun.build import instantiate_node
+
+    def fail(part: str, ex: Exception) -> KdrunError:
+        return KdrunError(f"{group.key}.{part}: {_first_line(ex)}")
+
+    try:
+        optimizer = instantiate_node(group.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    except KdrunError:
+        raise
+    except Exception as ex:
+        raise fail("optimizer", ex.__cause__ or ex) from None
+    sched = group.scheduler
+    if sched is None:
+        return
+    target = import_target(sched["_target_"], f"{group.key}.scheduler")
+    try:
+        arguments = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    if any(v is None and k in arguments and k != "total_steps" for k, v in sched.items()):
+        return  # a length known only from the data (checked when the stage starts)
+    wants = "total_steps" in arguments and sched.get("total_steps") is None
+    try:
+        instantiate_node(sched, optimizer, drop={"total_steps"} if wants else set(), **({"total_steps": 100} if wants else {}))
+    except KdrunError:
+        raise
+    except Exception as ex:
+        raise fail("scheduler", ex.__cause__ or ex) from None
 
 
 def _complete(cfg: DictConfig) -> DictConfig:

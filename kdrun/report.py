@@ -134,6 +134,12 @@ class Group:
     student: str | None
     overrides: tuple[str, ...]
     runs: list[Run] = field(default_factory=list)
+    include_smoke: bool = False  # compare smoke runs (subsets, capped epochs) with published numbers too
+
+    @property
+    def smoke(self) -> list[str]:
+        """Why the group's runs are not comparable with published full runs (empty when they are)."""
+        return sorted({why for r in self.runs for why in (r.summary.get("not_comparable") or [])})
 
     @property
     def seeds(self) -> list[Any]:
@@ -147,6 +153,8 @@ class Group:
 
     @property
     def published(self) -> dict[str, Any] | None:
+        if self.smoke and not self.include_smoke:
+            return None
         for r in self.runs:
             pub = r.summary.get("published")
             if isinstance(pub, dict) and _num(pub.get("top1")) is not None:
@@ -509,6 +517,9 @@ def notes(groups: Sequence[Group]) -> list[str]:
         if dup:
             out.append(f"- note: {g.label()} has seed {', '.join(dup)} more than once "
                        f"({' '.join(str(r.path) for r in g.runs)})")
+        if g.smoke and any(isinstance(r.summary.get("published"), dict) for r in g.runs):
+            shown = "shown anyway (--include-smoke)" if g.include_smoke else "left out of the published comparison (--include-smoke shows it)"
+            out.append(f"- note: {g.label()} are smoke runs ({'; '.join(g.smoke)}): {shown}")
     return out
 
 
@@ -632,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="write reproduced vs published top-1 per (teacher, student) pair")
     p.add_argument("--curves", metavar="FILE.png", help="write test top-1 per epoch per group (mean over seeds)")
     p.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="what to print on stdout")
+    p.add_argument("--include-smoke", action="store_true",
+                   help="compare smoke runs (data.subset, trainer.max_epochs caps, ...) with published numbers too")
     p.add_argument("--ignore", metavar="KEY", action="append", default=[],
                    help="an override key that must not split groups (repeatable); always ignored: "
                         + ", ".join(sorted(OUTPUT_ONLY_KEYS)))
@@ -643,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runs, problems = find_runs(args.paths)
     groups = group_runs(runs, args.ignore)
+    for g in groups:
+        g.include_smoke = args.include_smoke
     tail = problem_lines(problems) + notes(groups)
     if not runs:
         if tail:

@@ -74,7 +74,9 @@ class DataConfig:
     checked against the images), :class:`kdrun.data.datasets.DatasetSplits` (Datasets with their own
     transforms, DataLoader with ``num_workers``) or :class:`kdrun.data.tensors.TensorSplits` (named
     tensors such as token ids and masks, served as ``batch.<field>``); ``root`` is where it reads files.
-    ``subset``: train on the first N examples and evaluate on a proportional slice.
+    ``subset``: train on N examples and evaluate on a proportional number of test examples, each a
+    class-stratified choice seeded by ``subset_seed`` (:mod:`kdrun.data.subsets`); a run with a subset is a
+    smoke run, not comparable with published numbers.
     """
 
     name: str = MISSING
@@ -82,6 +84,7 @@ class DataConfig:
     input_shape: Optional[list[int]] = None  # C, H, W of image data
     root: Optional[str] = None
     subset: Optional[int] = None
+    subset_seed: int = 0  # the subset's draw (the same examples for every run seed)
     val_split: Optional[int] = None  # hold out N training examples (seeded) and evaluate on them, not the test set
     val_seed: int = 0
     batch_size: int = 64  # the global micro-batch (over all ranks); x accumulate_grad_batches per optimizer step

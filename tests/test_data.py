@@ -60,10 +60,56 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     assert any(not torch.equal(f, x) for f in flips)
 
 
-def test_subset_is_first_n_and_proportional_test_slice():
-    data = make_synthetic(num_train=100, num_test=40)
-    sub = data.subset(25)
-    assert torch.equal(sub.train_labels, data.train_labels[:25]) and len(sub.test_labels) == 10
+def _sorted_by_class(num_classes=10, per_class=20):
+    """Images whose labels are sorted by class, as the offline CIFAR-100 test split and ImageFolders are."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.randint(0, 255, (len(labels), 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return images, labels
+
+
+def test_subset_is_class_stratified_seeded_and_proportional_on_sorted_data():
+    x, y = _sorted_by_class(10, 20)  # 200 training images, sorted by class
+    xt, yt = _sorted_by_class(10, 8)  # 80 test images, sorted by class
+    data = ArraySplits(x, y, xt, yt)
+    sub = data.subset(50)
+    # 5 of each class in training, 2 of each in the (proportional: 20) test examples; the first 50 would be 3 classes
+    assert torch.bincount(sub.train_labels, minlength=10).tolist() == [5] * 10
+    assert torch.bincount(sub.test_labels, minlength=10).tolist() == [2] * 10
+    assert sub.class_coverage == {"train": 10, "test": 10}
+    again, other = data.subset(50), data.subset(50, seed=1)
+    assert torch.equal(again.train_images, sub.train_images)  # seeded: the same examples every time
+    assert not torch.equal(other.train_images, sub.train_images)
+    # uneven classes get their share, give or take one; a subset smaller than the class count covers n classes
+    uneven = ArraySplits(x[30:], y[30:], xt, yt)  # class 0 gone, class 1 has 10 of 20
+    counts = torch.bincount(uneven.subset(34).train_labels, minlength=10)
+    share = torch.bincount(y[30:], minlength=10).double() * 34 / 170
+    assert counts.sum() == 34 and ((counts - share).abs() <= 1).all() and counts[0] == 0
+    assert data.subset(7).class_coverage["train"] == 7
+
+
+def test_tensor_and_dataset_subsets_are_stratified(tmp_path):
+    from kdrun.data.datasets import DatasetSplits
+    from kdrun.data.tensors import TensorSplits
+
+    _, y = _sorted_by_class(4, 10)
+    tensors = TensorSplits({"x": torch.arange(40.0)[:, None], "target": y}, {"x": torch.arange(40.0)[:, None], "target": y})
+    assert torch.bincount(tensors.subset(8).train["target"]).tolist() == [2] * 4
+    tokens = TensorSplits({"input_ids": torch.arange(40)[:, None]}, {"input_ids": torch.arange(40)[:, None]})
+    ids = tokens.subset(10).train["input_ids"].flatten()
+    assert ids.tolist() != list(range(10)) and len(set(ids.tolist())) == 10  # a seeded choice, not the first 10
+    assert tokens.class_coverage == {"train": None, "test": None}
+
+    class Labelled(torch.utils.data.Dataset):
+        targets = y.tolist()
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return torch.zeros(1), self.targets[i]
+
+    ds = DatasetSplits(Labelled(), Labelled()).subset(8)
+    assert sorted(ds.train[i][1] for i in range(8)) == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_digits_split_is_fixed():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kdrun.data.subsets import class_coverage, stratified_indices
 from kdrun.errors import KdrunError
 
 
@@ -81,17 +82,25 @@ class ArraySplits:
         val, train = perm[:n].sort().values, perm[n:].sort().values
         return ArraySplits(self.train_images[train], self.train_labels[train], self.train_images[val], self.train_labels[val])
 
-    def subset(self, n: int) -> ArraySplits:
-        """The first ``n`` training examples and a proportional slice of the test set."""
+    def subset(self, n: int, seed: int = 0) -> ArraySplits:
+        """``n`` training examples and a proportional number of test examples, each a class-stratified
+        seeded choice (:func:`kdrun.data.subsets.stratified_indices`), kept in file order."""
         n_train = len(self.train_labels)
-        n = max(1, min(int(n), n_train))
+        n = min(int(n), n_train)
         n_test = max(1, math.ceil(len(self.test_labels) * n / n_train))
+        train = stratified_indices(self.train_labels, n, n_train, seed)
+        test = stratified_indices(self.test_labels, n_test, len(self.test_labels), seed + 1)
         lt = self.long_tail
         if lt is not None:  # long-tailed sets: keep their metadata true
-            counts = torch.bincount(self.train_labels[:n], minlength=len(lt.class_counts))
-            lt = LongTailInfo(lt.kept_indices[:n], counts, lt.imbalance_factor)
-        return ArraySplits(self.train_images[:n], self.train_labels[:n], self.test_images[:n_test],
-                           self.test_labels[:n_test], lt)
+            counts = torch.bincount(self.train_labels[train], minlength=len(lt.class_counts))
+            lt = LongTailInfo(lt.kept_indices[train], counts, lt.imbalance_factor)
+        return ArraySplits(self.train_images[train], self.train_labels[train], self.test_images[test],
+                           self.test_labels[test], lt)
+
+    @property
+    def class_coverage(self) -> dict[str, int | None]:
+        """Distinct classes in the training and the test split."""
+        return {"train": class_coverage(self.train_labels), "test": class_coverage(self.test_labels)}
 
 
 def shard_sizes(n: int, world_size: int) -> list[int]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from kdrun.data.subsets import class_coverage, stratified_indices
 from kdrun.errors import KdrunError
 
 
@@ -44,11 +45,20 @@ class DatasetSplits:
     def num_train(self) -> int:
         return len(self.train)  # type: ignore[arg-type]
 
-    def subset(self, n: int) -> DatasetSplits:
-        """The first ``n`` training items and a proportional slice of the test set."""
+    def subset(self, n: int, seed: int = 0) -> DatasetSplits:
+        """``n`` training items and a proportional number of test items, each a seeded choice,
+        class-stratified when the data set lists its labels (``targets``), kept in order."""
         n_train, n_test = self.num_train, len(self.test)  # type: ignore[arg-type]
-        n = max(1, min(int(n), n_train))
-        return DatasetSplits(Subset(self.train, range(n)), Subset(self.test, range(max(1, math.ceil(n_test * n / n_train)))))
+        n = min(int(n), n_train)
+        m = max(1, math.ceil(n_test * n / n_train))
+        train = stratified_indices(self.train_labels, n, n_train, seed).tolist()
+        test = stratified_indices(_labels(self.test), m, n_test, seed + 1).tolist()
+        return DatasetSplits(Subset(self.train, train), Subset(self.test, test))
+
+    @property
+    def class_coverage(self) -> dict[str, int | None]:
+        """Distinct classes in each split, when the data sets list their labels (else None)."""
+        return {"train": class_coverage(self.train_labels), "test": class_coverage(_labels(self.test))}
 
     def validation_split(self, n: int, seed: int = 0) -> DatasetSplits:
         """Hold out ``n`` training items (seeded) as the evaluation set instead of the test set.
@@ -63,21 +73,26 @@ class DatasetSplits:
     @property
     def train_labels(self) -> Tensor | None:
         """The training labels when the dataset lists them (``targets``, as torchvision's do), else None."""
-        ds, idx = self.train, None
-        while isinstance(ds, Subset):
-            idx = [ds.indices[i] for i in idx] if idx is not None else list(ds.indices)
-            ds = ds.dataset
-        targets = getattr(ds, "targets", None)
-        if targets is None:
-            return None
-        labels = torch.as_tensor(targets, dtype=torch.long)
-        return labels[torch.as_tensor(idx, dtype=torch.long)] if idx is not None else labels
+        return _labels(self.train)
 
     def sample_batch(self, k: int = 2) -> dict[str, Tensor]:
         """``k`` test items as a batch, for the builder's shape trace."""
         items = [self.test[i] for i in range(min(k, len(self.test)))]  # type: ignore[arg-type]
         return {"input": torch.stack([x for x, _ in items]), "target": torch.tensor([int(y) for _, y in items]),
                 "index": torch.arange(len(items))}
+
+
+def _labels(ds: Dataset) -> Tensor | None:
+    """The labels of ``ds`` (through any ``Subset`` chain) when its base data set lists them as ``targets``."""
+    idx = None
+    while isinstance(ds, Subset):
+        idx = [ds.indices[i] for i in idx] if idx is not None else list(ds.indices)
+        ds = ds.dataset
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        return None
+    labels = torch.as_tensor(targets, dtype=torch.long)
+    return labels[torch.as_tensor(idx, dtype=torch.long)] if idx is not None else labels
 
 
 class DatasetLoader:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kdrun.data.arrays import shard_sizes
+from kdrun.data.subsets import class_coverage, stratified_indices
 
 
 def _check(fields: Mapping[str, Tensor], split: str) -> int:
@@ -62,13 +63,21 @@ class TensorSplits:
         out["index"] = torch.arange(min(k, self.num_train))
         return out
 
-    def subset(self, n: int) -> TensorSplits:
-        """The first ``n`` training samples and a proportional slice of the test set."""
+    def subset(self, n: int, seed: int = 0) -> TensorSplits:
+        """``n`` training samples and a proportional number of test samples, each a seeded choice,
+        class-stratified when the ``target`` field holds class labels, kept in order."""
         n_train, n_test = self.num_train, _check(self.test, "test")
-        n = max(1, min(int(n), n_train))
+        n = min(int(n), n_train)
         m = max(1, math.ceil(n_test * n / n_train))
-        return TensorSplits({k: v[:n] for k, v in self.train.items()}, {k: v[:m] for k, v in self.test.items()},
+        train = stratified_indices(self.train.get("target"), n, n_train, seed)
+        test = stratified_indices(self.test.get("target"), m, n_test, seed + 1)
+        return TensorSplits({k: v[train] for k, v in self.train.items()}, {k: v[test] for k, v in self.test.items()},
                             self.trim_field, self.tokenizer)
+
+    @property
+    def class_coverage(self) -> dict[str, int | None]:
+        """Distinct classes of the ``target`` field in each split (None for data without class labels)."""
+        return {"train": class_coverage(self.train.get("target")), "test": class_coverage(self.test.get("target"))}
 
     def validation_split(self, n: int, seed: int = 0) -> TensorSplits:
         """Hold out ``n`` training samples (a seeded choice) as the evaluation set."""

@@ -62,6 +62,25 @@ def published_entry(cfg: ExperimentConfig | Any) -> dict[str, Any] | None:
     return None
 
 
+def smoke_reasons(experiment: Experiment, record: RunRecord) -> list[str]:
+    """Why this run's numbers are not comparable with a published full run (empty when they are):
+    a data subset, capped epochs or steps, or evaluation on a validation split."""
+    cfg = experiment.cfg
+    out = []
+    if cfg.data.subset is not None:
+        out.append(f"data.subset={cfg.data.subset}")
+    if cfg.data.val_split is not None:
+        out.append(f"data.val_split={cfg.data.val_split} (evaluated on held-out training data, not the test set)")
+    if cfg.trainer.max_steps_per_epoch is not None:
+        out.append(f"trainer.max_steps_per_epoch={cfg.trainer.max_steps_per_epoch}")
+    cap = cfg.trainer.max_epochs
+    if cap is not None:
+        capped = [p.name for p in experiment.stages if p.epochs is not None and p.epochs > cap]
+        if capped:
+            out.append(f"trainer.max_epochs={cap} (stages {', '.join(capped)} configured for more)")
+    return out
+
+
 def write_summary(experiment: Experiment, record: RunRecord, run_dir: Path, exported: dict[str, str],
                   wall_time_s: float, final_key: str, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``summary.json``: the final stage's best/last accuracy (``final_key``: its label), every
@@ -109,11 +128,16 @@ def write_summary(experiment: Experiment, record: RunRecord, run_dir: Path, expo
     if "last_shot_top1" in stats:  # long-tailed data: many/medium/few-shot accuracy
         summary["shot_top1"] = stats["last_shot_top1"]
         summary["shot_top1_best"] = stats.get("best_shot_top1")
+    reasons = smoke_reasons(experiment, record)
+    summary["comparable"] = not reasons
+    summary["not_comparable"] = reasons
+    summary["data_coverage"] = dict(getattr(experiment.data, "class_coverage", {}) or {})
     pub = published_entry(cfg) if not cfg.data.val_split else None  # published numbers are test-set numbers
     if pub is not None:
         got = summary["best_top1"] if pub["metric"] == "best" else summary["last_top1"]
         pub["reproduced"] = got
-        pub["delta"] = None if got is None else got - pub["top1"]
+        pub["comparable"] = not reasons
+        pub["delta"] = None if got is None or reasons else got - pub["top1"]
         summary["published"] = pub
     with open(Path(run_dir) / "summary.json", "w", encoding="utf-8") as f:
         json.dump(json_safe(summary), f, indent=2)
