@@ -175,14 +175,20 @@ def _check_optimizer(group: plan.GroupPlan) -> None:
     from kdrun.build import instantiate_node
 
     def fail(part: str, ex: Exception) -> KdrunError:
-        return KdrunError(f"{group.key}.{part}: {_first_line(ex)}")
+        node = group.optimizer if part == "optimizer" else group.scheduler
+        args = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
+        return KdrunError(f"{group.key}.{part} ({args}): {_first_line(ex)}")
 
+    param = torch.nn.Parameter(torch.zeros(1))
     try:
-        optimizer = instantiate_node(group.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+        optimizer = instantiate_node(group.optimizer, [param])
+        param.grad = torch.ones(1)
+        optimizer.step()  # an argument too large for float32 (lr=1e40) fails here, not after a stage's training
     except KdrunError:
         raise
     except Exception as ex:
         raise fail("optimizer", ex.__cause__ or ex) from None
+    optimizer.zero_grad()
     sched = group.scheduler
     if sched is None:
         return

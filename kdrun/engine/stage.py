@@ -38,7 +38,7 @@ from kdrun.config import import_target
 from kdrun.engine.accumulate import scaled, window_scales
 from kdrun.engine.accelerate import autocast, fused_kwargs, grad_scaler, model_callables
 from kdrun.engine.checkpoint import save_training_state
-from kdrun.engine.distributed import DistInfo, all_reduce_sum
+from kdrun.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from kdrun.engine.evaluate import evaluate
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.record import RunKey, RunRecord
@@ -90,11 +90,22 @@ class EpochMeter:
         self.samples = 0
         self.tokens = 0  # token positions (padding included) of text batches: batch.input_ids sizes, known on the host
         self.seconds = 0.0
+        self._weights: tuple[tuple[float, ...] | None, Tensor | None] = (None, None)
+        self.first_bad: Tensor | None = None  # per key: the first run step whose value (or weighted value) was not finite
 
-    def add(self, total: Tensor, values: Mapping[str, Tensor], samples: int, tokens: int = 0) -> None:
+    def add(self, total: Tensor, values: Mapping[str, Tensor], samples: int, tokens: int = 0, step: int = 0,
+            weights: Mapping[str, float] | None = None) -> None:
+        """Add one step's values; ``step`` and the terms' ``weights`` feed the non-finite record, kept
+        on the device (a term is non-finite when its value or its weighted value is)."""
         if self.keys is None:
             self.keys = ["total", *values]
         vec = torch.stack([total.float(), *(values[k].float() for k in self.keys[1:])])
+        w = tuple([1.0] + [float((weights or {}).get(k.split(".", 1)[0], 1.0)) for k in self.keys[1:]])
+        if w != self._weights[0]:  # a copy to the device only when the weights change (epoch ramps)
+            self._weights = (w, torch.tensor(w, device=vec.device))
+        bad = ~(torch.isfinite(vec) & torch.isfinite(vec * self._weights[1]))
+        first = torch.full_like(vec, math.inf) if self.first_bad is None else self.first_bad
+        self.first_bad = torch.where(bad & torch.isinf(first), torch.full_like(vec, float(step)), first)
         self.acc = vec if self.acc is None else self.acc + vec
         self.epoch_acc = vec if self.epoch_acc is None else self.epoch_acc + vec
         self.since += 1
@@ -109,7 +120,8 @@ class EpochMeter:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("keys", "acc", "since", "epoch_acc", "steps", "samples", "tokens", "seconds")}
+        return {k: getattr(self, k) for k in ("keys", "acc", "since", "epoch_acc", "steps", "samples", "tokens", "seconds",
+                                              "first_bad")}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
         for k, v in state.items():
@@ -271,7 +283,50 @@ class StageRunner:
         if state.get("meter") and self.record.batch > 0:  # a mid-epoch checkpoint: the epoch's sums so far
             self.meter.load_state_dict(state["meter"], self.device)
 
+    def check_finite(self, parameters: bool = False) -> None:
+        """Stop with the name of the loss term that first became non-finite (its value or its weighted
+        value), before anything is written; with ``parameters``, also when a trained parameter is not
+        finite (an update that overflowed). Reads the device-side record: call it only where the engine
+        synchronises anyway (log rows, evaluations, checkpoints)."""
+        meter, dist = self.meter, self.dist
+        if meter.first_bad is not None:
+            first = meter.first_bad.clone()
+            if dist.enabled:  # every rank stops together, on the earliest failure of any rank
+                first = -all_reduce_max(-first, dist)
+            steps = first.tolist()
+            bad = [(s, k) for s, k in zip(steps, meter.keys or []) if math.isfinite(s)]
+            if bad:
+                step = int(min(s for s, _ in bad))
+                terms = [k for s, k in bad if s == step and k != "total"]
+                all_terms = [k for k in (meter.keys or [])[1:] if "." not in k]
+                where = (f"in stage '{self.plan.name}' at step {step - (self.record.step - self.record.stage_step)} "
+                         f"(run step {step})")
+                if not terms:
+                    raise KdrunError(f"the weighted total loss became non-finite {where} while every term was finite: "
+                                     f"a weight overflows float32; lower the terms' weights. No checkpoint was written "
+                                     f"from that step on.")
+                if len(all_terms) > 1 and set(all_terms) <= set(terms):
+                    raise KdrunError(f"every loss term ({', '.join(all_terms)}) became non-finite at once {where}: the "
+                                     f"weights went non-finite in the update before it (learning rate too large?). "
+                                     f"No checkpoint was written from that step on.")
+                name = terms[0].split(".", 1)[0]
+                weight = self.exp.losses[name].weight if name in self.exp.losses else None
+                raise KdrunError(f"loss term '{terms[0]}' (weight {weight:g}) became non-finite {where}; lower the learning "
+                                 f"rate or the term's weight, or check its inputs. No checkpoint was written from that "
+                                 f"step on.")
+        if parameters:
+            for g in self.groups:
+                local = [getattr(p, "to_local", lambda p=p: p)() for p in g.params]  # FSDP: this rank's shards
+                ok = torch.stack([torch.isfinite(p).all() for p in local]).all()
+                if dist.enabled:
+                    ok = all_reduce_max((~ok).float().reshape(1), dist)[0] == 0
+                if not bool(ok):
+                    raise KdrunError(f"the parameters trained by {g.name if g.name != 'main' else 'stage'} '{self.plan.name}' "
+                                     f"became non-finite by step {self.record.step} (learning rate too large?); no "
+                                     f"checkpoint was written over the last good one")
+
     def save(self, best: bool = False) -> None:
+        self.check_finite(parameters=True)
         save_training_state(self.exp, self.record, self.state_dict(), self.ctx.run_dir, best, self.dist)
 
     # ------------------------------------------------------------------------------ the step
@@ -420,7 +475,7 @@ class StageRunner:
             total, values = self.train_step(window, weights, [loader.rank_sizes(j) for j in range(i + 1 - len(window), i + 1)])
             record.step, record.stage_step, record.batch = record.step + 1, record.stage_step + 1, i + 1
             self.meter.add(total.detach(), values, sum(int(b["index"].shape[0]) for b in window),
-                           sum(b["input_ids"].numel() for b in window if "input_ids" in b))
+                           sum(b["input_ids"].numel() for b in window if "input_ids" in b), record.step, weights)
             window = []
             bar.update(self.accumulate)
             if self.meter.since == log_every:
@@ -455,13 +510,8 @@ class StageRunner:
         means = self.meter.take()
         if self.dist.enabled:  # every rank sees the same means, so every rank stops on a non-finite one
             means = all_reduce_sum(means.clone(), self.dist) / self.dist.world_size
+        self.check_finite()
         keys, values = self.meter.keys or [], means.tolist()
-        for k, v in sorted(zip(keys, values), key=lambda kv: kv[0] == "total"):  # name a term before the total
-            if not math.isfinite(v):
-                raise KdrunError(
-                    f"loss term '{k}' became {v} in stage '{self.plan.name}' epoch {epoch + 1} (step {self.record.step}); "
-                    f"lower the learning rate or the term's weight, or check its inputs"
-                )
         row = {f"loss/{k}": v for k, v in zip(keys, values)}
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         self.ctx.writer.write({"stage": self.plan.name, "epoch": epoch + 1, "step": self.record.step, **row},
@@ -527,6 +577,10 @@ class StageRunner:
             with self.autocast():
                 ev = evaluate(exp.models[plan.eval_model], ctx.test_loader, self.dist, ctx.class_groups, exp.io[plan.eval_model],
                               exp.cfg.data.eval_mask, exp.eval_transform, exp.cfg.data.eval_target)
+            if not math.isfinite(ev["loss"]):
+                raise KdrunError(f"evaluating {plan.eval_model} in stage '{plan.name}' after step {self.record.step}: the "
+                                 f"test loss is {ev['loss']} (non-finite outputs: the weights diverged?); no checkpoint "
+                                 f"was written over the last good one. Lower the learning rate or the terms' weights.")
             row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
             if "ppl" in ev:  # a language model: lower perplexity is better, and decides the best checkpoint
                 row["ppl"] = ev["ppl"]
