@@ -34,7 +34,7 @@ from kdrun.errors import KdrunError, did_you_mean
 from kdrun.experiment import AdapterSpec, Experiment, LossSpec, StagePlan
 from kdrun.model_io import ModelIO
 from kdrun.models.frozen import mark_frozen
-from kdrun.models.weights import load_weights
+from kdrun.models.weights import MOSTLY_LOADED, load_weights
 from kdrun.names import Inputs, Namespace, describe, field_of, gather, names_of, owner_of, shapes_of
 from kdrun.plan import model_key
 from kdrun.schema import ExperimentConfig, experiment_config
@@ -65,7 +65,9 @@ def instantiate_as(key: str, node: Any, **kwargs: Any) -> Any:
     except KdrunError:
         raise
     except Exception as ex:
-        raise KdrunError(f"{key}: building {node['_target_']} failed: {ex}") from None
+        cause = ex.__cause__ or ex  # Hydra wraps the target's own error
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise KdrunError(f"{key}: building {node['_target_']} failed: {text}") from None
 
 
 def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None, sync_batchnorm: bool = False) -> Experiment:
@@ -78,7 +80,8 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     data = load_data(cfg)
     loss_inputs = {n: c.inputs for n, c in cfg.loss.items()}
     adapter_inputs = {n: c.inputs for n, c in cfg.adapters.items()}
-    models = build_models(cfg, plan.used_models(cfg, loss_inputs, adapter_inputs), device, sync_batchnorm)
+    unloaded: set[str] = set()
+    models = build_models(cfg, plan.used_models(cfg, loss_inputs, adapter_inputs), device, sync_batchnorm, unloaded)
     taps_of = {name: declared_taps(models[name], cfg.models[name].taps) for name in models}
     groups = {name: tap_groups(taps) for name, taps in taps_of.items()}
     loss_inputs = {n: expand_groups(ins, groups) for n, ins in loss_inputs.items()}
@@ -95,7 +98,7 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     adapters = build_adapters(cfg, adapter_inputs, used_adapters, ns, device)
     ctx = dict(num_train=data.num_train, train_labels=getattr(data, "train_labels", None), device=device, models=models)
     losses = build_losses(cfg, loss_inputs, used_terms, ns, ctx)
-    random = plan.random_models(cfg, [(s.trained_models, s.frozen_models) for s in stages], loss_inputs)
+    random = plan.random_models(cfg, [(s.trained_models, s.frozen_models) for s in stages], loss_inputs, unloaded)
     if cfg.rounds is not None and cfg.rounds.student not in {m for s in stages for m in s.trained_models}:
         raise KdrunError(f"rounds.student: no stage trains '{cfg.rounds.student}'; name the model the stages train "
                          f"(e.g. rounds.student=student)")
@@ -185,8 +188,10 @@ def teacher_hint(cfg: ExperimentConfig, name: str) -> str:
             f"or {key}.checkpoint=null for a randomly initialised {name}.")
 
 
-def make_model(cfg: ExperimentConfig, name: str, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
-    """Instantiate model ``name``, load its ``checkpoint``, cast it to its ``dtype`` (SyncBatchNorm if asked)."""
+def make_model(cfg: ExperimentConfig, name: str, device: torch.device, sync_batchnorm: bool = False,
+               unloaded: set[str] | None = None) -> nn.Module:
+    """Instantiate model ``name``, load its ``checkpoint``, cast it to its ``dtype`` (SyncBatchNorm if asked).
+    A non-strict load that fills fewer than half of its tensors adds ``name`` to ``unloaded``."""
     mcfg, key = cfg.models[name], model_key(name)
     try:
         model = instantiate_as(f"{key}.net", mcfg.net)
@@ -199,16 +204,20 @@ def make_model(cfg: ExperimentConfig, name: str, device: torch.device, sync_batc
             raise KdrunError("trainer.sync_batchnorm=true needs CUDA devices (SyncBatchNorm does not run on CPU)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before taps are hooked
     if mcfg.checkpoint is not None:
-        load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
+        filled = load_weights(model, mcfg.checkpoint, f"{key}.checkpoint", strict=mcfg.strict, hint=teacher_hint(cfg, name))
+        if filled < MOSTLY_LOADED and unloaded is not None:
+            unloaded.add(name)
         log.info("%s: %s weights from %s", name, mcfg.name, mcfg.checkpoint)
     if mcfg.dtype is not None:
         model = model.to(DTYPES[mcfg.dtype])
     return model.to(device)
 
 
-def build_models(cfg: ExperimentConfig, names: list[str], device: torch.device, sync_batchnorm: bool) -> nn.ModuleDict:
-    """The models ``names`` with their checkpoint weights, then ``init_from`` applied in dependency order."""
-    models = nn.ModuleDict({name: make_model(cfg, name, device, sync_batchnorm) for name in names})
+def build_models(cfg: ExperimentConfig, names: list[str], device: torch.device, sync_batchnorm: bool,
+                 unloaded: set[str] | None = None) -> nn.ModuleDict:
+    """The models ``names`` with their checkpoint weights, then ``init_from`` applied in dependency order
+    (``unloaded``: collects the models whose non-strict load filled fewer than half of their tensors)."""
+    models = nn.ModuleDict({name: make_model(cfg, name, device, sync_batchnorm, unloaded) for name in names})
     for name in plan.init_order(cfg.models, models):
         mcfg = cfg.models[name]
         init_close_to(models[name], models[mcfg.init_from], mcfg.init_noise, model_key(name))

@@ -56,21 +56,28 @@ def _task(cfg: DictConfig) -> float:
     from kdrun.config import validate
     from kdrun.engine import run
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
+    if multirun:
+        SWEEP["jobs"] += 1
+        SWEEP["dir"] = str(hc.sweep.dir)
     try:
         cfg = validate(cfg)
         cfg = _gpu_per_parallel_job(cfg)
         summary = run(cfg, run_dir)
-    except KdrunError as ex:
+    except (KdrunError, OSError) as ex:  # a user mistake, or the file system (full disk, permissions)
+        message = f"kdrun: error: {ex if isinstance(ex, KdrunError) else _os_error(ex)}"
+        _job_failed(run_dir, message)
         if multirun:  # one failed job must not stop the sweep
-            return _job_failed(run_dir, f"kdrun: error: {ex}")
-        print(f"kdrun: error: {ex}", file=sys.stderr)
+            return math.nan
+        print(message, file=sys.stderr)
         sys.exit(2)
-    except Exception as ex:  # an unexpected failure: the sweep goes on, the job says why
+    except Exception as ex:  # an unexpected failure (a bug): recorded; the sweep goes on, a single run shows the traceback
+        _job_failed(run_dir, "".join(traceback.format_exception(ex)))
         if not multirun:
             raise
-        return _job_failed(run_dir, "".join(traceback.format_exception(ex)))
+        return math.nan
     if summary is None:  # ranks above 0 of a DDP run
         return math.nan
     _report(summary)
@@ -95,12 +102,24 @@ def _gpu_per_parallel_job(cfg: DictConfig) -> DictConfig:
     return out
 
 
-def _job_failed(run_dir: Path, message: str) -> float:
-    """Record a failed sweep job (``FAILED`` in its directory) and let the sweep continue."""
-    log.error("job failed: %s", message.strip().splitlines()[-1])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "FAILED").write_text(message.rstrip() + "\n")
-    return math.nan
+SWEEP: dict = {"jobs": 0, "failed": 0, "dir": None}  # this process's multirun jobs (basic and Optuna launchers run them here)
+
+
+def _os_error(ex: OSError) -> str:
+    from kdrun.engine.checkpoint import write_failure
+
+    return write_failure(Path(ex.filename), ex) if getattr(ex, "filename", None) else str(ex)
+
+
+def _job_failed(run_dir: Path, message: str) -> None:
+    """Record a failed run or sweep job: the error in ``kdrun.log`` and in a ``FAILED`` file of its directory."""
+    SWEEP["failed"] += 1
+    log.error("run failed: %s", message.strip())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "FAILED").write_text(message.rstrip() + "\n")
+    except OSError:  # an unwritable run directory: the message on stderr is all there is
+        pass
 
 
 def _report(s: dict) -> None:
@@ -159,6 +178,54 @@ def _agree_on_run_dir(args: list[str]) -> None:
     sys.argv[1:] = _with_overrides(sys.argv[1:], extra)
 
 
+def group_options(group: str) -> list[str] | None:
+    """The options of config group ``group`` (files in configs/<group>/ and ConfigStore entries), or None
+    when it is not one of kdrun's groups."""
+    from hydra.core.config_store import ConfigStore
+
+    folder = config_dir() / group
+    stored: list[str] = []
+    try:
+        stored = [n.removesuffix(".yaml") for n in ConfigStore.instance().list(group)]
+    except OSError:  # not a ConfigStore group
+        pass
+    files = [p.stem for p in folder.glob("*.yaml")] if folder.is_dir() else []
+    return sorted(set(stored) | set(files)) if stored or folder.is_dir() else None
+
+
+def check_group_choices(args: list[str]) -> str | None:
+    """One line for the first ``group=option`` (or sweep ``group=a,b``) naming an option that does not
+    exist, with the closest names; None when all exist (or when a user search path may add options)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--config-path", "-cp")) for a in args):
+        return None
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # a syntax error: Hydra's own message says where
+        return None
+    for o in overrides:
+        group = o.key_or_group.split("@", 1)[0]
+        if "/" in group or group == "hydra" or "." in group or o.is_delete():
+            continue
+        options = group_options(group)
+        if options is None:
+            continue
+        try:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        except Exception:  # ranges, globs and other sweep forms
+            continue
+        for value in values:
+            if value in ("null", "None") or value in options:
+                continue
+            from kdrun.errors import did_you_mean
+
+            close = did_you_mean(value, options)
+            listing = ", ".join(options) if len(options) <= 30 else f"{len(options)} options, see kdrun --help"
+            return f"no {group} '{value}'.{close} Options of {group}: {listing}."
+    return None
+
+
 def main() -> None:
     """Console entry point: default to the quickstart recipe, then hand over to Hydra."""
     args = sys.argv[1:]
@@ -171,7 +238,23 @@ def main() -> None:
         print(f"kdrun: error: {ex}", file=sys.stderr)
         sys.exit(2)
     install_override_suggestions()
-    _task()
+    bad = check_group_choices(sys.argv[1:])
+    if bad is not None:
+        print(f"kdrun: error: {bad}", file=sys.stderr)
+        sys.exit(2)
+    sweep = any(a in ("-m", "--multirun") for a in args)
+    try:
+        _task()
+    except SystemExit as ex:  # Hydra reports a composition error and exits
+        if sweep and ex.code not in (0, None):
+            ran = SWEEP["jobs"]
+            what = "no job ran" if not ran else f"{ran} job(s) ran before it, under {SWEEP['dir']}"
+            print(f"kdrun: the sweep stopped at a config error: {what}", file=sys.stderr)
+        raise
+    if SWEEP["failed"] and SWEEP["jobs"]:
+        print(f"kdrun: {SWEEP['failed']} of {SWEEP['jobs']} jobs failed (see the FAILED files under {SWEEP['dir']})",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -193,21 +193,22 @@ def later_round_teacher(cfg: ExperimentConfig, model: str, loss_inputs: Mapping[
 
 
 def random_models(cfg: ExperimentConfig, stages: Iterable[tuple[list[str], list[str]]],
-                  loss_inputs: Mapping[str, Inputs]) -> list[str]:
+                  loss_inputs: Mapping[str, Inputs], unloaded: Iterable[str] = ()) -> list[str]:
     """Models used frozen somewhere that are neither loaded from a checkpoint nor trained by an
     earlier stage (nor marked ``allow_random``, nor a later round's teacher): random teachers. A model
     that a later stage trains is a student waiting for its stage (FT's init stage runs the student
     frozen), not a teacher.
 
-    ``stages``: per stage in run order, (trained models, frozen models)."""
-    stages = list(stages)
+    ``stages``: per stage in run order, (trained models, frozen models); ``unloaded``: models whose
+    checkpoint filled fewer than half of their tensors (a non-strict load of the wrong file), random too."""
+    stages, unloaded = list(stages), set(unloaded)
     trained: set[str] = set()
     out: list[str] = []
     for i, (train, frozen) in enumerate(stages):
         later = {m for t, _ in stages[i + 1:] for m in t}
         for m in frozen:
             mcfg = cfg.models[m]
-            if (mcfg.checkpoint is None and not mcfg.allow_random and m not in trained and m not in later
+            if ((mcfg.checkpoint is None or m in unloaded) and not mcfg.allow_random and m not in trained and m not in later
                     and m not in out and not later_round_teacher(cfg, m, loss_inputs)):
                 out.append(m)
         trained.update(train)

@@ -15,7 +15,8 @@ def test_multirun_makes_one_run_directory_per_job_and_survives_a_failed_job(tmp_
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", *TINY, "loss.kd.temperature=2,4", "stages.distill.losses=[ce,kd],[ce,nope]",
                     f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the sweep runs every job, then exits non-zero naming how many failed
+    assert proc.returncode == 1 and f"kdrun: 2 of 4 jobs failed (see the FAILED files under {sweep})" in proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     done = [p for p in jobs if (p / "summary.json").is_file()]

@@ -26,21 +26,58 @@ if TYPE_CHECKING:
     from kdrun.experiment import Experiment
 
 
+TMP_SUFFIX = ".tmp"  # atomic_save's temporary files are ``.<name>.<random>.tmp`` beside their target
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+    """``torch.save`` to ``path`` so that a crash leaves either the old file or the new one, never half.
+
+    A failed write (disk full, read-only folder) removes its temporary file, keeps the old ``path``
+    and raises one KdrunError naming the file; a SIGKILL mid-write leaves the temporary file, which
+    :func:`remove_partial_writes` clears at the next start."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as ex:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(ex, (OSError, RuntimeError)) and not isinstance(ex, KdrunError):
+            raise KdrunError(write_failure(path, ex)) from None
         raise
+
+
+def write_failure(path: Path, ex: BaseException) -> str:
+    """One message for a file kdrun could not write: which file, why, and what is kept."""
+    import errno
+
+    code = getattr(ex, "errno", None)
+    text = str(ex)
+    if code == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
+        why = "the disk is full"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the folder is not writable (permissions or a read-only file system)"
+    else:
+        why = getattr(ex, "strerror", None) or _first_line(ex)
+    return f"cannot write {path}: {why}. The previous version of the file, if any, is unchanged; free space or fix the folder, then resume."
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint and export writes that a killed process left in
+    ``run_dir`` and ``run_dir/checkpoints``; return them."""
+    out = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if folder.is_dir():
+            for tmp in folder.glob(f".*.pt.*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+                out.append(tmp)
+    return out
 
 
 def save_training_state(experiment: Experiment, record: RunRecord, stage_state: dict[str, Any] | None, run_dir: Path,
@@ -110,8 +147,45 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def read_tensors_file(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure one message naming ``what``
+    (the config key or "resume") and the file: empty, truncated or corrupt, or holding Python objects
+    beyond tensors (which are never unpickled: loading them could run code)."""
+    import pickle
+    import warnings
+
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        size = path.stat().st_size
+    except OSError as ex:
+        raise KdrunError(f"{what}: cannot read {path}: {ex.strerror}") from None
+    if size == 0:
+        raise KdrunError(f"{what}: {path} is empty (a copy or a write that did not finish?); use another checkpoint")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as ex:
+        if "weights only" in str(ex).lower():
+            raise KdrunError(f"{what}: {path} holds Python objects besides tensors, which kdrun does not unpickle "
+                             f"(that could run code). Save a plain state dict from the code that made it: "
+                             f"torch.save({{'model': model.state_dict()}}, path)") from None
+        raise KdrunError(f"{what}: {path} is truncated or corrupt ({_first_line(ex)})") from None
+    except OSError as ex:
+        raise KdrunError(f"{what}: cannot read {path}: {ex.strerror or _first_line(ex)}"
+                         f"{' (truncated or corrupt?)' if ex.errno == 22 else ''}") from None
     except Exception as ex:
-        raise KdrunError(f"cannot read checkpoint {path}: {str(ex).splitlines()[0]}") from None
+        raise KdrunError(f"{what}: {path} is truncated or corrupt, not a torch checkpoint ({_first_line(ex)})") from None
+
+
+def _first_line(ex: BaseException) -> str:
+    text = str(ex).strip()
+    return text.splitlines()[0][:200] if text else type(ex).__name__
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    state = read_tensors_file(path, "resume")
+    if not isinstance(state, dict) or "modules" not in state or "record" not in state:
+        raise KdrunError(f"resume: {path} is not a kdrun training checkpoint (checkpoints/last.pt or best.pt); an "
+                         f"exported model file loads as <model>.checkpoint=... instead")
+    return state

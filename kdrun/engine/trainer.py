@@ -29,12 +29,14 @@ from kdrun.build import build
 from kdrun.data.loaders import make_loader
 from kdrun.engine import distributed
 from kdrun.engine.accelerate import model_callables, to_channels_last
-from kdrun.engine.checkpoint import atomic_save, find_checkpoint, load_checkpoint, save_training_state, set_rng_state
+from kdrun.engine.checkpoint import (atomic_save, find_checkpoint, load_checkpoint, remove_partial_writes, save_training_state,
+                                     set_rng_state, write_failure)
 from kdrun.engine.distributed import DistInfo, check_batch, resolve_device
 from kdrun.engine.metrics import MetricsWriter, NullWriter
 from kdrun.engine.probe import linear_probe
 from kdrun.engine.record import RunKey, RunRecord
 from kdrun.engine.rounds import next_round
+from kdrun.engine.runlock import LOCK_NAME, RunLock
 from kdrun.engine.stage import RunContext, StageRunner
 from kdrun.engine.summary import export_models, write_summary
 from kdrun.errors import KdrunError
@@ -82,6 +84,7 @@ class Trainer:
         self.ctx: RunContext | None = None
         self.checkpoint: dict[str, Any] | None = None  # what resume loaded, until its stage state is used
         self.started = time.perf_counter()
+        self.lock = RunLock(self.run_dir)
 
     # ------------------------------------------------------------------------------ prepare
     def prepare(self) -> Experiment:
@@ -91,6 +94,28 @@ class Trainer:
         info = self.dist or distributed.init(tcfg.device)
         if not info.is_main:
             log.setLevel(logging.WARNING)
+        else:
+            self._lock_run_dir()
+        try:
+            return self._prepare(info)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_run_dir(self) -> None:
+        """Take the run directory's lock (a second run in it is refused) and clear what a killed
+        checkpoint write left behind."""
+        try:
+            self.lock.acquire()
+        except OSError as ex:
+            raise KdrunError(write_failure(self.run_dir / LOCK_NAME, ex)) from None
+        removed = remove_partial_writes(self.run_dir)
+        if removed:
+            log.info("removed %d partial file(s) of an interrupted checkpoint write: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+
+    def _prepare(self, info: DistInfo) -> Experiment:
+        cfg, tcfg = self.cfg, self.cfg.trainer
         seed_everything(cfg.seed, tcfg.deterministic)
         exp = build(cfg, resolve_device(tcfg.device, info), sync_batchnorm=tcfg.sync_batchnorm and info.enabled)
         if tcfg.fsdp:
@@ -155,8 +180,10 @@ class Trainer:
                 "kept_indices": data.kept_indices.tolist()}))
         for name in exp.random_models:
             bar = "!" * 78
-            log.warning("\n%s\n!! %s is RANDOMLY INITIALISED (%s.checkpoint=null) and used frozen: the results are those "
-                        "of a\n!! random %s, not of a trained one.\n%s", bar, name, model_key(name), name, bar)
+            why = (f"{model_key(name)}.checkpoint=null" if self.cfg.models[name].checkpoint is None else
+                   f"{model_key(name)}.checkpoint filled fewer than half of its tensors")
+            log.warning("\n%s\n!! %s is RANDOMLY INITIALISED (%s) and used frozen: the results are those "
+                        "of a\n!! random %s, not of a trained one.\n%s", bar, name, why, name, bar)
 
     # ------------------------------------------------------------------------------ fit
     def stage_runner(self, index: int, round_index: int = 0) -> StageRunner:
@@ -186,9 +213,10 @@ class Trainer:
                     if index + 1 < len(ctx.experiment.stages):
                         record.start_stage(index + 1)
                 self._finish_round(r, count)
+            return self._finish()
         finally:
             ctx.writer.close()
-        return self._finish()
+            self.lock.release()
 
     def _finish_round(self, r: int, count: int) -> None:
         """After the last stage (of round ``r``): the linear probe; with rounds, the round's record and

@@ -9,9 +9,11 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from kdrun.engine.checkpoint import read_tensors_file
 from kdrun.errors import KdrunError
 
 log = logging.getLogger("kdrun")
+MOSTLY_LOADED = 0.5  # a non-strict load that fills fewer of the model's tensors leaves a random model
 
 
 def _cache_dir() -> Path:
@@ -48,15 +50,13 @@ def extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, location: str, key: str, strict: bool = True, hint: str = "") -> None:
-    """Load weights into ``model`` from ``location`` (``key`` names the config key in messages)."""
+def load_weights(model: nn.Module, location: str, key: str, strict: bool = True, hint: str = "") -> float:
+    """Load weights into ``model`` from ``location`` (``key`` names the config key in messages); return
+    the fraction of the model's tensors the file filled (1.0 for a strict load)."""
     path = fetch(location, key)
     if not path.is_file():
         raise KdrunError(f"{key}: checkpoint not found: {path}. {hint}".strip())
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as ex:
-        raise KdrunError(f"{key}: cannot read {path} as a weights-only checkpoint: {str(ex).splitlines()[0]}") from None
+    obj = read_tensors_file(path, key)
     state = extract_state_dict(obj, str(path))
     try:
         result = model.load_state_dict(state, strict=strict)
@@ -64,6 +64,13 @@ def load_weights(model: nn.Module, location: str, key: str, strict: bool = True,
         lines = [ln.strip() for ln in str(ex).splitlines() if ln.strip()]
         raise KdrunError(f"{key}: {path} does not fit {type(model).__name__}: {' '.join(lines[1:3])[:400]} "
                          f"(is {key.split('.')[0]}=<model> the architecture it was trained as?)") from None
+    total = len(model.state_dict())
+    filled = 1.0 if not total else (total - len(result.missing_keys)) / total
     if not strict and (result.missing_keys or result.unexpected_keys):
         log.warning("%s: loaded non-strictly; missing %d keys, unexpected %d keys", key,
                     len(result.missing_keys), len(result.unexpected_keys))
+    if filled < MOSTLY_LOADED:
+        log.warning("%s: %s filled only %d of %d tensors of %s: the model counts as randomly initialised (listed in "
+                    "random_models); is it the checkpoint of this architecture?", key, path,
+                    total - len(result.missing_keys), total, type(model).__name__)
+    return filled
