@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun._hydra_compat import install_override_suggestions
+from kdrun.engine.interrupt import RunInterrupted
 from kdrun.errors import KdrunError
 from kdrun.paths import config_dir
 from kdrun.registry import register_configs
@@ -66,6 +67,13 @@ def _task(cfg: DictConfig) -> float:
         cfg = validate(cfg)
         cfg = _gpu_per_parallel_job(cfg)
         summary = run(cfg, run_dir)
+    except RunInterrupted as ex:  # a signal: the checkpoint is written; say how to go on
+        print(_interrupted_message(ex, run_dir), file=sys.stderr, flush=True)
+        log.warning("run interrupted: %s", ex)
+        sys.exit(ex.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"kdrun: interrupted before a checkpoint could be written; run directory: {run_dir}", file=sys.stderr)
+        sys.exit(130)
     except (KdrunError, OSError) as ex:  # a user mistake, or the file system (full disk, permissions)
         message = f"kdrun: error: {ex if isinstance(ex, KdrunError) else _os_error(ex)}"
         _job_failed(run_dir, message)
@@ -74,6 +82,13 @@ def _task(cfg: DictConfig) -> float:
         print(message, file=sys.stderr)
         sys.exit(2)
     except Exception as ex:  # an unexpected failure (a bug): recorded; the sweep goes on, a single run shows the traceback
+        from kdrun.engine import distributed
+
+        timeout = distributed.timeout_message(ex, distributed.launched_info(), cfg.trainer.get("dist_timeout_s", 600))
+        if timeout is not None:
+            _job_failed(run_dir, f"kdrun: error: {timeout}")
+            print(f"kdrun: error: {timeout}", file=sys.stderr)
+            sys.exit(2)
         _job_failed(run_dir, "".join(traceback.format_exception(ex)))
         if not multirun:
             raise
@@ -83,6 +98,56 @@ def _task(cfg: DictConfig) -> float:
     _report(summary)
     value = summary.get(cfg.get("objective") or "best_top1")
     return float(value) if value is not None else math.nan
+
+
+def _interrupted_message(ex: RunInterrupted, run_dir: Path) -> str:
+    lines = [f"kdrun: {ex}."]
+    if ex.checkpoint is None:
+        lines.append("  no checkpoint was written (trainer.save_checkpoints=false): a new run starts from the beginning")
+    else:
+        lines += [f"  checkpoint: {ex.checkpoint}",
+                  f"  resume with: kdrun hydra.run.dir={run_dir} resume=auto   (the run's own overrides are reused)"]
+    return "\n".join(lines)
+
+
+# keys a resumed run may set differently from the run it continues: they change no result
+RESUME_FREE_KEYS = ("resume", "trainer.progress", "trainer.dist_timeout_s", "trainer.tensorboard")
+
+
+def resume_overrides(args: list[str]) -> list[str] | None:
+    """With ``resume=auto`` and ``hydra.run.dir=DIR`` of an existing run, the command line that continues
+    it: the run's saved overrides (``DIR/.hydra/overrides.yaml``) plus the given ones. None when there
+    is no such run; a KdrunError names any given override that contradicts the saved ones."""
+    import yaml
+
+    given = [a for a in args if not a.startswith("-")]
+    if "resume=auto" not in given:
+        return None
+    run_dir = next((a.split("=", 1)[1] for a in given if a.startswith("hydra.run.dir=")), None)
+    if run_dir is None:
+        return None
+    saved_file = Path(run_dir).expanduser() / ".hydra" / "overrides.yaml"
+    if not saved_file.is_file():
+        return None
+    try:
+        saved = [str(o) for o in (yaml.safe_load(saved_file.read_text()) or [])]
+    except (OSError, yaml.YAMLError) as ex:
+        raise KdrunError(f"resume=auto: cannot read the run's overrides {saved_file}: {ex}") from None
+
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
+    def free(o: str) -> bool:
+        return key(o).startswith("hydra.") or key(o) in RESUME_FREE_KEYS
+
+    before = {key(o): o for o in saved if not free(o)}
+    conflicts = [o for o in given if not free(o) and before.get(key(o)) != o]
+    if conflicts:
+        shown = ", ".join(f"{o} (the run had {before[key(o)]})" if key(o) in before else f"{o} (not set in the run)"
+                          for o in conflicts)
+        raise KdrunError(f"resume=auto continues {run_dir} with its own overrides ({' '.join(before.values()) or 'none'}); "
+                         f"these contradict them: {shown}. Drop them, or start a new run in another directory.")
+    return [o for o in saved if not free(o)] + [a for a in args if a.startswith("-") or free(a)]
 
 
 def _gpu_per_parallel_job(cfg: DictConfig) -> DictConfig:
@@ -170,7 +235,14 @@ def _agree_on_run_dir(args: list[str]) -> None:
     if not distributed.launched_info().enabled:
         return
     device = next((a.split("=", 1)[1] for a in args if a.startswith("trainer.device=")), "auto")
-    info = distributed.init(device)
+    timeout = next((a.split("=", 1)[1] for a in args if a.startswith("trainer.dist_timeout_s=")), distributed.DEFAULT_TIMEOUT_S)
+    try:
+        timeout = float(timeout)
+        assert timeout > 0
+    except (ValueError, AssertionError):
+        print(f"kdrun: error: trainer.dist_timeout_s must be a positive number of seconds, got {timeout}", file=sys.stderr)
+        sys.exit(2)
+    info = distributed.init(device, timeout)
     stamp = distributed.broadcast_object(time.strftime("%Y-%m-%d/%H-%M-%S"), info)
     extra = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir=outputs/${{name}}/{stamp}"]
     if not info.is_main:
@@ -229,6 +301,21 @@ def check_group_choices(args: list[str]) -> str | None:
 def main() -> None:
     """Console entry point: default to the quickstart recipe, then hand over to Hydra."""
     args = sys.argv[1:]
+    try:
+        resumed = resume_overrides(args)
+    except KdrunError as ex:
+        print(f"kdrun: error: {ex}", file=sys.stderr)
+        sys.exit(2)
+    if resumed is not None:
+        args = sys.argv[1:] = resumed
+    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+    if run_dir is not None and not any(a in ("-m", "--multirun") for a in args):
+        from kdrun.engine.runlock import busy_message, lock_owner
+
+        owner = lock_owner(Path(run_dir).expanduser())
+        if owner is not None:  # before Hydra writes its files into the busy directory
+            print(f"kdrun: error: {busy_message(Path(run_dir), owner)}", file=sys.stderr)
+            sys.exit(2)
     if not _uses_recipe(args):
         sys.argv[1:] = _with_overrides(args, [f"+recipe={DEFAULT_RECIPE}"])
     _agree_on_run_dir(args)

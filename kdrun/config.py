@@ -112,12 +112,13 @@ def _check_ranges(cfg: DictConfig) -> None:
     d, t = cfg.data, cfg.trainer
     _at_least(d, "data", "subset", 1, "the whole data set")
     _at_least(d, "data", "val_split", 1, "evaluate on the test set")
-    for key in ("batch_size", "eval_batch_size", "num_classes"):
+    for key in ("batch_size", "eval_batch_size"):
         _at_least(d, "data", key, 1)
-    for key in ("num_workers", "crop_padding", "subset_seed", "val_seed"):
+    for key in ("num_classes", "num_workers", "crop_padding", "subset_seed", "val_seed"):  # 0 classes: token data
         _at_least(d, "data", key, 0)
     _at_least(t, "trainer", "max_epochs", 1, "no cap")
     _at_least(t, "trainer", "max_steps_per_epoch", 1, "no cap")
+    _at_least(t, "trainer", "dist_timeout_s", 1, number=float)
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise KdrunError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")

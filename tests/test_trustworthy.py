@@ -105,3 +105,190 @@ def test_a_diverging_term_is_named_and_never_checkpointed(tmp_path):
                     *SMALL], tmp_path)
     assert proc.returncode == 2 and "every loss term (ce, kd) became non-finite at once" in proc.stderr
     assert "learning rate too large" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ bad checkpoint files
+
+def test_bad_checkpoint_files_get_one_message(tmp_path):
+    from kdrun.engine.checkpoint import read_tensors_file
+
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, good)
+    empty, cut, code = tmp_path / "empty.pt", tmp_path / "cut.pt", tmp_path / "code.pt"
+    empty.write_bytes(b"")
+    cut.write_bytes(good.read_bytes()[:600])
+    torch.save({"model": {"w": torch.zeros(2)}, "note": Path("x")}, code)  # a pickled object beyond tensors
+    for path, words in ((empty, "is empty"), (cut, "is truncated or corrupt"), (code, "holds Python objects besides tensors")):
+        with pytest.raises(KdrunError, match=words) as info:
+            read_tensors_file(path, "teacher.checkpoint")
+        assert "weights_only=False" not in str(info.value) and str(info.value).startswith("teacher.checkpoint: ")
+
+
+def test_a_non_strict_load_of_the_wrong_file_is_a_random_teacher(tmp_path):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"model": {"unrelated.weight": torch.zeros(3)}}, wrong)
+    exp = build(validate(compose_cfg(["stages.teacher.epochs=1", f"teacher.checkpoint={wrong}", "teacher.strict=false",
+                                      "~stages.teacher", *SMALL])))
+    assert exp.random_models == ["teacher"]
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from kdrun.engine import checkpoint
+
+    target = tmp_path / "last.pt"
+    checkpoint.atomic_save({"v": torch.ones(1)}, target)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(KdrunError, match=f"cannot write {target}: the disk is full"):
+        checkpoint.atomic_save({"v": torch.zeros(1)}, target)
+    monkeypatch.undo()
+    assert torch.load(target)["v"].item() == 1.0 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_leftover_partial_writes_are_removed_at_start(tmp_path):
+    from kdrun.engine.trainer import Trainer
+
+    (tmp_path / "checkpoints").mkdir()
+    junk = [tmp_path / "checkpoints" / ".last.pt.abc123.tmp", tmp_path / ".student.pt.x9.tmp"]
+    for j in junk:
+        j.write_bytes(b"x" * 100)
+    keep = tmp_path / "notes.tmp"
+    keep.write_text("mine")
+    Trainer(validate(compose_cfg(SMALL)), tmp_path).prepare()
+    assert not any(j.exists() for j in junk) and keep.exists()
+
+
+# ---------------------------------------------------------------------------------- one run per folder
+
+def test_a_second_run_in_a_busy_directory_is_refused(tmp_path):
+    from kdrun.engine.runlock import LOCK_NAME, RunLock, lock_owner
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "started": 0}))
+        assert lock_owner(tmp_path)["pid"] == sleeper.pid
+        with pytest.raises(KdrunError, match="is in use by another kdrun run"):
+            RunLock(tmp_path).acquire()
+        proc = run_cli([f"hydra.run.dir={tmp_path}", *SMALL], tmp_path)
+        assert proc.returncode == 2 and "is in use by another kdrun run" in proc.stderr
+        assert not (tmp_path / ".hydra").exists()  # refused before Hydra wrote into it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = RunLock(tmp_path)  # the owner is gone: a stale lock is taken over
+    lock.acquire()
+    assert lock_owner(tmp_path) is None and json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------- resume semantics
+
+def test_resume_overrides_reuse_the_runs_own_and_refuse_conflicts(tmp_path):
+    from kdrun.cli import resume_overrides
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- +recipe=quickstart\n- data.subset=128\n- hydra.run.dir=x\n")
+    d = f"hydra.run.dir={tmp_path}"
+    assert resume_overrides([d, "resume=auto"]) == ["+recipe=quickstart", "data.subset=128", d, "resume=auto"]
+    assert resume_overrides([d, "resume=auto", "data.subset=128", "trainer.progress=off"]) == [
+        "+recipe=quickstart", "data.subset=128", d, "resume=auto", "trainer.progress=off"]
+    with pytest.raises(KdrunError, match=r"data.subset=64 \(the run had data.subset=128\), seed=2 \(not set in the run\)"):
+        resume_overrides([d, "resume=auto", "data.subset=64", "seed=2"])
+    assert resume_overrides([f"hydra.run.dir={tmp_path / 'new'}", "resume=auto"]) is None
+
+
+@pytest.mark.slow
+def test_resume_auto_without_a_checkpoint_says_so_and_an_explicit_one_is_an_error(tmp_path):
+    proc = run_cli(["resume=auto", f"hydra.run.dir={tmp_path / 'a'}", "trainer.max_epochs=1", *SMALL], tmp_path)
+    assert proc.returncode == 0 and "STARTS FROM SCRATCH" in proc.stderr + proc.stdout
+    proc = run_cli([f"resume={tmp_path / 'nothing'}", *SMALL], tmp_path)
+    assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- interruption
+
+def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    full = {**os.environ, **(env or {})}
+    full.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, "-m", "kdrun", *args], cwd=cwd, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    metrics = run / "metrics.jsonl"
+    end = time.time() + timeout
+    while time.time() < end:
+        if metrics.is_file() and sum(1 for _ in open(metrics)) >= rows:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run never got there")
+
+
+LONG = ["stages.teacher.epochs=2", "stages.distill.epochs=3", "trainer.log_every=1", "data.subset=256",
+        "data.batch_size=32", *QUIET]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_mid_epoch_says_how_to_resume_and_the_resumed_run_is_exact(tmp_path, sig, code):
+    whole = run_cli([*LONG, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "cut"
+    proc = _start([*LONG, f"hydra.run.dir={run}"], tmp_path)
+    _wait_for_rows(run, 20, proc)  # inside the distill stage
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and f"resume with: kdrun hydra.run.dir={run} resume=auto" in err
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["record"]["batch"] > 0  # a mid-epoch checkpoint
+    again = run_cli([f"hydra.run.dir={run}", "resume=auto"], tmp_path)  # the run's own overrides are reused
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["model"]
+    b = torch.load(run / "student.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    measured = ("epoch_time_s", "images_per_s", "tokens_per_s", "peak_memory_mb")  # timings and memory differ
+
+    def rows(d: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k not in measured} for x in open(d / "metrics.jsonl")]
+
+    assert rows(run) == rows(tmp_path / "whole")  # no row twice, none lost
+    assert not (run / ".kdrun.lock").exists()
+
+
+@pytest.mark.slow
+def test_sigusr1_in_a_slurm_job_requeues_it_and_the_requeued_job_resumes(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    fake = bin_dir / "scontrol"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run = tmp_path / "job"
+    proc = _start([*LONG, f"hydra.run.dir={run}"], tmp_path, env)
+    _wait_for_rows(run, 20, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1 and log.read_text().split() == ["requeue", "4242"], err[-2000:]
+    # SLURM starts the same command again, with SLURM_RESTART_COUNT set: it continues by itself
+    again = _start([*LONG, f"hydra.run.dir={run}"], tmp_path, {**env, "SLURM_RESTART_COUNT": "1"})
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "resuming from" in err + out and (run / "student.pt").is_file(), err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_failed_single_run_leaves_its_error_in_the_log_and_a_failed_file(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli(["loss.kd.temperature=-1", f"hydra.run.dir={run}", *SMALL], tmp_path)
+    assert proc.returncode == 2 and "temperature must be positive" in proc.stderr
+    assert "temperature must be positive" in (run / "FAILED").read_text()
+    assert "temperature must be positive" in (run / "kdrun.log").read_text()

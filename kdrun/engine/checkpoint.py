@@ -48,7 +48,10 @@ def atomic_save(obj: Any, path: Path) -> None:
     except BaseException as ex:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(ex, (OSError, RuntimeError)) and not isinstance(ex, KdrunError):
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ...", "file write failed")
+        io_error = isinstance(ex, OSError) or (isinstance(ex, RuntimeError) and any(
+            w in str(ex) for w in ("unexpected pos", "write failed", "PytorchStreamWriter")))
+        if io_error:
             raise KdrunError(write_failure(path, ex)) from None
         raise
 
@@ -81,12 +84,15 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
 
 
 def save_training_state(experiment: Experiment, record: RunRecord, stage_state: dict[str, Any] | None, run_dir: Path,
-                        best: bool, dist: DistInfo) -> None:
+                        best: bool, dist: DistInfo, writer_rows: int | None = None) -> None:
     """``checkpoints/last.pt`` (and ``best.pt``): every module, the stage's optimizer groups and
     running sums, where the run stands (round, stage, epoch, batch, step), its records and every RNG
-    state. Rank 0 writes; nothing is written with ``trainer.save_checkpoints=false``."""
+    state. Rank 0 writes; nothing is written with ``trainer.save_checkpoints=false``. ``writer_rows``: the
+    rows of metrics.jsonl so far (a resume drops the rows written after this checkpoint)."""
     if not experiment.cfg.trainer.save_checkpoints:
         return
+    if writer_rows is not None:
+        record.metrics_rows = writer_rows
     modules = experiment.modules().state_dict()
     if experiment.sharded:  # a collective: every rank gathers, rank 0 writes full tensors
         from kdrun.engine.fsdp import gather_full

@@ -71,8 +71,15 @@ def launched_info() -> DistInfo:
     return DistInfo(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")), world_size=world)
 
 
-def init(device_setting: str = "auto") -> DistInfo:
-    """Join the process group if this is a multi-process launch (idempotent); return the layout."""
+DEFAULT_TIMEOUT_S = 600  # trainer.dist_timeout_s: how long a rank waits for the others in one collective
+
+
+def init(device_setting: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Join the process group if this is a multi-process launch (idempotent); return the layout.
+
+    ``timeout_s``: a collective that waits longer for a rank (hung, or dead without the launcher
+    noticing) fails with an error on the waiting ranks instead of blocking them for PyTorch's default
+    30 minutes."""
     info = launched_info()
     if not info.enabled:
         return info
@@ -82,8 +89,17 @@ def init(device_setting: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() and device_setting in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=float(timeout_s)))
     return info
+
+
+def timeout_message(ex: BaseException, info: DistInfo, timeout_s: float) -> str | None:
+    """One line for a collective that timed out on this rank (None for any other error)."""
+    text = str(ex)
+    if not info.enabled or not any(w in text for w in ("Timed out", "timed out", "Timeout", "timeout")):
+        return None
+    return (f"rank {info.rank} of {info.world_size}: a collective operation waited more than {timeout_s:g} s for the other "
+            f"ranks: one of them is hung or died (see its log). trainer.dist_timeout_s sets this limit.")
 
 
 def shutdown() -> None:

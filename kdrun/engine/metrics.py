@@ -22,18 +22,29 @@ def json_safe(value: Any) -> Any:
 class MetricsWriter:
     """Append records to ``<run_dir>/metrics.jsonl`` and scalars to TensorBoard (``<run_dir>/tb``)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_rows: int | None = None,
+                 resume_step: int | None = None) -> None:
+        """``resume_rows``/``resume_step``: a resumed run's checkpoint position. Rows written after that
+        checkpoint (by the interrupted process) are dropped, so that re-run steps are not logged twice;
+        TensorBoard purges its events after ``resume_step``."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_rows is not None and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if len(lines) > resume_rows:
+                self.path.write_text("".join(lines[:resume_rows]), encoding="utf-8")
+        self.rows = sum(1 for _ in open(self.path, encoding="utf-8")) if self.path.is_file() else 0
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
 
     def write(self, record: dict[str, Any], step: int, tb_prefix: str = "") -> None:
         self.file.write(json.dumps(json_safe(record)) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
@@ -47,6 +58,8 @@ class MetricsWriter:
 
 class NullWriter:
     """The writer of ranks other than 0: they write nothing."""
+
+    rows = None
 
     def write(self, record: dict[str, Any], step: int, tb_prefix: str = "") -> None:
         pass

@@ -46,6 +46,7 @@ class RunRecord:
     round: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: accuracies, exported student
     probe: dict[str, Any] = field(default_factory=dict)  # the last linear probe's result
+    metrics_rows: int | None = None  # rows of metrics.jsonl when the checkpoint was written (resume drops later ones)
 
     def start_stage(self, index: int) -> None:
         """Move to the start of stage ``index``."""

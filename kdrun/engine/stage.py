@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import logging
 import math
+import signal
 import sys
 import time
 import warnings
@@ -64,6 +65,7 @@ class RunContext:
     test_loader: Any
     dist: DistInfo
     class_groups: dict[str, Tensor] | None = None  # many/medium/few-shot classes of a long-tailed set
+    interrupts: Any = None  # kdrun.engine.interrupt.InterruptFlag while Trainer.fit runs
 
 
 @dataclass
@@ -327,7 +329,7 @@ class StageRunner:
 
     def save(self, best: bool = False) -> None:
         self.check_finite(parameters=True)
-        save_training_state(self.exp, self.record, self.state_dict(), self.ctx.run_dir, best, self.dist)
+        save_training_state(self.exp, self.record, self.state_dict(), self.ctx.run_dir, best, self.dist, self.ctx.writer.rows)
 
     # ------------------------------------------------------------------------------ the step
     def term_weights(self, epoch: int) -> dict[str, float]:
@@ -449,6 +451,8 @@ class StageRunner:
             for c in self.hooked:
                 c.on_epoch_start(epoch, self.epochs)
             self._end_epoch(epoch, self.train_epoch(epoch))
+            if epoch + 1 < self.epochs and self._interrupted(flushed=True):
+                self._stop(epoch)
 
     def epoch_key(self, epoch: int) -> int:
         """The loader's key of ``epoch``: a new order per round, stage and epoch."""
@@ -485,6 +489,9 @@ class StageRunner:
             self.meter.seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
             self._mid_epoch(epoch)
+            if self._interrupted(flushed=self.meter.since == 0):
+                bar.close()
+                self._stop(epoch)
         bar.close()
         if self.meter.keys is None:
             raise KdrunError(f"stages.{self.plan.name}: the training set gave no batch (data.batch_size larger than the set with drop_last?)")
@@ -493,6 +500,35 @@ class StageRunner:
         self.meter.seconds += time.perf_counter() - t0
         record.batch = 0  # the epoch is complete: no partial position
         return self._epoch_means()
+
+    def _interrupted(self, flushed: bool) -> bool:
+        """Whether a stop signal arrived: this process's flag alone, or under DDP every rank's, agreed at
+        the log rows (``flushed``), where the ranks synchronise anyway."""
+        flag = self.ctx.interrupts
+        if flag is None:
+            return False
+        if not self.dist.enabled:
+            return flag.pending
+        if not flushed:
+            return False
+        agreed = all_reduce_max(torch.tensor([1.0 if flag.pending else 0.0], device=self.device), self.dist)
+        if agreed.item() > 0 and flag.signum is None:
+            flag.signum = signal.SIGTERM  # another rank was signalled
+        return bool(agreed.item() > 0)
+
+    def _stop(self, epoch: int) -> None:
+        """After a stop signal: flush the log, write a mid-epoch checkpoint, raise RunInterrupted."""
+        from kdrun.engine.interrupt import RunInterrupted
+
+        if self.meter.since:
+            self._flush(epoch)
+        saved = self.exp.cfg.trainer.save_checkpoints
+        if saved:
+            self.save()
+        where = (f"in stage '{self.plan.name}' epoch {epoch + 1}/{self.epochs}, after step {self.record.stage_step} of "
+                 f"{self.total_steps} (run step {self.record.step})")
+        raise RunInterrupted(int(self.ctx.interrupts.signum), where,
+                             str(self.ctx.run_dir / "checkpoints" / "last.pt") if saved else None)
 
     def _epoch_means(self) -> dict[str, Any]:
         meter, dist = self.meter, self.dist

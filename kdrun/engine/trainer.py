@@ -33,6 +33,7 @@ from kdrun.engine.checkpoint import (atomic_save, find_checkpoint, load_checkpoi
                                      set_rng_state, write_failure)
 from kdrun.engine.distributed import DistInfo, check_batch, resolve_device
 from kdrun.engine.metrics import MetricsWriter, NullWriter
+from kdrun.engine.interrupt import InterruptFlag, RunInterrupted, requeue_slurm_job, requeued_slurm_job
 from kdrun.engine.probe import linear_probe
 from kdrun.engine.record import RunKey, RunRecord
 from kdrun.engine.rounds import next_round
@@ -91,7 +92,7 @@ class Trainer:
         """Join the process group, seed, build the experiment, apply channels_last and compile, resume
         from a checkpoint if asked, write the run directory's config, make the loaders."""
         cfg, tcfg = self.cfg, self.cfg.trainer
-        info = self.dist or distributed.init(tcfg.device)
+        info = self.dist or distributed.init(tcfg.device, tcfg.dist_timeout_s)
         if not info.is_main:
             log.setLevel(logging.WARNING)
         else:
@@ -131,7 +132,9 @@ class Trainer:
         record = self._resume(exp)
         if info.is_main:
             self._write_run_dir(exp)
-        writer = MetricsWriter(self.run_dir, tensorboard=tcfg.tensorboard) if info.is_main else NullWriter()
+        resumed = self.checkpoint is not None
+        writer = (MetricsWriter(self.run_dir, tensorboard=tcfg.tensorboard, resume_rows=record.metrics_rows if resumed else None,
+                                resume_step=record.step if resumed else None) if info.is_main else NullWriter())
         train, test = self._loaders(exp, info)
         self.experiment = exp
         self.ctx = RunContext(exp, record, writer, self.run_dir, train, test, info, long_tail_groups(exp.data))
@@ -147,10 +150,18 @@ class Trainer:
         return train, make_loader(exp.data, "test", cfg.data, exp.device, train=False, **common)
 
     def _resume(self, exp: Experiment) -> RunRecord:
-        if not self.cfg.resume:
+        resume = self.cfg.resume
+        if not resume and requeued_slurm_job():
+            resume = "auto"  # a requeued SLURM job continues from its own checkpoint
+            log.info("SLURM requeued this job (SLURM_RESTART_COUNT=%s): resume=auto", os.environ.get("SLURM_RESTART_COUNT"))
+        if not resume:
             return RunRecord()
-        path = find_checkpoint(str(self.cfg.resume), self.run_dir)
+        path = find_checkpoint(str(resume), self.run_dir)
         if path is None:
+            bar = "!" * 78
+            log.warning("\n%s\n!! resume=auto: no checkpoint in %s, so this run STARTS FROM SCRATCH.\n!! To continue "
+                        "a run, pass its directory: hydra.run.dir=<run dir> resume=auto, or resume=<run dir>.\n%s",
+                        bar, self.run_dir / "checkpoints", bar)
             return RunRecord()
         ckpt = load_checkpoint(path)
         names = [p.name for p in exp.stages]
@@ -202,6 +213,7 @@ class Trainer:
         ctx = self.ctx
         assert ctx is not None
         record, count = ctx.record, self.cfg.rounds.count if self.cfg.rounds is not None else 1
+        ctx.interrupts = InterruptFlag().install()
         try:
             for r in range(record.round, count):
                 for index in range(record.stage_index, len(ctx.experiment.stages)):
@@ -214,7 +226,12 @@ class Trainer:
                         record.start_stage(index + 1)
                 self._finish_round(r, count)
             return self._finish()
+        except RunInterrupted as ex:
+            if ctx.dist.is_main:
+                requeue_slurm_job(ex.signum)
+            raise
         finally:
+            ctx.interrupts.restore()
             ctx.writer.close()
             self.lock.release()
 
@@ -251,7 +268,7 @@ class Trainer:
             next_round(exp, r)
             record.round = r + 1
             record.start_stage(0)
-            save_training_state(exp, record, None, self.run_dir, False, ctx.dist)
+            save_training_state(exp, record, None, self.run_dir, False, ctx.dist, ctx.writer.rows)
 
     def _finish(self) -> dict[str, Any] | None:
         ctx = self.ctx
