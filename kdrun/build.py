@@ -82,6 +82,8 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     adapter_inputs = {n: c.inputs for n, c in cfg.adapters.items()}
     unloaded: set[str] = set()
     models = build_models(cfg, plan.used_models(cfg, loss_inputs, adapter_inputs), device, sync_batchnorm, unloaded)
+    for name in models:
+        check_tap_paths(models[name], cfg.models[name].taps, model_key(name))
     taps_of = {name: declared_taps(models[name], cfg.models[name].taps) for name in models}
     groups = {name: tap_groups(taps) for name, taps in taps_of.items()}
     loss_inputs = {n: expand_groups(ins, groups) for n, ins in loss_inputs.items()}
@@ -110,6 +112,15 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
 
 
 # ------------------------------------------------------------------------------------------- data
+
+
+def check_tap_paths(model: nn.Module, taps: dict[str, str], key: str) -> None:
+    """Every tap a config adds (``<model>.taps.<tap>: module.path``) names a module of the model, used or not."""
+    modules = dict(model.named_modules())
+    for tap, path in (taps or {}).items():
+        if path not in modules:
+            raise KdrunError(f"{key}.taps.{tap}: {type(model).__name__} has no module '{path}'."
+                             f"{did_you_mean(path, [m for m in modules if m])} (print(model) lists its module paths)")
 
 
 def load_data(cfg: ExperimentConfig) -> Any:

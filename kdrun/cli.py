@@ -298,6 +298,31 @@ def check_group_choices(args: list[str]) -> str | None:
     return None
 
 
+def check_paths(args: list[str]) -> str | None:
+    """One line when a run or sweep directory given on the command line cannot be created or written, or
+    ``name=`` cannot be part of a path (Hydra creates the directory before kdrun's checks run)."""
+    import errno
+    import tempfile
+
+    for a in args:
+        key, _, value = a.partition("=")
+        if key in ("name", "+name", "++name") and ("/" in value or len(value.encode()) > 200 or not value):
+            return (f"name is part of the run directory's path: a non-empty name without '/' of at most 200 bytes, "
+                    f"got {value[:60]!r}{'...' if len(value) > 60 else ''}")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
+            continue
+        path = Path(value).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".kdrun-write-test-"):
+                pass
+        except OSError as ex:
+            why = {errno.ENAMETOOLONG: "a name in it is too long for the file system",
+                   errno.ENOSPC: "the disk is full"}.get(ex.errno or 0, ex.strerror or str(ex))
+            return f"{key}={value[:80]}{'...' if len(value) > 80 else ''}: cannot create or write this directory: {why}"
+    return None
+
+
 def main() -> None:
     """Console entry point: default to the quickstart recipe, then hand over to Hydra."""
     args = sys.argv[1:]
@@ -308,6 +333,10 @@ def main() -> None:
         sys.exit(2)
     if resumed is not None:
         args = sys.argv[1:] = resumed
+    bad = check_paths(args)
+    if bad is not None:
+        print(f"kdrun: error: {bad}", file=sys.stderr)
+        sys.exit(2)
     run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
     if run_dir is not None and not any(a in ("-m", "--multirun") for a in args):
         from kdrun.engine.runlock import busy_message, lock_owner

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
+import warnings
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -81,6 +83,15 @@ def _check_choices(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.get("progress", "auto") not in ("auto", "on", "off"):
         raise KdrunError(f"trainer.progress must be auto, on or off, got '{t.progress}'")
+    if t.get("compile_mode", "default") not in COMPILE_MODES:
+        raise KdrunError(f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{t.compile_mode}'")
+    if t.get("compile"):
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends()
+        if t.get("compile_backend", "inductor") not in backends:
+            raise KdrunError(f"trainer.compile_backend '{t.compile_backend}' is not a torch.compile backend."
+                             f"{did_you_mean(str(t.compile_backend), backends)} Backends: {', '.join(backends)}.")
     if t.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
         raise KdrunError(f"trainer.precision must be fp32, bf16 or fp16, got '{t.precision}'")
     for key in ("accumulate_grad_batches", "log_every", "eval_every", "save_every"):
@@ -119,6 +130,14 @@ def _check_ranges(cfg: DictConfig) -> None:
     _at_least(t, "trainer", "max_epochs", 1, "no cap")
     _at_least(t, "trainer", "max_steps_per_epoch", 1, "no cap")
     _at_least(t, "trainer", "dist_timeout_s", 1, number=float)
+    for key, optional in (("name", False), ("method", True), ("teachers_dir", True), ("objective", True)):
+        value = cfg.get(key)
+        if not isinstance(value, str) and not (optional and value is None):
+            raise KdrunError(f"{key} must be a {'string or null' if optional else 'string'}, got {value!r}")
+    name = cfg.get("name")
+    if not name or "/" in name or len(name.encode()) > 200:
+        raise KdrunError(f"name is part of the run directory's path: a non-empty name without '/' of at most 200 bytes, "
+                         f"got {name[:60]!r}{'...' if len(name) > 60 else ''}")
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise KdrunError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
@@ -132,11 +151,15 @@ def _check_ranges(cfg: DictConfig) -> None:
         _at_least(node, f"loss.{name}", "warmup_epochs", 0, None)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _check_plan(cfg: ExperimentConfig) -> None:
     """The rules between sections, checked by the planning functions the builder uses."""
     for sname, stage in cfg.stages.items():
+        length = stage.epochs if stage.scheduler_interval == "epoch" else stage.max_steps
         for group in plan.group_plans(sname, stage, list(cfg.models), cfg.adapters, cfg.loss):
-            _check_optimizer(group)
+            _check_optimizer(group, length)
         if stage.eval is not None and stage.eval not in cfg.models:
             raise KdrunError(f"stages.{sname}.eval: no model '{stage.eval}'.{did_you_mean(stage.eval, cfg.models)}")
     for name, mcfg in cfg.models.items():
@@ -168,9 +191,11 @@ def _check_plan(cfg: ExperimentConfig) -> None:
                              "sampling (do_sample=true) needs at least one seed")
 
 
-def _check_optimizer(group: plan.GroupPlan) -> None:
+def _check_optimizer(group: plan.GroupPlan, length: int | None) -> None:
     """Build the group's optimizer (on a stand-in parameter) and scheduler now, so that a bad argument
-    (a negative learning rate) is found before any stage trains, not when its stage starts."""
+    (a negative learning rate) is found before any stage trains, not when its stage starts; the
+    scheduler is stepped over the stage's ``length`` (epochs or steps; 100 when only the data knows it)
+    and its learning rate must stay finite and >= 0."""
     import torch
 
     from kdrun.build import instantiate_node
@@ -201,8 +226,23 @@ def _check_optimizer(group: plan.GroupPlan) -> None:
     if any(v is None and k in arguments and k != "total_steps" for k, v in sched.items()):
         return  # a length known only from the data (checked when the stage starts)
     wants = "total_steps" in arguments and sched.get("total_steps") is None
+    gamma = sched.get("gamma")
+    if isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and not gamma > 0:
+        raise KdrunError(f"{group.key}.scheduler.gamma must be positive (the factor the learning rate is multiplied by), got {gamma}")
+    milestones = sched.get("milestones")
+    if milestones is not None and (not isinstance(milestones, (list, ListConfig)) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones)):
+        raise KdrunError(f"{group.key}.scheduler.milestones must be a list of epochs or steps (integers >= 0), got {milestones!r}")
     try:
-        instantiate_node(sched, optimizer, drop={"total_steps"} if wants else set(), **({"total_steps": 100} if wants else {}))
+        scheduler = instantiate_node(sched, optimizer, drop={"total_steps"} if wants else set(),
+                                     **({"total_steps": 100} if wants else {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            for _ in range(min(int(length or 100), 10_000)):  # the learning rate over the stage: finite, >= 0
+                scheduler.step()
+                lr = optimizer.param_groups[0]["lr"]
+                if not (math.isfinite(lr) and lr >= 0):
+                    raise ValueError(f"the learning rate it schedules becomes {lr:g}")
     except KdrunError:
         raise
     except Exception as ex:
@@ -274,6 +314,8 @@ def _check_node(node: Any, prefix: str, schema: type) -> None:
     for name, f in fields.items():
         if f.default is MISSING and f.default_factory is dataclasses.MISSING and name not in node:  # type: ignore[misc]
             raise KdrunError(f"missing key '{prefix}.{name}'")
+        if f.type in ("bool", bool) and name in node and not isinstance(node[name], bool):  # OmegaConf reads 2 as true
+            raise KdrunError(f"bad value for '{prefix}.{name}': it is true or false, got {node[name]!r}")
 
 
 def import_target(path: str, key: str) -> Any:

@@ -51,6 +51,9 @@ class ModelIO:
         """Add what the model returned, and its taps, to the namespace."""
         name = self.name
         if isinstance(out, Tensor):
+            if self.outputs and self.outputs != ["logits"]:
+                raise KdrunError(f"{name}.outputs names {self.outputs}, but {name} returns one tensor (published as "
+                                 f"{name}.logits); outputs names the elements of a tuple output: drop it")
             ns[f"{name}.logits"] = out
         elif isinstance(out, Mapping):  # dicts and Hugging Face ModelOutput
             ns.update({f"{name}.{k}": v for k, v in out.items() if v is not None})

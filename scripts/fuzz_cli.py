@@ -72,7 +72,7 @@ def bad_lines(tmp: Path) -> list[list[str]]:
         ["trainer.accumulate_grad_batches=0"], ["trainer.precision=fp8"], ["trainer.precision=16"],
         ["trainer.device=tpu"], ["trainer.device=cuda:7"], ["trainer.progress=maybe"], ["trainer.compile_mode=fastest"],
         ["trainer.gradient_clip_norm=0"], ["trainer.gradient_clip_norm=-1"], ["trainer.deterministic=2"],
-        ["trainer.max_epoch=2"], ["trainer.dist_timeout_s=0"], ["trainer.sync_batchnorm=true"], ["trainer.fsdp=true"],
+        ["trainer.max_epoch=2"], ["trainer.dist_timeout_s=0"], ["trainer.fsdp=true"],
         ["trainer.compile_backend=nope", "trainer.compile=true"], ["trainer.log_every=[1]"],
         # ---- models
         ["teacher.checkpoint=/no/such/file.pt"], [f"teacher.checkpoint={empty}"], [f"teacher.checkpoint={text}"],
@@ -108,7 +108,8 @@ def bad_lines(tmp: Path) -> list[list[str]]:
         ["+generation.models=[student]"], ["+published.metric=middle", "+published.source=x"],
         # ---- files and folders
         # (a chmod'ed folder stops no one running as root; /proc refuses everyone)
-        [f"hydra.run.dir={readonly}/run"], ["hydra.run.dir=/proc/kdrun/run"], ["hydra.run.dir=/sys/kdrun"],
+        *([[f"hydra.run.dir={readonly}/run"]] if os.geteuid() != 0 else []),
+        ["hydra.run.dir=/proc/kdrun/run"], ["hydra.run.dir=/sys/kdrun"], ["-m", "hydra.sweep.dir=/proc/kdrun"],
         [f"hydra.run.dir={tmp}/{'x' * 300}"], [f"name={'n' * 300}"],
         # ---- text path
         [*TEXT, "data.source.block_size=0"], [*TEXT, "data.source.block_size=-8"], [*TEXT, "loss.kd.divergence=nope"],
