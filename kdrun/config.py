@@ -210,8 +210,8 @@ def _check_optimizer(group: plan.GroupPlan, length: int | None) -> None:
         optimizer = instantiate_node(group.optimizer, [param])
         param.grad = torch.ones(1)
         optimizer.step()  # an argument too large for float32 (lr=1e40) fails here, not after a stage's training
-    except KdrunError:
-        raise
+    except KdrunError as ex:
+        raise KdrunError(f"{group.key}.optimizer: {ex}") from None
     except Exception as ex:
         raise fail("optimizer", ex.__cause__ or ex) from None
     optimizer.zero_grad()
@@ -243,8 +243,8 @@ def _check_optimizer(group: plan.GroupPlan, length: int | None) -> None:
                 lr = optimizer.param_groups[0]["lr"]
                 if not (math.isfinite(lr) and lr >= 0):
                     raise ValueError(f"the learning rate it schedules becomes {lr:g}")
-    except KdrunError:
-        raise
+    except KdrunError as ex:
+        raise KdrunError(f"{group.key}.scheduler: {ex}") from None
     except Exception as ex:
         raise fail("scheduler", ex.__cause__ or ex) from None
 

@@ -50,11 +50,38 @@ def check(overrides: list[str], recipe: str = "quickstart") -> None:
     ("data.mean=[0.5,0.5]", "data.mean has 2 values but digits's images have 1 channels"),
     ("data.std=[0]", "data.std must be positive"),
     ("data.num_classes=5", "data.num_classes=5, but digits's labels run from 0 to 9: set data.num_classes=10"),
+    ("method=[a,b]", "method must be a string or null"),
+    ("name=" + "n" * 300, "name is part of the run directory's path"),
+    ("data.hflip=2", "'data.hflip': it is true or false, got 2"),
+    ("trainer.compile_mode=fastest", "trainer.compile_mode must be one of"),
+    ("+student.taps.feat=no.such.module", "student.taps.feat: SimpleCNN has no module 'no.such.module'"),
+    ("student.outputs=[a]", "returns one tensor"),
+    ("sched@stages.distill.scheduler=multistep stages.distill.scheduler.milestones=abc", "milestones must be a list"),
+    ("sched@stages.distill.scheduler=multistep stages.distill.scheduler.gamma=-1", "gamma must be positive"),
+    ("sched@stages.distill.scheduler=warmup_cosine stages.distill.scheduler.warmup_steps=-500 "
+     "stages.distill.scheduler_interval=step stages.distill.max_steps=50",
+     "stages.distill.scheduler: schedule: need warmup_steps >= 0"),
+    ("stages.distill.scheduler=null +stages.distill.scheduler={_target_:torch.optim.lr_scheduler.PolynomialLR,total_iters:5,power:-1.0}",
+     "stages.distill.scheduler (total_iters=5, power=-1.0): "),
 ])
 def test_out_of_range_values_are_errors_before_training(override, words):
     with pytest.raises(KdrunError) as info:
-        check([override])
+        check(override.split(" "))
     assert words in str(info.value)
+
+
+def test_command_line_checks_before_hydra_starts(tmp_path):
+    from kdrun.cli import check_group_choices, check_paths
+
+    assert check_group_choices(["student=cnn_tin"]).startswith("no student 'cnn_tin'. Did you mean 'cnn_tiny'?")
+    assert "Did you mean 'cifar100_kd'?" in check_group_choices(["+recipe=cifar100_kdd"])
+    assert "no model 'cnn_tin'" in check_group_choices(["model@models.peer=cnn_tin"])
+    assert "no student 'nope'" in check_group_choices(["-m", "student=cnn_tiny,nope"])
+    assert check_group_choices(["student=cnn_tiny", "data=digits", "teacher=null", "data.subset=3"]) is None
+    assert check_group_choices(["hydra.searchpath=[file:///x]", "+recipe=mine"]) is None  # a user folder may add it
+    assert "cannot create or write this directory" in check_paths(["hydra.run.dir=/proc/kdrun/run"])
+    assert "too long for the file system" in check_paths([f"hydra.run.dir={tmp_path}/{'x' * 300}"])
+    assert check_paths([f"hydra.run.dir={tmp_path}/ok", "name=fine"]) is None
 
 
 def test_subset_run_says_what_it_covers_and_is_not_comparable(tmp_path):
