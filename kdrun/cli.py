@@ -72,7 +72,10 @@ def _task(cfg: DictConfig) -> float:
         log.warning("run interrupted: %s", ex)
         sys.exit(ex.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        print(f"kdrun: interrupted before a checkpoint could be written; run directory: {run_dir}", file=sys.stderr)
+        last = run_dir / "checkpoints" / "last.pt"
+        hint = (f"the last checkpoint ({last}) resumes with: kdrun hydra.run.dir={run_dir} resume=auto" if last.is_file()
+                else "no checkpoint had been written yet")
+        print(f"kdrun: stopped at once by Ctrl-C; {hint}", file=sys.stderr)
         sys.exit(130)
     except (KdrunError, OSError) as ex:  # a user mistake, or the file system (full disk, permissions)
         message = f"kdrun: error: {ex if isinstance(ex, KdrunError) else _os_error(ex)}"

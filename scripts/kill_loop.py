@@ -11,7 +11,7 @@ an uninterrupted run of the same config:
 
 Usage::
 
-    python scripts/kill_loop.py [--kills 30] [--seed 0] [--min-delay 1.5] [--max-delay 7]
+    python scripts/kill_loop.py [--kills 30] [--seed 0] [--min-delay 3] [--max-delay 9] [--epochs 250]
 
 Prints one line per kill and a summary; exit code 1 when a check fails.
 """
@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ARGS = ["stages.teacher.epochs=4", "stages.distill.epochs=40", "trainer.save_every_steps=3", "trainer.log_every=5",
-        "trainer.progress=off", "trainer.tensorboard=false"]
+ARGS = ["stages.teacher.epochs=4", "trainer.save_every_steps=3", "trainer.log_every=5", "trainer.progress=off",
+        "trainer.tensorboard=false"]
 MEASURED = ("epoch_time_s", "images_per_s", "tokens_per_s", "peak_memory_mb")
 
 
@@ -51,9 +51,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-delay", type=float, default=1.5)
-    p.add_argument("--max-delay", type=float, default=7.0)
+    p.add_argument("--min-delay", type=float, default=3.0)
+    p.add_argument("--max-delay", type=float, default=9.0)
+    p.add_argument("--epochs", type=int, default=250, help="distillation epochs (long enough to absorb every kill)")
     args = p.parse_args()
+    base = [*ARGS, f"stages.distill.epochs={args.epochs}"]
     import torch
 
     rng = random.Random(args.seed)
@@ -62,7 +64,7 @@ def main() -> int:
         tmp = Path(d)
         whole, run = tmp / "whole", tmp / "killed"
         t0 = time.time()
-        ref = kdrun([*ARGS, f"hydra.run.dir={whole}"], tmp)
+        ref = kdrun([*base, f"hydra.run.dir={whole}"], tmp)
         _, err = ref.communicate()
         if ref.returncode != 0:
             print(err[-3000:])
@@ -71,7 +73,7 @@ def main() -> int:
         kills = starts = 0
         while True:
             starts += 1
-            proc = kdrun([*ARGS, f"hydra.run.dir={run}", "resume=auto"], tmp)
+            proc = kdrun([*base, f"hydra.run.dir={run}", "resume=auto"], tmp)
             if kills < args.kills:
                 delay = rng.uniform(args.min_delay, args.max_delay)
                 try:

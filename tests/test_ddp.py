@@ -61,3 +61,30 @@ def test_two_ranks_co_train_both_models_like_one_process(tmp_path):
         b = torch.load(two / name, weights_only=True)["model"]
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=2e-3)
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    """torchrun forwards SIGTERM (SLURM's preemption) to both ranks; they agree at a log row, rank 0 writes
+    a mid-epoch checkpoint, and the resumed 2-rank run finishes."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "cut"
+    long = [a for a in ARGS if not a.startswith("trainer.max_epochs")] + [
+        "stages.teacher.epochs=1", "stages.distill.epochs=40", "trainer.log_every=2", f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HYDRA_FULL_ERROR")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun"]
+    proc = subprocess.Popen([*cmd, *long], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    end = time.time() + 200
+    while not (metrics.is_file() and sum(1 for _ in open(metrics)) > 12):
+        assert proc.poll() is None and time.time() < end, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode != 0 and "kdrun: stopped by SIGTERM in stage 'distill'" in err, err[-3000:]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["record"]["stage_index"] == 1 and state["record"]["batch"] > 0
+    done = run([*cmd, f"hydra.run.dir={run_dir}", "resume=auto"], tmp_path)
+    assert "resuming from" in done.stdout + done.stderr and (run_dir / "summary.json").is_file()
