@@ -107,7 +107,7 @@ class EpochMeter:
             self._weights = (w, torch.tensor(w, device=vec.device))
         bad = ~(torch.isfinite(vec) & torch.isfinite(vec * self._weights[1]))
         first = torch.full_like(vec, math.inf) if self.first_bad is None else self.first_bad
-        self.first_bad = torch.where(bad & torch.isinf(first), torch.full_like(vec, float(step)), first)
+        self.first_bad = torch.where(bad & torch.isinf(first), float(step), first)  # a Python scalar: no copy
         self.acc = vec if self.acc is None else self.acc + vec
         self.epoch_acc = vec if self.epoch_acc is None else self.epoch_acc + vec
         self.since += 1
