@@ -87,7 +87,11 @@ def _task(cfg: DictConfig) -> float:
     except Exception as ex:  # an unexpected failure (a bug): recorded; the sweep goes on, a single run shows the traceback
         from kdrun.engine import distributed
 
-        timeout = distributed.timeout_message(ex, distributed.launched_info(), cfg.trainer.get("dist_timeout_s", 600))
+        info = distributed.launched_info()
+        timeout = distributed.timeout_message(ex, info, cfg.trainer.get("dist_timeout_s", 600))
+        if timeout is None and info.rank > 0 and any(w in str(ex) for w in ("Connection closed", "remote worker",
+                                                                              "Connection reset", "Broken pipe")):
+            timeout = f"rank {info.rank} of {info.world_size} lost the other ranks (one of them failed first: see its message)"
         if timeout is not None:
             _job_failed(run_dir, f"kdrun: error: {timeout}")
             print(f"kdrun: error: {timeout}", file=sys.stderr)
@@ -120,7 +124,8 @@ RESUME_FREE_KEYS = ("resume", "trainer.progress", "trainer.dist_timeout_s", "tra
 def resume_overrides(args: list[str]) -> list[str] | None:
     """With ``resume=auto`` and ``hydra.run.dir=DIR`` of an existing run, the command line that continues
     it: the run's saved overrides (``DIR/.hydra/overrides.yaml``) plus the given ones. None when there
-    is no such run; a KdrunError names any given override that contradicts the saved ones."""
+    is no such run; a KdrunError names any given override that contradicts the saved ones. (``resume=DIR``
+    instead of ``auto`` takes the command line as it is: a deliberate change, e.g. more epochs.)"""
     import yaml
 
     given = [a for a in args if not a.startswith("-")]
@@ -143,13 +148,15 @@ def resume_overrides(args: list[str]) -> list[str] | None:
     def free(o: str) -> bool:
         return key(o).startswith("hydra.") or key(o) in RESUME_FREE_KEYS
 
-    before = {key(o): o for o in saved if not free(o)}
-    conflicts = [o for o in given if not free(o) and before.get(key(o)) != o]
+    before = {key(o): o for o in saved if not free(o)}  # the last occurrence of a key is the one Hydra applies
+    now = {key(o): o for o in given if not free(o)}
+    conflicts = [o for k, o in now.items() if before.get(k) != o]
     if conflicts:
         shown = ", ".join(f"{o} (the run had {before[key(o)]})" if key(o) in before else f"{o} (not set in the run)"
                           for o in conflicts)
         raise KdrunError(f"resume=auto continues {run_dir} with its own overrides ({' '.join(before.values()) or 'none'}); "
-                         f"these contradict them: {shown}. Drop them, or start a new run in another directory.")
+                         f"these contradict them: {shown}. Drop them; or, to continue the checkpoint with a changed "
+                         f"config on purpose, name it: resume={run_dir} (the command line is then taken as it is).")
     return [o for o in saved if not free(o)] + [a for a in args if a.startswith("-") or free(a)]
 
 
@@ -183,6 +190,10 @@ def _job_failed(run_dir: Path, message: str) -> None:
     """Record a failed run or sweep job: the error in ``kdrun.log`` and in a ``FAILED`` file of its directory."""
     SWEEP["failed"] += 1
     log.error("run failed: %s", message.strip())
+    from kdrun.engine.distributed import launched_info
+
+    if launched_info().rank > 0:  # under DDP rank 0 keeps the record; the other ranks share its directory
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "FAILED").write_text(message.rstrip() + "\n")

@@ -88,7 +88,7 @@ def _check_choices(cfg: DictConfig) -> None:
     if t.get("compile"):
         import torch._dynamo
 
-        backends = torch._dynamo.list_backends()
+        backends = torch._dynamo.list_backends(exclude_tags=())
         if t.get("compile_backend", "inductor") not in backends:
             raise KdrunError(f"trainer.compile_backend '{t.compile_backend}' is not a torch.compile backend."
                              f"{did_you_mean(str(t.compile_backend), backends)} Backends: {', '.join(backends)}.")

@@ -77,3 +77,18 @@ class TrainOnlyField:
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {**batch, "extra": batch["input"]}
+
+
+class HangOnRank(BatchTransform):
+    """A batch transform that sleeps ``seconds`` on rank ``rank`` at its ``at``-th call: a hung DDP rank."""
+
+    def __init__(self, at: int, rank: int = 1, seconds: float = 60.0) -> None:
+        self.at, self.rank, self.seconds, self.calls = int(at), int(rank), float(seconds), 0
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        import time
+
+        self.calls += 1
+        if self.calls == self.at and int(os.environ.get("RANK", "0")) == self.rank:
+            time.sleep(self.seconds)
+        return batch

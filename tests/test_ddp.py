@@ -88,3 +88,20 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path
     assert state["record"]["stage_index"] == 1 and state["record"]["stage_step"] > 0  # stopped inside distill, saved
     done = run([*cmd, f"hydra.run.dir={run_dir}", "resume=auto"], tmp_path)
     assert "resuming from" in done.stdout + done.stderr and (run_dir / "summary.json").is_file()
+
+
+def test_a_hung_rank_fails_the_others_after_the_timeout_with_a_message_naming_the_rank(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HYDRA_FULL_ERROR")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])  # tests.helpers for the ranks
+    args = [*ARGS, "stages.teacher.epochs=1", "+batch_transform._target_=tests.helpers.HangOnRank",
+            "+batch_transform.at=4", "+batch_transform.seconds=15", "trainer.dist_timeout_s=4", f"hydra.run.dir={tmp_path / 'r'}"]
+    started = __import__("time").time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun",
+                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "kdrun: error: rank 0 of 2: a collective operation waited more than 4 s for the other ranks" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "rank 0 of 2" in (tmp_path / "r" / "FAILED").read_text()
+    assert __import__("time").time() - started < 120  # not PyTorch's 30-minute default

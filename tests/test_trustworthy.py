@@ -4,7 +4,6 @@ records, one run per directory (issue 15)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -229,6 +228,9 @@ def test_resume_overrides_reuse_the_runs_own_and_refuse_conflicts(tmp_path):
     with pytest.raises(KdrunError, match=r"data.subset=64 \(the run had data.subset=128\), seed=2 \(not set in the run\)"):
         resume_overrides([d, "resume=auto", "data.subset=64", "seed=2"])
     assert resume_overrides([f"hydra.run.dir={tmp_path / 'new'}", "resume=auto"]) is None
+    assert resume_overrides([d, f"resume={tmp_path}", "seed=2"]) is None  # an explicit checkpoint: as given
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- data.subset=64\n- data.subset=128\n")
+    assert resume_overrides([d, "resume=auto", "data.subset=32", "data.subset=128"]) is not None  # the last one counts
 
 
 @pytest.mark.slow
@@ -263,20 +265,31 @@ LONG = ["stages.teacher.epochs=2", "stages.distill.epochs=3", "trainer.log_every
         "data.batch_size=32", *QUIET]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_saves_mid_epoch_says_how_to_resume_and_the_resumed_run_is_exact(tmp_path, sig, code):
-    whole = run_cli([*LONG, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    run = tmp_path / "cut"
-    proc = _start([*LONG, f"hydra.run.dir={run}"], tmp_path)
+def _interrupt(run: Path, cwd: Path, sig: int, code: int) -> None:
+    """Start the LONG run in ``run``, send ``sig`` inside the distill stage, check how it stopped."""
+    proc = _start([*LONG, f"hydra.run.dir={run}"], cwd)
     _wait_for_rows(run, 20, proc)  # inside the distill stage
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and f"resume with: kdrun hydra.run.dir={run} resume=auto" in err
+    assert f"stopped by {signal.Signals(sig).name} in stage 'distill'" in err
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["record"]["batch"] > 0  # a mid-epoch checkpoint
+    assert not (run / ".kdrun.lock").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_mid_epoch_and_exits_130_without_a_traceback(tmp_path):
+    _interrupt(tmp_path / "cut", tmp_path, signal.SIGINT, 130)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_mid_epoch_says_how_to_resume_and_the_resumed_run_is_exact(tmp_path):
+    whole = run_cli([*LONG, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "cut"
+    _interrupt(run, tmp_path, signal.SIGTERM, 143)
     again = run_cli([f"hydra.run.dir={run}", "resume=auto"], tmp_path)  # the run's own overrides are reused
     assert again.returncode == 0, again.stderr[-2000:]
     a = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["model"]
@@ -288,7 +301,6 @@ def test_a_signal_saves_mid_epoch_says_how_to_resume_and_the_resumed_run_is_exac
         return [{k: v for k, v in json.loads(x).items() if k not in measured} for x in open(d / "metrics.jsonl")]
 
     assert rows(run) == rows(tmp_path / "whole")  # no row twice, none lost
-    assert not (run / ".kdrun.lock").exists()
 
 
 @pytest.mark.slow

@@ -91,7 +91,7 @@ class Trainer:
     def prepare(self) -> Experiment:
         """Join the process group, seed, build the experiment, apply channels_last and compile, resume
         from a checkpoint if asked, write the run directory's config, make the loaders."""
-        cfg, tcfg = self.cfg, self.cfg.trainer
+        tcfg = self.cfg.trainer
         info = self.dist or distributed.init(tcfg.device, tcfg.dist_timeout_s)
         if not info.is_main:
             log.setLevel(logging.WARNING)
