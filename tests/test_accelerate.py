@@ -43,3 +43,43 @@ def test_fused_only_where_it_applies():
     assert fused_kwargs(torch.optim.SGD, torch.device("cpu"), True) == {}
     assert fused_kwargs(torch.optim.SGD, torch.device("cuda"), False) == {}
     assert fused_kwargs(torch.optim.AdamW, torch.device("cuda"), True) == {"fused": True}
+
+
+def test_mixing_transforms_read_nothing_on_the_host(monkeypatch):
+    """Mixup/CutMix draw on the batch's device without a host read (Beta's argument check did three)."""
+    from kdrun.data.mix import CutMix, Mixup
+
+    reads = []
+    for name in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    batch = {"input": torch.rand(8, 3, 8, 8), "target": torch.randint(0, 10, (8,)), "index": torch.arange(8)}
+    for transform in (Mixup(10), Mixup(10, per_sample=True, fraction=0.5), CutMix(10), CutMix(10, fraction=0.5)):
+        out = transform(batch)
+    monkeypatch.undo()
+    assert reads == [] and out["soft_target"].shape == (8, 10)
+
+
+@pytest.mark.parametrize("name", ["KDLoss", "ReverseKLLoss", "BalancedKLLoss", "CrossEntropy"])
+def test_logit_losses_compute_in_float32_under_autocast(name):
+    from kdrun.losses import logits
+
+    term = getattr(logits, name)() if name == "CrossEntropy" else getattr(logits, name)(temperature=4.0)
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(16, 100, generator=g).bfloat16() * 5 for _ in range(2))
+    second = torch.randint(0, 100, (16,), generator=g) if name == "CrossEntropy" else t
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = term(s, second)
+    want = term(s.float(), second.float() if second.is_floating_point() else second)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_uses_static_shapes(monkeypatch):
+    """The epoch's short last batch must not turn the models' graphs dynamic for the rest of the run."""
+    from kdrun.engine.accelerate import model_callables
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    model_callables(torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2)}), True, backend="aot_eager")
+    assert seen == [{"mode": None, "backend": "aot_eager", "dynamic": False}]

@@ -32,8 +32,11 @@ class BatchTransform:
 
 
 def _beta(alpha: float, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """``Beta(alpha, alpha)`` draws on ``device``. ``validate_args=False``: the distribution's argument
+    check reads the concentration tensor on the host (a device sync per step); alpha > 0 is checked once,
+    in the transform's constructor."""
     a = torch.full(shape, float(alpha), device=device)
-    return torch.distributions.Beta(a, a).sample()
+    return torch.distributions.Beta(a, a, validate_args=False).sample()
 
 
 def _mixed_rows(n: int, fraction: float, device: torch.device) -> Tensor:

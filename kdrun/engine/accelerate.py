@@ -6,7 +6,10 @@
   tensor-core GPUs).
 - ``trainer.compile``: every model's forward is wrapped by ``torch.compile`` (``trainer.compile_mode``,
   ``trainer.compile_backend``) for training; evaluation runs the eager model, so the test batch size
-  never triggers a recompilation. Tap hooks are traced into the compiled graph.
+  never triggers a recompilation. Tap hooks are traced into the compiled graph. Shapes are static
+  (``dynamic=False``): the short last batch of an epoch gets its own graph. Each run starts with an
+  empty compilation cache (``torch._dynamo.reset()`` in ``Trainer.prepare``), so a second run in one
+  process (a sequential sweep, the benchmark) does not inherit the first one's graphs or recompile limit.
 """
 from __future__ import annotations
 
@@ -46,7 +49,9 @@ def model_callables(models: nn.ModuleDict, compile_models: bool, mode: str = "de
     """What the training step calls for each model: the model itself or its compiled forward."""
     if not compile_models:
         return dict(models.items())
-    return {name: torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
+    # static shapes: an epoch's short last batch compiles one more static graph, instead of switching the
+    # model to dynamic-shape graphs for the rest of the run
+    return {name: torch.compile(model, mode=None if mode == "default" else mode, backend=backend, dynamic=False)
             for name, model in models.items()}
 
 

@@ -128,6 +128,10 @@ class Trainer:
         if tcfg.channels_last:
             for module in exp.modules().values():
                 to_channels_last(module)
+        if tcfg.compile:  # a fresh compilation cache per run: nothing inherited from an earlier run in this process
+            import torch._dynamo
+
+            torch._dynamo.reset()
         exp.forwards = model_callables(exp.models, tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)
         record = self._resume(exp)
         if info.is_main:

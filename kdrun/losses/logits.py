@@ -48,9 +48,11 @@ class CrossEntropy(LossTerm):
             )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+        logits = _float(logits)  # the loss arithmetic in float32 under autocast
         if self.standardize:
             logits = standardize_logits(logits)
-        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits, _float(target) if target.is_floating_point() else target,
+                               label_smoothing=self.label_smoothing)
 
 
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -81,6 +83,7 @@ class ReverseKLLoss(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
         t = self.temperature
+        student, teacher = _float(student), _float(teacher)  # the loss arithmetic in float32 under autocast
         log_p_s = F.log_softmax(student / t, dim=-1)
         log_p_t = F.log_softmax(teacher / t, dim=-1)
         return _kl_rows(log_p_s, log_p_t).mean() * (t * t)
@@ -119,14 +122,15 @@ class BalancedKLLoss(LossTerm):
     def balance(self, student: Tensor, teacher: Tensor) -> Tensor:
         """``a_i`` above, shape (B,)."""
         t = self.temperature
-        log_p_s = F.log_softmax(student.detach() / t, dim=-1)
-        log_p_t = F.log_softmax(teacher.detach() / t, dim=-1)
+        log_p_s = F.log_softmax(_float(student.detach()) / t, dim=-1)
+        log_p_t = F.log_softmax(_float(teacher.detach()) / t, dim=-1)
         h_s = -(log_p_s.exp() * log_p_s).sum(-1)
         h_t = -(log_p_t.exp() * log_p_t).sum(-1)
         return torch.sigmoid((h_t - h_s) / self.tau)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
         t = self.temperature
+        student, teacher = _float(student), _float(teacher)  # the loss arithmetic in float32 under autocast
         log_p_s = F.log_softmax(student / t, dim=-1)
         log_p_t = F.log_softmax(teacher / t, dim=-1)
         a = self.balance(student, teacher)
@@ -161,6 +165,7 @@ class KDLoss(LossTerm):
         if self.standardize:
             student, teacher = standardize_logits(student), standardize_logits(teacher)
         t = self.temperature
+        student, teacher = _float(student), _float(teacher)  # the loss arithmetic in float32 under autocast
         log_p_s = F.log_softmax(student / t, dim=-1)
         log_p_t = F.log_softmax(teacher / t, dim=-1)
         kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
