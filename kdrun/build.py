@@ -224,11 +224,19 @@ def make_model(cfg: ExperimentConfig, name: str, device: torch.device, sync_batc
     return model.to(device)
 
 
+def trained_model_names(cfg: ExperimentConfig) -> set[str]:
+    """The models some stage trains (its ``train`` list or a ``co_train`` group's)."""
+    return ({m for st in cfg.stages.values() for m in st.train}
+            | {m for st in cfg.stages.values() for g in st.co_train.values() for m in g.train})
+
+
 def build_models(cfg: ExperimentConfig, names: list[str], device: torch.device, sync_batchnorm: bool,
                  unloaded: set[str] | None = None) -> nn.ModuleDict:
     """The models ``names`` with their checkpoint weights, then ``init_from`` applied in dependency order
     (``unloaded``: collects the models whose non-strict load filled fewer than half of their tensors)."""
-    models = nn.ModuleDict({name: make_model(cfg, name, device, sync_batchnorm, unloaded) for name in names})
+    trained = trained_model_names(cfg)  # a frozen teacher keeps its BatchNorm: its statistics never change
+    models = nn.ModuleDict({name: make_model(cfg, name, device, sync_batchnorm and name in trained, unloaded)
+                            for name in names})
     for name in plan.init_order(cfg.models, models):
         mcfg = cfg.models[name]
         init_close_to(models[name], models[mcfg.init_from], mcfg.init_noise, model_key(name))

@@ -83,3 +83,14 @@ def test_compile_uses_static_shapes(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
     model_callables(torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2)}), True, backend="aot_eager")
     assert seen == [{"mode": None, "backend": "aot_eager", "dynamic": False}]
+
+
+def test_sync_batchnorm_leaves_frozen_teachers_alone():
+    """Only trained models get SyncBatchNorm (issue 16): a frozen teacher's statistics never change."""
+    from kdrun.build import trained_model_names
+    from kdrun.schema import experiment_config
+
+    cfg = experiment_config(validate(compose_cfg(["~stages.teacher", "data.subset=128"])))
+    assert trained_model_names(cfg) == {"student"}
+    cfg = experiment_config(validate(compose_cfg(["data.subset=128"])))
+    assert trained_model_names(cfg) == {"teacher", "student"}  # the teacher stage trains it

@@ -182,3 +182,22 @@ def test_ranks_serve_disjoint_halves_of_each_global_batch_augmented_as_alone():
         assert len(part0["index"]) == len(part1["index"]) == 4
         assert torch.equal(torch.cat([part0["index"], part1["index"]]), full["index"])
         assert torch.equal(torch.cat([part0["input"], part1["input"]]), full["input"])
+
+
+def test_ddp_evaluation_shards_count_every_test_sample_once():
+    """Two ranks' evaluation loaders of a Dataset source cover the 7 test items exactly once between them
+    (DistributedSampler would pad rank 1 with a duplicate, counted in top-1)."""
+    from kdrun.data.datasets import DatasetLoader
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            return torch.zeros(1), i % 3
+
+    seen = []
+    for rank in (0, 1):
+        loader = DatasetLoader(Items(), batch_size=4, train=False, device="cpu", num_workers=0, rank=rank, world_size=2)
+        seen += [i for b in loader for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(7))

@@ -109,8 +109,12 @@ class DatasetLoader:
         self.seed = int(seed)
         self.max_batches = max_batches
         self.generator = torch.Generator()
-        self.sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=train, seed=self.seed, drop_last=drop_last and train)
-                        if world_size > 1 else _EpochOrder(self) if train else None)
+        if world_size > 1 and not train:  # evaluation: contiguous shards, no padding (a duplicate would count twice)
+            self.sampler = _Shard(len(self.dataset), rank, world_size)
+        else:
+            self.sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=train, seed=self.seed,
+                                               drop_last=drop_last and train)
+                            if world_size > 1 else _EpochOrder(self) if train else None)
         self.loader = DataLoader(self.dataset, batch_size=batch_size // world_size, sampler=self.sampler,
                                  shuffle=False, drop_last=drop_last and train,
                                  num_workers=num_workers, pin_memory=self.device.type == "cuda",
@@ -129,7 +133,7 @@ class DatasetLoader:
         batches are drawn by the sampler and skipped unread. The order is exact on resume; random
         per-sample transforms in worker processes are not (their generators restart)."""
         self.epoch_key, self.start = int(key), int(start)
-        if self.world_size > 1:  # DistributedSampler; a single process's _EpochOrder reads the key itself
+        if self.world_size > 1 and self.train:  # DistributedSampler; a single process's _EpochOrder reads the key itself
             self.sampler.set_epoch(self.epoch_key)
 
     def _order(self) -> list[int]:
@@ -167,6 +171,23 @@ class _EpochOrder(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.loader.seed * 1_000_003 + self.loader.epoch_key)
         return iter(torch.randperm(len(self.loader.dataset), generator=gen).tolist())
+
+
+class _Shard(torch.utils.data.Sampler):
+    """Rank ``rank``'s contiguous share of ``n`` evaluation samples (as ``torch.tensor_split`` shares
+    them): every sample on exactly one rank, none repeated; shares differ by at most one sample."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        from kdrun.data.arrays import shard_sizes
+
+        sizes = shard_sizes(n, world_size)
+        self.start, self.stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
 
 
 class _Skip(torch.utils.data.Sampler):

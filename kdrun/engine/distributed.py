@@ -8,6 +8,7 @@ Every rank computes what it would alone on its shard of each global batch; only 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import subprocess
 from dataclasses import dataclass
@@ -89,7 +90,10 @@ def init(device_setting: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     use_cuda = torch.cuda.is_available() and device_setting in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=float(timeout_s)))
+    extra = {}
+    if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        extra["device_id"] = torch.device("cuda", info.local_rank)  # binds the NCCL communicator to this rank's GPU
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=float(timeout_s)), **extra)
     return info
 
 
