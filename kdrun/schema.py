@@ -126,6 +126,8 @@ class TrainerConfig:
     compile_backend: str = "inductor"
     fused_optimizer: bool = False  # pass fused=True to the optimizer on CUDA when it supports it
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch (CUDA only)
+    cudnn_benchmark: bool = False  # CUDA: let cuDNN pick the fastest convolution algorithms per shape (not with deterministic)
+    tf32: bool = False  # CUDA: TensorFloat-32 matmuls and convolutions in float32 code (false: PyTorch's defaults)
     dist_timeout_s: float = 600.0  # DDP/FSDP: a rank that waits longer in one collective stops with an error naming it
 
 

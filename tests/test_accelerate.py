@@ -94,3 +94,35 @@ def test_sync_batchnorm_leaves_frozen_teachers_alone():
     assert trained_model_names(cfg) == {"student"}
     cfg = experiment_config(validate(compose_cfg(["data.subset=128"])))
     assert trained_model_names(cfg) == {"teacher", "student"}  # the teacher stage trains it
+
+
+def test_fast_preset_turns_on_cudnn_autotuning_and_tf32(monkeypatch):
+    from kdrun.engine.trainer import set_cuda_flags
+
+    cfg = validate(compose_cfg(["trainer=fast"]))
+    assert cfg.trainer.cudnn_benchmark and cfg.trainer.tf32
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_cuda_flags(True, True, deterministic=True)  # deterministic kernels are never chosen by timing
+    assert torch.backends.cudnn.benchmark is False and torch.backends.cuda.matmul.allow_tf32 is True
+    set_cuda_flags(True, False, deterministic=False)
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_image_folder_batches_are_channels_last_when_asked(tmp_path):
+    from kdrun.data.loaders import make_loader
+    from kdrun.data.datasets import DatasetSplits
+    from kdrun.schema import DataConfig
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3, 8, 8), i % 2
+
+    data = DataConfig(name="x", num_classes=2, source={}, num_workers=0, batch_size=2)
+    loader = make_loader(DatasetSplits(Images(), Images()), "train", data, torch.device("cpu"), train=True, channels_last=True)
+    loader.set_epoch(0)
+    x = next(iter(loader))["input"]
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -123,6 +123,7 @@ class DatasetLoader:
         self.per_rank_batch = batch_size // world_size
         self.world_size = world_size
         self.rank_samples = len(self.sampler) if self.sampler is not None else len(self.dataset)
+        self.channels_last = False  # NHWC image batches (trainer.channels_last), as the array loader makes them
 
     def __len__(self) -> int:
         n = len(self.loader)
@@ -155,8 +156,10 @@ class DatasetLoader:
         for i, (x, y, idx) in enumerate(loader, start=start):
             if self.max_batches and i >= self.max_batches:
                 break
-            yield {"input": x.to(self.device, non_blocking=True), "target": y.to(self.device, non_blocking=True),
-                   "index": idx.to(self.device, non_blocking=True)}
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield {"input": x, "target": y.to(self.device, non_blocking=True), "index": idx.to(self.device, non_blocking=True)}
 
 
 class _EpochOrder(torch.utils.data.Sampler):

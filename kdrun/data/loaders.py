@@ -29,7 +29,9 @@ def make_loader(splits: Any, part: str, data: DataConfig, device: torch.device, 
     common = dict(batch_size=size, train=train, device=device, seed=seed, rank=rank, world_size=world_size,
                   max_batches=max_batches, drop_last=data.drop_last and train)
     if isinstance(splits, DatasetSplits):
-        return DatasetLoader(getattr(splits, part), num_workers=data.num_workers, **common)
+        loader = DatasetLoader(getattr(splits, part), num_workers=data.num_workers, **common)
+        loader.channels_last = bool(channels_last)
+        return loader
     if isinstance(splits, TensorSplits):
         return TensorLoader(getattr(splits, part), trim_field=splits.trim_field, **common)
     images, labels = (splits.train_images, splits.train_labels) if part == "train" else (splits.test_images, splits.test_labels)

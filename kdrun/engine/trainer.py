@@ -48,6 +48,17 @@ from kdrun.schema import ExperimentConfig, experiment_config
 log = logging.getLogger("kdrun")
 
 
+def set_cuda_flags(cudnn_benchmark: bool, tf32: bool, deterministic: bool) -> None:
+    """``trainer.cudnn_benchmark`` (never under ``deterministic``, whose algorithms must not be chosen by
+    timing) and ``trainer.tf32``: TF32 for float32 matmuls and cuDNN convolutions. Off, both leave
+    PyTorch's defaults (no autotuning; TF32 convolutions on, TF32 matmuls off)."""
+    if cudnn_benchmark and not deterministic:
+        torch.backends.cudnn.benchmark = True
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
     random.seed(seed)
@@ -118,6 +129,7 @@ class Trainer:
     def _prepare(self, info: DistInfo) -> Experiment:
         cfg, tcfg = self.cfg, self.cfg.trainer
         seed_everything(cfg.seed, tcfg.deterministic)
+        set_cuda_flags(tcfg.cudnn_benchmark, tcfg.tf32, tcfg.deterministic)
         exp = build(cfg, resolve_device(tcfg.device, info), sync_batchnorm=tcfg.sync_batchnorm and info.enabled)
         if tcfg.fsdp:
             from kdrun.engine.fsdp import check_supported, shard_models
