@@ -12,6 +12,10 @@ derives from it, unconditionally, in this order:
 - ``on_stage_start(stage)`` when a stage starts (also on resume), with a :class:`StageInfo`.
 - ``on_epoch_start(epoch, total_epochs)`` before every epoch (0-based).
 - ``on_step(step, total_steps)`` before every optimizer step of a stage (0-based, stage-local).
+- ``on_batch(rank_sizes, rank)`` before every training micro-batch: how many samples of the global
+  micro-batch each rank holds (in rank order; every rank holds a contiguous share), and this process's
+  rank. Known on the host, so a component that must see the whole global batch (a memory bank) can
+  gather it without a host read.
 
 A plain ``nn.Module`` used as a loss term or adapter gets none of these calls.
 """
@@ -88,6 +92,9 @@ class Component(nn.Module):
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called before every optimizer step of a stage (0-based, counted from the stage's start)."""
+
+    def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
+        """Called before every training micro-batch: the samples of the global micro-batch on every rank."""
 
 
 def components(modules: Mapping[str, nn.Module]) -> list[Component]:

@@ -203,3 +203,48 @@ def test_crd_full_precision_under_autocast():
         out = crd(s, t, torch.tensor([0, 1, 2]))
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
     assert crd.memory_s.dtype == torch.float32
+
+
+def _crd_rank(rank: int, world: int, init_file: str, folder: str) -> None:
+    """One data-parallel rank of the CRD invariant test: its half of each global batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = torch.load(f"{folder}/setup.pt")
+        crd = _make(ds=6, dt=10, n=32, k=16, target=True)
+        crd.load_state_dict(state["crd"])
+        torch.manual_seed(1)
+        losses = []
+        for s, t, index, y in state["batches"]:
+            share = s.shape[0] // world
+            rows = slice(rank * share, (rank + 1) * share)
+            crd.on_batch((share,) * world, rank)
+            out = crd(s[rows], t[rows], index[rows], y[rows])
+            losses.append(torch.stack([out["student_anchor"], out["teacher_anchor"]]).detach())
+        torch.save({"losses": torch.stack(losses), "memory_s": crd.memory_s, "memory_t": crd.memory_t,
+                    "labels": crd.labels, "z": torch.stack([crd.z_s, crd.z_t])}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_crd_under_two_ranks_keeps_the_bank_and_loss_of_one_process(tmp_path):
+    """Issue 16: each rank used to write only its own rows into a rank-local bank (all rows differed between
+    ranks, and the partition constant was each rank's own). Now 2 gloo ranks hold the bank, label table and
+    constants that one process with the global batch holds, and their mean loss is its loss."""
+    crd = _make(ds=6, dt=10, n=32, k=16, target=True)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 6, generator=g), torch.randn(8, 10, generator=g), torch.randperm(32, generator=g)[:8],
+                torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    torch.save({"crd": crd.state_dict(), "batches": batches}, tmp_path / "setup.pt")
+    torch.manual_seed(1)
+    single = [crd(s, t, index, y) for s, t, index, y in batches]
+    single = torch.stack([torch.stack([o["student_anchor"], o["teacher_anchor"]]).detach() for o in single])
+    torch.multiprocessing.spawn(_crd_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for key, ref in (("memory_s", crd.memory_s), ("memory_t", crd.memory_t), ("labels", crd.labels),
+                     ("z", torch.stack([crd.z_s, crd.z_t]))):
+        for r in ranks:
+            torch.testing.assert_close(r[key], ref, rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close((ranks[0]["losses"] + ranks[1]["losses"]) / 2, single, rtol=1e-5, atol=1e-6)

@@ -234,7 +234,8 @@ class StageRunner:
                 calls[f"adapters.{a}"] = wrap(exp.adapters[a].module, False, unused=True)
         for t in plan.losses:
             if any(p.requires_grad for p in exp.losses[t].module.parameters()):
-                calls[f"loss.{t}"] = wrap(exp.losses[t].module, False, unused=True)  # loss state (memory banks) stays per rank
+                calls[f"loss.{t}"] = wrap(exp.losses[t].module, False, unused=True)  # buffers not broadcast: a term keeps
+                # its state consistent itself (CRD gathers the global batch through on_batch)
         return calls, wrapped
 
     def set_modes(self) -> None:
@@ -386,6 +387,8 @@ class StageRunner:
         total: Tensor | None = None
         values: dict[str, Tensor] = {}
         for k, batch in enumerate(window):
+            for c in self.hooked:
+                c.on_batch(tuple(sizes[k]), self.dist.rank)
             if self.exp.batch_transform is not None:
                 batch = self.exp.batch_transform(batch)
             with self._no_sync(k < len(window) - 1):

@@ -184,34 +184,70 @@ class CRDLoss(LossTerm):
         rows = memory.index_select(0, index) * self.momentum + e.detach() * (1.0 - self.momentum)
         memory.index_copy_(0, index, F.normalize(rows, dim=1))
 
+    def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
+        self._layout = (tuple(int(n) for n in rank_sizes), int(rank))
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """``x`` (this rank's rows) of every rank, concatenated in rank order: the global micro-batch.
+        The row counts come from :meth:`on_batch` (host values), so nothing is read from the device."""
+        sizes, rank = self._layout  # type: ignore[misc]
+        cap = max(sizes)
+        padded = torch.cat([x, x.new_zeros((cap - x.shape[0], *x.shape[1:]))]) if x.shape[0] < cap else x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    def _distributed(self) -> bool:
+        layout = getattr(self, "_layout", None)
+        return (self.training and layout is not None and len(layout[0]) > 1 and torch.distributed.is_available()
+                and torch.distributed.is_initialized())
+
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor,  # type: ignore[override]
                 target: Tensor | None = None) -> dict[str, Tensor]:
+        """Under data parallelism (``on_batch`` said the micro-batch spans several ranks) every rank
+        gathers the global micro-batch's indices, labels and (detached) embeddings: it draws the
+        negatives of the whole micro-batch as one process would (the ranks' generators agree) and keeps
+        its own rows, takes the partition constants from the global mean, and updates the label table
+        and both banks with every rank's rows, so that the banks stay identical on all ranks and equal
+        to one process's with the global batch."""
         if self.embed_s is None or self.embed_t is None or self.memory_s is None or self.memory_t is None:
             raise RuntimeError("CRD: the heads and memory banks do not exist yet: call setup(ctx) first")
         if target is not None and self.labels is None:
             raise RuntimeError("CRD: got 'target' but setup() was called without it; pass it in the setup shapes")
         index = index.long()
+        spread = self._distributed()
+        all_index = self._gather(index) if spread else index
+        all_target = self._gather(target.long()) if spread and target is not None else target
         with full_precision(student):
             e_s = self.embed_s(to_float(student))
             e_t = self.embed_t(to_float(teacher).detach())
             if target is not None and self.training:
-                self.labels.index_copy_(0, index, target.long())
-            idx = self.sample_indices(index, target)
+                self.labels.index_copy_(0, all_index, all_target.long())
+            idx = self.sample_indices(all_index, all_target)
+            if spread:  # this rank's rows of the global draw
+                sizes, rank = self._layout  # type: ignore[misc]
+                idx = idx[sum(sizes[:rank]):sum(sizes[:rank + 1])]
             b, k1 = idx.shape
             w_t = self.memory_t.index_select(0, idx.flatten()).view(b, k1, -1)
             w_s = self.memory_s.index_select(0, idx.flatten()).view(b, k1, -1)
             out_s = torch.exp(torch.bmm(w_t, e_s.unsqueeze(2)).squeeze(2) / self.temperature)
             out_t = torch.exp(torch.bmm(w_s, e_t.unsqueeze(2)).squeeze(2) / self.temperature)
-            z_s = torch.where(self.z_s < 0, out_s.detach().mean() * self.num_train, self.z_s)
-            z_t = torch.where(self.z_t < 0, out_t.detach().mean() * self.num_train, self.z_t)
+            mean_s, mean_t = out_s.detach().mean(), out_t.detach().mean()
+            if spread:  # the global batch's mean: every rank's sum over all of its rows' scores
+                sizes, _ = self._layout  # type: ignore[misc]
+                sums = torch.stack([out_s.detach().sum(), out_t.detach().sum()])
+                torch.distributed.all_reduce(sums)
+                mean_s, mean_t = sums / (sum(sizes) * k1)
+            z_s = torch.where(self.z_s < 0, mean_s * self.num_train, self.z_s)
+            z_t = torch.where(self.z_t < 0, mean_t * self.num_train, self.z_t)
             loss_s = self.nce_loss(out_s / z_s)
             loss_t = self.nce_loss(out_t / z_t)
             if self.training:
                 with torch.no_grad():
                     self.z_s.copy_(z_s)
                     self.z_t.copy_(z_t)
-                self._update_memory(self.memory_s, index, e_s)
-                self._update_memory(self.memory_t, index, e_t)
+                self._update_memory(self.memory_s, all_index, self._gather(e_s.detach()) if spread else e_s)
+                self._update_memory(self.memory_t, all_index, self._gather(e_t.detach()) if spread else e_t)
         return {"student_anchor": loss_s, "teacher_anchor": loss_t}
 
     def extra_repr(self) -> str:
