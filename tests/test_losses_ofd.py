@@ -227,3 +227,39 @@ def test_the_ofd_recipe_takes_the_reference_margins_from_the_teachers_batchnorms
     torch.testing.assert_close(ofd.margin(2), bn_margin(teacher.layer3[0].bn2.weight, teacher.layer3[0].bn2.bias))
     with pytest.raises(KdrunError, match=r"loss.ofd: teacher has no module 'layer9.0.bn2'"):
         build(validate(compose_cfg(base + ["+loss.ofd.teacher_bn=[layer9.0.bn2,layer2.0.bn2,layer3.0.bn2]"], recipe="cifar100_ofd")))
+
+
+def _ofd_rank(rank: int, world: int, init_file: str, folder: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = torch.load(f"{folder}/setup.pt")
+        s, t = state["s"], state["t"]
+        ofd = _setup([x[:2] for x in s[0]], [x[:2] for x in t[0]])
+        ofd.load_state_dict(state["ofd"])
+        losses = []
+        for sb, tb in zip(s, t):
+            ofd.on_batch((2, 2), rank)
+            losses.append(ofd([x[2 * rank:2 * rank + 2] for x in sb], [x[2 * rank:2 * rank + 2] for x in tb]).detach())
+        torch.save({"margin": ofd.margin(0), "losses": torch.stack(losses)}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_online_margins_under_two_ranks_are_one_process_margins(tmp_path):
+    """Issue 16: each rank folded only its own shard's statistics into the margins; now the ranks fold the
+    global micro-batch's (an all-reduce of size-weighted means) and agree with one process."""
+    s = [[_maps(4, 3, 2, 2, seed=10 + k)] for k in range(3)]
+    t = [[_maps(4, 4, 2, 2, seed=20 + k) - 0.3 * k] for k in range(3)]
+    ofd = _setup(s[0], t[0])
+    torch.save({"ofd": ofd.state_dict(), "s": s, "t": t}, tmp_path / "setup.pt")
+    single = torch.stack([ofd(sb, tb).detach() for sb, tb in zip(s, t)])
+    torch.multiprocessing.spawn(_ofd_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r in ranks:
+        torch.testing.assert_close(r["margin"], ofd.margin(0), rtol=1e-5, atol=1e-6)
+    # the losses themselves differ by design: the connectors' BatchNorm normalises each rank's shard with that
+    # shard's statistics, as every BatchNorm does under DDP without trainer.sync_batchnorm
+    assert torch.isfinite(ranks[0]["losses"]).all() and single.shape == ranks[0]["losses"].shape

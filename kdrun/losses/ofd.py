@@ -165,6 +165,9 @@ class OFDLoss(LossTerm):
                                  f"{conn[0].out_channels} teacher channels, got 'student' {s} and 'teacher' {t}")
 
     # ------------------------------------------------------------------------------ margins
+    def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
+        self._layout = (tuple(int(n) for n in rank_sizes), int(rank))
+
     def margin(self, i: int) -> Tensor:
         """The (C,) margin buffer of pair ``i``."""
         return getattr(self, f"margin{i}")
@@ -176,10 +179,20 @@ class OFDLoss(LossTerm):
         keep = self.margin_fixed.float()  # 1: margins fixed, leave everything as it is
         n = self.num_batches + (1.0 - keep)
         step = (1.0 - keep) / n.clamp(min=1.0)
-        for i, t in enumerate(teachers):
+        stats = []
+        for t in teachers:
             neg = (t < 0).to(t.dtype)
-            batch_sum = (t * neg).mean(dim=(0, 2, 3)).float()
-            batch_frac = neg.mean(dim=(0, 2, 3)).float()
+            stats += [(t * neg).mean(dim=(0, 2, 3)).float(), neg.mean(dim=(0, 2, 3)).float()]
+        layout = getattr(self, "_layout", None)
+        if layout is not None and len(layout[0]) > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the global micro-batch's means, as one process sees them: sum_r n_r * mean_r / N
+            sizes, rank = layout
+            flat = torch.cat(stats) * sizes[rank]
+            torch.distributed.all_reduce(flat)
+            flat = flat / sum(sizes)
+            stats = list(torch.split(flat, [x.numel() for x in stats]))
+        for i in range(len(teachers)):
+            batch_sum, batch_frac = stats[2 * i], stats[2 * i + 1]
             s_buf, f_buf, m_buf = getattr(self, f"neg_sum{i}"), getattr(self, f"neg_frac{i}"), self.margin(i)
             s_buf.add_(step * (batch_sum - s_buf))
             f_buf.add_(step * (batch_frac - f_buf))
