@@ -92,3 +92,15 @@ class HangOnRank(BatchTransform):
         if self.calls == self.at and int(os.environ.get("RANK", "0")) == self.rank:
             time.sleep(self.seconds)
         return batch
+
+
+class RefusedUnderDeterminism(nn.Module):
+    """A loss term whose forward fails as torch does for an op without a deterministic implementation
+    (CUDA's adaptive pooling backward under ``torch.use_deterministic_algorithms(True)``)."""
+
+    def forward(self, student: Tensor) -> Tensor:
+        if not student.requires_grad:  # the build-time shape trace runs without autograd
+            return student.sum() * 0
+        raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but you set "
+                           "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this "
+                           "operation, or you can use the 'warn_only=True' option, if that's acceptable for your application.")

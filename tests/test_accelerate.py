@@ -126,3 +126,16 @@ def test_image_folder_batches_are_channels_last_when_asked(tmp_path):
     loader.set_epoch(0)
     x = next(iter(loader))["input"]
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def test_an_op_refused_under_determinism_is_one_message_naming_it_and_the_stage(tmp_path):
+    from kdrun.errors import KdrunError
+
+    cfg = validate(compose_cfg(["data.subset=64", "trainer.max_epochs=1", "trainer.progress=off", "trainer.tensorboard=false",
+                                "~stages.teacher", "+loss.refused._target_=tests.helpers.RefusedUnderDeterminism",
+                                "+loss.refused.inputs.student=student.logits", "stages.distill.losses=[ce,refused]"]))
+    with pytest.raises(KdrunError) as info:
+        run(cfg, tmp_path)
+    text = str(info.value)
+    assert text.startswith("trainer.deterministic=true: adaptive_avg_pool2d_backward_cuda has no deterministic implementation")
+    assert "stage 'distill' (loss terms ce, refused)" in text and "trainer.deterministic=false" in text

@@ -66,3 +66,17 @@ def fused_kwargs(optimizer_cls: Any, device: torch.device, enabled: bool) -> dic
     except (TypeError, ValueError):
         return {}
     return {"fused": True} if "fused" in params else {}
+
+
+def deterministic_failure(ex: BaseException, where: str) -> KdrunError | None:
+    """One message for torch's refusal of an op without a deterministic implementation under
+    ``trainer.deterministic=true`` (on CUDA: adaptive pooling backward to sizes above 1, weighted
+    ``bincount``, ...), naming the op and ``where`` (the stage and its loss terms); None for other errors."""
+    text = str(ex)
+    marker = "does not have a deterministic implementation"
+    if marker not in text:
+        return None
+    op = text.split(marker)[0].strip().splitlines()[-1] if text.split(marker)[0].strip() else "an operation"
+    return KdrunError(f"trainer.deterministic=true: {op} has no deterministic implementation on this device, and {where} "
+                      f"uses it. Set trainer.deterministic=false (results then vary slightly from run to run), or "
+                      f"change the method's setting that needs it.")

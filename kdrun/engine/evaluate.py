@@ -15,6 +15,23 @@ from kdrun.model_io import ModelIO, output_logits
 def evaluate(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
              class_groups: dict[str, Tensor] | None = None, io: ModelIO | None = None,
              mask_field: str | None = None, prepare: Any = None, target_field: str = "target") -> dict[str, Any]:
+    """:func:`evaluate_model`, with an op refused by ``trainer.deterministic=true`` (weighted ``bincount``
+    of the per-class accuracies on CUDA) turned into one message."""
+    from kdrun.engine.accelerate import deterministic_failure
+
+    try:
+        return evaluate_model(model, loader, dist_info, class_groups, io, mask_field, prepare, target_field)
+    except RuntimeError as ex:
+        failure = deterministic_failure(ex, f"the evaluation of {io.name if io is not None else 'a model'}"
+                                            f"{' (many/medium/few-shot accuracy)' if class_groups else ''}")
+        if failure is not None:
+            raise failure from None
+        raise
+
+
+def evaluate_model(model: nn.Module, loader: Any, dist_info: DistInfo | None = None,
+                   class_groups: dict[str, Tensor] | None = None, io: ModelIO | None = None,
+                   mask_field: str | None = None, prepare: Any = None, target_field: str = "target") -> dict[str, Any]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``
     (under DDP each rank evaluates its shard and the counts are summed over ranks). ``io`` says how
     the model reads the batch and where its class scores are (default: ``model(batch.input)``).

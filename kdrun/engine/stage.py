@@ -37,7 +37,7 @@ from kdrun.build import instantiate_node
 from kdrun.component import StageInfo, components
 from kdrun.config import import_target
 from kdrun.engine.accumulate import scaled, window_scales
-from kdrun.engine.accelerate import autocast, fused_kwargs, grad_scaler, model_callables
+from kdrun.engine.accelerate import autocast, deterministic_failure, fused_kwargs, grad_scaler, model_callables
 from kdrun.engine.checkpoint import save_training_state
 from kdrun.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from kdrun.engine.evaluate import evaluate
@@ -379,6 +379,17 @@ class StageRunner:
         ``d(sum of g's weighted terms)/d(theta_g)`` only: one backward per group, restricted to the
         group's parameters (``inputs=``), so a student's loss never reaches a co-trained teacher (and
         the reverse). Returns the window's weighted total and term values (global means)."""
+        try:
+            return self._train_step(batches, weights, rank_sizes)
+        except RuntimeError as ex:
+            failure = deterministic_failure(ex, f"stage '{self.plan.name}' (loss terms {', '.join(self.plan.losses)})")
+            if failure is not None:
+                raise failure from None
+            raise
+
+    def _train_step(self, batches: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]], weights: Mapping[str, float],
+                    rank_sizes: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step itself (see :meth:`train_step`)."""
         window = [batches] if isinstance(batches, Mapping) else list(batches)
         sizes = rank_sizes or [[int(b["index"].shape[0])] * self.dist.world_size for b in window]
         scales = window_scales(window, sizes, self.exp.losses, self.plan.losses, self.dist)
