@@ -30,7 +30,7 @@ from kdrun.component import BuildContext, Component
 from kdrun.config import import_target
 from kdrun.data.mix import BatchTransform, OneHotTargets
 from kdrun.devices import resolve_device
-from kdrun.errors import KdrunError, did_you_mean
+from kdrun.errors import KdrunError, did_you_mean, first_line
 from kdrun.experiment import AdapterSpec, Experiment, LossSpec, StagePlan
 from kdrun.model_io import ModelIO
 from kdrun.models.frozen import mark_frozen
@@ -66,8 +66,7 @@ def instantiate_as(key: str, node: Any, **kwargs: Any) -> Any:
         raise
     except Exception as ex:
         cause = ex.__cause__ or ex  # Hydra wraps the target's own error
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise KdrunError(f"{key}: building {node['_target_']} failed: {text}") from None
+        raise KdrunError(f"{key}: building {node['_target_']} failed: {first_line(cause)}") from None
 
 
 def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None, sync_batchnorm: bool = False) -> Experiment:
@@ -144,7 +143,7 @@ def load_data(cfg: ExperimentConfig) -> Any:
             raise KdrunError(str(ex)) from None
     if d.subset is not None:
         splits = splits.subset(d.subset, d.subset_seed)
-    _check_labels(cfg, splits)
+    _check_labels(cfg, splits, sample.get("input"))
     cover = splits.class_coverage
     if d.subset is not None:
         log.info("data.subset=%d: %d training and %d test examples (seeded, class-stratified), %s", d.subset,
@@ -165,8 +164,9 @@ def split_size(splits: Any, split: str) -> int:
     return len(getattr(splits, split))
 
 
-def _check_labels(cfg: ExperimentConfig, splits: Any) -> None:
-    """Class labels inside ``[0, data.num_classes)``; ``data.mean``/``std`` one value per input channel."""
+def _check_labels(cfg: ExperimentConfig, splits: Any, sample: Tensor | None) -> None:
+    """Class labels inside ``[0, data.num_classes)``; ``data.mean``/``std`` one value per input channel of
+    ``sample`` (a batch of inputs, when the data has images)."""
     d = cfg.data
     labels = getattr(splits, "train_labels", None)
     if labels is not None and labels.numel():
@@ -174,7 +174,6 @@ def _check_labels(cfg: ExperimentConfig, splits: Any) -> None:
         if low < 0 or high >= d.num_classes:
             raise KdrunError(f"data.num_classes={d.num_classes}, but {d.name}'s labels run from {low} to {high}: "
                              f"set data.num_classes={max(high + 1, d.num_classes)} (or fix the labels)")
-    sample = splits.sample_batch(1).get("input")
     for key in ("mean", "std"):
         value = getattr(d, key)
         if value is not None and sample is not None and sample.dim() == 4 and len(value) != sample.shape[1]:
@@ -410,10 +409,6 @@ def _require(ns: Namespace, inputs: Inputs, key: str) -> None:
                              f"Known: {', '.join(known) or 'none'}.")
 
 
-def _first_line(ex: Exception) -> str:
-    return str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-
-
 # ---------------------------------------------------------------------------------------- adapters
 
 
@@ -441,7 +436,7 @@ def build_adapters(cfg: ExperimentConfig, adapter_inputs: Mapping[str, Inputs], 
             raise
         except Exception as ex:
             raise KdrunError(f"adapters.{name} ({node['_target_']}) cannot use its inputs {describe(ns, inputs)}: "
-                             f"{_first_line(ex)}") from None
+                             f"{first_line(ex)}") from None
         out[name] = AdapterSpec(name, module, inputs, acfg.trainable)
     return out
 
@@ -497,7 +492,7 @@ def build_losses(cfg: ExperimentConfig, loss_inputs: Mapping[str, Inputs], used:
             with torch.no_grad():
                 copy.deepcopy(module)(**gather(ns, inputs))
         except Exception as ex:
-            raise KdrunError(f"loss.{name} ({target}) cannot use its inputs {describe(ns, inputs)}: {_first_line(ex)}") from None
+            raise KdrunError(f"loss.{name} ({target}) cannot use its inputs {describe(ns, inputs)}: {first_line(ex)}") from None
         mean_over, count_field = _mean_over(name, module, inputs)
         out[name] = LossSpec(name, module, lcfg.weight, inputs, lcfg.warmup_epochs, mean_over, count_field)
     return out

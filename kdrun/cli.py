@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun._hydra_compat import install_override_suggestions
 from kdrun.engine.interrupt import RunInterrupted
 from kdrun.errors import KdrunError
-from kdrun.paths import config_dir
+from kdrun.paths import config_dir, run_name_problem
 from kdrun.registry import register_configs
 
 log = logging.getLogger("kdrun")
@@ -78,12 +78,7 @@ def _task(cfg: DictConfig) -> float:
         print(f"kdrun: stopped at once by Ctrl-C; {hint}", file=sys.stderr)
         sys.exit(130)
     except (KdrunError, OSError) as ex:  # a user mistake, or the file system (full disk, permissions)
-        message = f"kdrun: error: {ex if isinstance(ex, KdrunError) else _os_error(ex)}"
-        _job_failed(run_dir, message)
-        if multirun:  # one failed job must not stop the sweep
-            return math.nan
-        print(message, file=sys.stderr)
-        sys.exit(2)
+        return _failed(run_dir, f"kdrun: error: {ex if isinstance(ex, KdrunError) else _os_error(ex)}", multirun)
     except Exception as ex:  # an unexpected failure (a bug): recorded; the sweep goes on, a single run shows the traceback
         from kdrun.engine import distributed
 
@@ -93,9 +88,7 @@ def _task(cfg: DictConfig) -> float:
                                                                               "Connection reset", "Broken pipe")):
             timeout = f"rank {info.rank} of {info.world_size} lost the other ranks (one of them failed first: see its message)"
         if timeout is not None:
-            _job_failed(run_dir, f"kdrun: error: {timeout}")
-            print(f"kdrun: error: {timeout}", file=sys.stderr)
-            sys.exit(2)
+            return _failed(run_dir, f"kdrun: error: {timeout}", multirun)
         _job_failed(run_dir, "".join(traceback.format_exception(ex)))
         if not multirun:
             raise
@@ -105,6 +98,15 @@ def _task(cfg: DictConfig) -> float:
     _report(summary)
     value = summary.get(cfg.get("objective") or "best_top1")
     return float(value) if value is not None else math.nan
+
+
+def _failed(run_dir: Path, message: str, multirun: bool) -> float:
+    """Record the failure; a sweep goes on with the next job (NaN objective), a single run exits 2."""
+    _job_failed(run_dir, message)
+    if multirun:
+        return math.nan
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 def _interrupted_message(ex: RunInterrupted, run_dir: Path) -> str:
@@ -315,14 +317,14 @@ def check_group_choices(args: list[str]) -> str | None:
 def check_paths(args: list[str]) -> str | None:
     """One line when a run or sweep directory given on the command line cannot be created or written, or
     ``name=`` cannot be part of a path (Hydra creates the directory before kdrun's checks run)."""
-    import errno
     import tempfile
+
+    from kdrun.engine.checkpoint import write_error_reason
 
     for a in args:
         key, _, value = a.partition("=")
-        if key in ("name", "+name", "++name") and ("/" in value or len(value.encode()) > 200 or not value):
-            return (f"name is part of the run directory's path: a non-empty name without '/' of at most 200 bytes, "
-                    f"got {value[:60]!r}{'...' if len(value) > 60 else ''}")
+        if key in ("name", "+name", "++name") and run_name_problem(value) is not None:
+            return run_name_problem(value)
         if key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
             continue
         path = Path(value).expanduser()
@@ -331,9 +333,8 @@ def check_paths(args: list[str]) -> str | None:
             with tempfile.NamedTemporaryFile(dir=path, prefix=".kdrun-write-test-"):
                 pass
         except OSError as ex:
-            why = {errno.ENAMETOOLONG: "a name in it is too long for the file system",
-                   errno.ENOSPC: "the disk is full"}.get(ex.errno or 0, ex.strerror or str(ex))
-            return f"{key}={value[:80]}{'...' if len(value) > 80 else ''}: cannot create or write this directory: {why}"
+            return (f"{key}={value[:80]}{'...' if len(value) > 80 else ''}: cannot create or write this directory: "
+                    f"{write_error_reason(ex)}")
     return None
 
 

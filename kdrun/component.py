@@ -94,7 +94,28 @@ class Component(nn.Module):
         """Called before every optimizer step of a stage (0-based, counted from the stage's start)."""
 
     def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
-        """Called before every training micro-batch: the samples of the global micro-batch on every rank."""
+        """Called before every training micro-batch: the samples of the global micro-batch on every rank.
+        Recorded for :meth:`spread_layout` (an override should call this one)."""
+        self._batch_layout = (tuple(int(n) for n in rank_sizes), int(rank))
+
+    def spread_layout(self) -> tuple[tuple[int, ...], int] | None:
+        """``(rank_sizes, rank)`` when the current training micro-batch spans several ranks of an initialised
+        process group (state must then be kept global), else None."""
+        layout = getattr(self, "_batch_layout", None)
+        if (not self.training or layout is None or len(layout[0]) < 2 or not torch.distributed.is_available()
+                or not torch.distributed.is_initialized()):
+            return None
+        return layout
+
+
+def gather_rows(x: Tensor, rank_sizes: tuple[int, ...]) -> Tensor:
+    """Every rank's rows of ``x`` (``rank_sizes[r]`` rows on rank r), concatenated in rank order: the global
+    micro-batch. The sizes are host values, so ranks with fewer rows pad and nothing is read from the device."""
+    cap = max(rank_sizes)
+    padded = torch.cat([x, x.new_zeros((cap - x.shape[0], *x.shape[1:]))]) if x.shape[0] < cap else x
+    parts = [torch.empty_like(padded) for _ in rank_sizes]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, rank_sizes)])
 
 
 def components(modules: Mapping[str, nn.Module]) -> list[Component]:

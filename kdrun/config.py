@@ -20,7 +20,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from kdrun import plan
-from kdrun.errors import KdrunError, did_you_mean
+from kdrun.errors import KdrunError, did_you_mean, first_line
+from kdrun.paths import run_name_problem
 from kdrun.plan import model_key
 from kdrun.schema import (ADAPTER_KEYS, DTYPES, LOSS_KEYS, OBJECTIVES, TOP_LEVEL_KEYS,
                           CoTrainConfig, DataConfig, ExperimentConfig, ModelConfig, GenerationConfig, ProbeConfig, PublishedConfig,
@@ -134,10 +135,9 @@ def _check_ranges(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if not isinstance(value, str) and not (optional and value is None):
             raise KdrunError(f"{key} must be a {'string or null' if optional else 'string'}, got {value!r}")
-    name = cfg.get("name")
-    if not name or "/" in name or len(name.encode()) > 200:
-        raise KdrunError(f"name is part of the run directory's path: a non-empty name without '/' of at most 200 bytes, "
-                         f"got {name[:60]!r}{'...' if len(name) > 60 else ''}")
+    problem = run_name_problem(cfg.get("name"))
+    if problem is not None:
+        raise KdrunError(problem)
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise KdrunError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
@@ -203,7 +203,7 @@ def _check_optimizer(group: plan.GroupPlan, length: int | None) -> None:
     def fail(part: str, ex: Exception) -> KdrunError:
         node = group.optimizer if part == "optimizer" else group.scheduler
         args = ", ".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
-        return KdrunError(f"{group.key}.{part} ({args}): {_first_line(ex)}")
+        return KdrunError(f"{group.key}.{part} ({args}): {first_line(ex)}")
 
     param = torch.nn.Parameter(torch.zeros(1))
     try:
@@ -280,11 +280,7 @@ def _resolve_all(cfg: DictConfig) -> None:
         raise KdrunError(f"missing value for '{ex.full_key}': set it on the command line ({ex.full_key}=...)") from None
     except OmegaConfBaseException as ex:
         key = getattr(ex, "full_key", None) or "?"
-        raise KdrunError(f"cannot resolve '{key}': {_first_line(ex)}") from None
-
-
-def _first_line(ex: Exception) -> str:
-    return str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        raise KdrunError(f"cannot resolve '{key}': {first_line(ex)}") from None
 
 
 def _check_section(cfg: DictConfig, key: str, schema: type) -> None:
@@ -310,7 +306,7 @@ def _check_node(node: Any, prefix: str, schema: type) -> None:
         raise KdrunError(f"missing value for '{prefix}.{ex.full_key}'") from None
     except OmegaConfBaseException as ex:
         sub = getattr(ex, "full_key", "") or ""
-        raise KdrunError(f"bad value for '{prefix}.{sub}': {_first_line(ex)}") from None
+        raise KdrunError(f"bad value for '{prefix}.{sub}': {first_line(ex)}") from None
     for name, f in fields.items():
         if f.default is MISSING and f.default_factory is dataclasses.MISSING and name not in node:  # type: ignore[misc]
             raise KdrunError(f"missing key '{prefix}.{name}'")

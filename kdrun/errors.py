@@ -9,6 +9,12 @@ class KdrunError(Exception):
     """A mistake in the user's input (config, data, checkpoint): its message says what and how to fix."""
 
 
+def first_line(ex: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name."""
+    text = str(ex).strip()
+    return text.splitlines()[0][:limit] if text else type(ex).__name__
+
+
 def did_you_mean(name: str, options: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest option to ``name``, or ``""`` when none is close."""
     options = [str(o) for o in options]

@@ -15,6 +15,15 @@ def _first(*candidates: Path) -> Path:
     raise FileNotFoundError(f"kdrun's shipped configs are missing; looked in {', '.join(map(str, candidates))}")
 
 
+def run_name_problem(name: object) -> str | None:
+    """What is wrong with ``name`` as the run directory's path component (``outputs/<name>/...``), or None."""
+    if isinstance(name, str) and name and "/" not in name and len(name.encode()) <= 200:
+        return None
+    text = str(name)
+    return (f"name is part of the run directory's path: a non-empty name without '/' of at most 200 bytes, "
+            f"got {text[:60]!r}{'...' if len(text) > 60 else ''}")
+
+
 def config_dir() -> Path:
     """The folder holding ``kdrun.yaml`` and the config groups."""
     return _first(_PKG / "configs", _PKG.parent / "configs")

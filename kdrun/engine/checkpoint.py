@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, first_line
 
 if TYPE_CHECKING:
     from kdrun.engine.distributed import DistInfo
@@ -56,19 +56,25 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
-def write_failure(path: Path, ex: BaseException) -> str:
-    """One message for a file kdrun could not write: which file, why, and what is kept."""
+def write_error_reason(ex: BaseException) -> str:
+    """Why a write failed, in words: a full disk, an unwritable folder, a name too long, or the OS's own text."""
     import errno
 
     code = getattr(ex, "errno", None)
     text = str(ex)
     if code == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
-        why = "the disk is full"
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "the folder is not writable (permissions or a read-only file system)"
-    else:
-        why = getattr(ex, "strerror", None) or _first_line(ex)
-    return f"cannot write {path}: {why}. The previous version of the file, if any, is unchanged; free space or fix the folder, then resume."
+        return "the disk is full"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the folder is not writable (permissions or a read-only file system)"
+    if code == errno.ENAMETOOLONG:
+        return "a name in it is too long for the file system"
+    return getattr(ex, "strerror", None) or first_line(ex)
+
+
+def write_failure(path: Path, ex: BaseException) -> str:
+    """One message for a file kdrun could not write: which file, why, and what is kept."""
+    return (f"cannot write {path}: {write_error_reason(ex)}. The previous version of the file, if any, is unchanged; "
+            f"free space or fix the folder, then resume.")
 
 
 def remove_partial_writes(run_dir: Path) -> list[Path]:
@@ -176,17 +182,12 @@ def read_tensors_file(path: Path, what: str) -> Any:
             raise KdrunError(f"{what}: {path} holds Python objects besides tensors, which kdrun does not unpickle "
                              f"(that could run code). Save a plain state dict from the code that made it: "
                              f"torch.save({{'model': model.state_dict()}}, path)") from None
-        raise KdrunError(f"{what}: {path} is truncated or corrupt ({_first_line(ex)})") from None
+        raise KdrunError(f"{what}: {path} is truncated or corrupt ({first_line(ex)})") from None
     except OSError as ex:
-        raise KdrunError(f"{what}: cannot read {path}: {ex.strerror or _first_line(ex)}"
+        raise KdrunError(f"{what}: cannot read {path}: {ex.strerror or first_line(ex)}"
                          f"{' (truncated or corrupt?)' if ex.errno == 22 else ''}") from None
     except Exception as ex:
-        raise KdrunError(f"{what}: {path} is truncated or corrupt, not a torch checkpoint ({_first_line(ex)})") from None
-
-
-def _first_line(ex: BaseException) -> str:
-    text = str(ex).strip()
-    return text.splitlines()[0][:200] if text else type(ex).__name__
+        raise KdrunError(f"{what}: {path} is truncated or corrupt, not a torch checkpoint ({first_line(ex)})") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

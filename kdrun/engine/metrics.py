@@ -28,11 +28,11 @@ class MetricsWriter:
         checkpoint (by the interrupted process) are dropped, so that re-run steps are not logged twice;
         TensorBoard purges its events after ``resume_step``."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_rows is not None and self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if len(lines) > resume_rows:
-                self.path.write_text("".join(lines[:resume_rows]), encoding="utf-8")
-        self.rows = sum(1 for _ in open(self.path, encoding="utf-8")) if self.path.is_file() else 0
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True) if self.path.is_file() else []
+        if resume_rows is not None and len(lines) > resume_rows:
+            lines = lines[:resume_rows]
+            self.path.write_text("".join(lines), encoding="utf-8")
+        self.rows = len(lines)
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:

@@ -105,7 +105,7 @@ class EpochMeter:
         w = tuple([1.0] + [float((weights or {}).get(k.split(".", 1)[0], 1.0)) for k in self.keys[1:]])
         if w != self._weights[0]:  # a copy to the device only when the weights change (epoch ramps)
             self._weights = (w, torch.tensor(w, device=vec.device))
-        bad = ~(torch.isfinite(vec) & torch.isfinite(vec * self._weights[1]))
+        bad = ~torch.isfinite(vec * self._weights[1])  # weights are finite and >= 0: non-finite values stay non-finite
         first = torch.full_like(vec, math.inf) if self.first_bad is None else self.first_bad
         self.first_bad = torch.where(bad & torch.isinf(first), float(step), first)  # a Python scalar: no copy
         self.acc = vec if self.acc is None else self.acc + vec
@@ -525,10 +525,10 @@ class StageRunner:
             return flag.pending
         if not flushed:
             return False
-        agreed = all_reduce_max(torch.tensor([1.0 if flag.pending else 0.0], device=self.device), self.dist)
-        if agreed.item() > 0 and flag.signum is None:
+        agreed = all_reduce_max(torch.tensor([1.0 if flag.pending else 0.0], device=self.device), self.dist).item() > 0
+        if agreed and flag.signum is None:
             flag.signum = signal.SIGTERM  # another rank was signalled
-        return bool(agreed.item() > 0)
+        return agreed
 
     def _stop(self, epoch: int) -> None:
         """After a stop signal: flush the log, write a mid-epoch checkpoint, raise RunInterrupted."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun.component import BuildContext
+from kdrun.component import BuildContext, gather_rows
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import full_precision, to_float
 
@@ -184,24 +184,6 @@ class CRDLoss(LossTerm):
         rows = memory.index_select(0, index) * self.momentum + e.detach() * (1.0 - self.momentum)
         memory.index_copy_(0, index, F.normalize(rows, dim=1))
 
-    def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
-        self._layout = (tuple(int(n) for n in rank_sizes), int(rank))
-
-    def _gather(self, x: Tensor) -> Tensor:
-        """``x`` (this rank's rows) of every rank, concatenated in rank order: the global micro-batch.
-        The row counts come from :meth:`on_batch` (host values), so nothing is read from the device."""
-        sizes, rank = self._layout  # type: ignore[misc]
-        cap = max(sizes)
-        padded = torch.cat([x, x.new_zeros((cap - x.shape[0], *x.shape[1:]))]) if x.shape[0] < cap else x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        torch.distributed.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-    def _distributed(self) -> bool:
-        layout = getattr(self, "_layout", None)
-        return (self.training and layout is not None and len(layout[0]) > 1 and torch.distributed.is_available()
-                and torch.distributed.is_initialized())
-
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor,  # type: ignore[override]
                 target: Tensor | None = None) -> dict[str, Tensor]:
         """Under data parallelism (``on_batch`` said the micro-batch spans several ranks) every rank
@@ -215,9 +197,11 @@ class CRDLoss(LossTerm):
         if target is not None and self.labels is None:
             raise RuntimeError("CRD: got 'target' but setup() was called without it; pass it in the setup shapes")
         index = index.long()
-        spread = self._distributed()
-        all_index = self._gather(index) if spread else index
-        all_target = self._gather(target.long()) if spread and target is not None else target
+        layout = self.spread_layout()
+        spread = layout is not None
+        gather = (lambda x: gather_rows(x, layout[0])) if spread else (lambda x: x)  # noqa: E731
+        all_index = gather(index)
+        all_target = gather(target.long()) if target is not None else None
         with full_precision(student):
             e_s = self.embed_s(to_float(student))
             e_t = self.embed_t(to_float(teacher).detach())
@@ -225,7 +209,7 @@ class CRDLoss(LossTerm):
                 self.labels.index_copy_(0, all_index, all_target.long())
             idx = self.sample_indices(all_index, all_target)
             if spread:  # this rank's rows of the global draw
-                sizes, rank = self._layout  # type: ignore[misc]
+                sizes, rank = layout
                 idx = idx[sum(sizes[:rank]):sum(sizes[:rank + 1])]
             b, k1 = idx.shape
             w_t = self.memory_t.index_select(0, idx.flatten()).view(b, k1, -1)
@@ -234,10 +218,9 @@ class CRDLoss(LossTerm):
             out_t = torch.exp(torch.bmm(w_s, e_t.unsqueeze(2)).squeeze(2) / self.temperature)
             mean_s, mean_t = out_s.detach().mean(), out_t.detach().mean()
             if spread:  # the global batch's mean: every rank's sum over all of its rows' scores
-                sizes, _ = self._layout  # type: ignore[misc]
                 sums = torch.stack([out_s.detach().sum(), out_t.detach().sum()])
                 torch.distributed.all_reduce(sums)
-                mean_s, mean_t = sums / (sum(sizes) * k1)
+                mean_s, mean_t = sums / (sum(layout[0]) * k1)
             z_s = torch.where(self.z_s < 0, mean_s * self.num_train, self.z_s)
             z_t = torch.where(self.z_t < 0, mean_t * self.num_train, self.z_t)
             loss_s = self.nce_loss(out_s / z_s)
@@ -246,8 +229,8 @@ class CRDLoss(LossTerm):
                 with torch.no_grad():
                     self.z_s.copy_(z_s)
                     self.z_t.copy_(z_t)
-                self._update_memory(self.memory_s, all_index, self._gather(e_s.detach()) if spread else e_s)
-                self._update_memory(self.memory_t, all_index, self._gather(e_t.detach()) if spread else e_t)
+                self._update_memory(self.memory_s, all_index, gather(e_s.detach()))
+                self._update_memory(self.memory_t, all_index, gather(e_t.detach()))
         return {"student_anchor": loss_s, "teacher_anchor": loss_t}
 
     def extra_repr(self) -> str:

@@ -165,9 +165,6 @@ class OFDLoss(LossTerm):
                                  f"{conn[0].out_channels} teacher channels, got 'student' {s} and 'teacher' {t}")
 
     # ------------------------------------------------------------------------------ margins
-    def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
-        self._layout = (tuple(int(n) for n in rank_sizes), int(rank))
-
     def margin(self, i: int) -> Tensor:
         """The (C,) margin buffer of pair ``i``."""
         return getattr(self, f"margin{i}")
@@ -183,8 +180,8 @@ class OFDLoss(LossTerm):
         for t in teachers:
             neg = (t < 0).to(t.dtype)
             stats += [(t * neg).mean(dim=(0, 2, 3)).float(), neg.mean(dim=(0, 2, 3)).float()]
-        layout = getattr(self, "_layout", None)
-        if layout is not None and len(layout[0]) > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        layout = self.spread_layout()  # _observe runs in training only
+        if layout is not None:
             # the global micro-batch's means, as one process sees them: sum_r n_r * mean_r / N
             sizes, rank = layout
             flat = torch.cat(stats) * sizes[rank]
