@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,7 +276,9 @@ def _interrupt(run: Path, cwd: Path, sig: int, code: int) -> None:
     assert "Traceback" not in err and f"resume with: kdrun hydra.run.dir={run} resume=auto" in err
     assert f"stopped by {signal.Signals(sig).name} in stage 'distill'" in err
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert state["record"]["batch"] > 0  # a mid-epoch checkpoint
+    # the checkpoint is the one written at the stop: mid-epoch, or at an epoch's end when the signal came in its last step
+    stopped_at = int(re.search(r"\(run step (\d+)\)", err).group(1))
+    assert state["record"]["step"] == stopped_at and state["record"]["stage_index"] == 1
     assert not (run / ".kdrun.lock").exists()
 
 
