@@ -97,7 +97,8 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     used_adapters = list(dict.fromkeys(a for s in stages for a in s.adapters))
     used_terms = list(dict.fromkeys(t for s in stages for t in s.losses))
     adapters = build_adapters(cfg, adapter_inputs, used_adapters, ns, device)
-    ctx = dict(num_train=data.num_train, train_labels=getattr(data, "train_labels", None), device=device, models=models)
+    ctx = dict(num_train=data.num_train, train_labels=getattr(data, "train_labels", None), device=device, models=models,
+               seed=int(cfg.seed))
     losses = build_losses(cfg, loss_inputs, used_terms, ns, ctx)
     random = plan.random_models(cfg, [(s.trained_models, s.frozen_models) for s in stages], loss_inputs, unloaded)
     if cfg.rounds is not None and cfg.rounds.student not in {m for s in stages for m in s.trained_models}:

@@ -42,6 +42,10 @@ class BuildContext:
         train_labels: int64 (num_train,) class labels of the training set, when the data set has them.
         device: where the run trains.
         tensor_shapes: the shape of every named tensor of the build-time trace, by name.
+        models: the run's models by name (see :meth:`model`).
+        seed: the run's ``seed``; a component drawing random numbers that must agree on every rank
+            (CRD's negatives of the global batch) seeds its own generator from it, because the global
+            generators are seeded per rank under data parallelism.
     """
 
     shapes: Mapping[str, Any]
@@ -50,6 +54,7 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tensor_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     models: Mapping[str, nn.Module] = field(default_factory=dict)
+    seed: int = 0
 
     def model(self, name: str) -> nn.Module:
         """The named model (read it, never change it: it is the model the run trains or freezes)."""

@@ -104,3 +104,21 @@ class RefusedUnderDeterminism(nn.Module):
         raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but you set "
                            "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this "
                            "operation, or you can use the 'warn_only=True' option, if that's acceptable for your application.")
+
+
+class MixupThenSignal(BatchTransform):
+    """Mixup (drawing from the global generators, as a user's transform would) that sends this process
+    SIGTERM at its ``at``-th call: a preemption at a known point of a run."""
+
+    def __init__(self, num_classes: int, at: int) -> None:
+        from kdrun.data.mix import Mixup
+
+        self.mix, self.at, self.calls = Mixup(num_classes), int(at), 0
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        import signal
+
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.mix(batch)

@@ -105,3 +105,36 @@ def test_a_hung_rank_fails_the_others_after_the_timeout_with_a_message_naming_th
         proc.stderr[-3000:]
     assert "rank 0 of 2" in (tmp_path / "r" / "FAILED").read_text()
     assert __import__("time").time() - started < 120  # not PyTorch's 30-minute default
+
+
+def test_ranks_draw_their_own_random_numbers_and_a_resumed_run_continues_each_ranks_streams(tmp_path):
+    """Issue 16: every rank used the same seed, so mixup drew the same weights and permutations on each.
+    Now each rank's global generators are seeded from (seed, rank) after the models are built, every
+    rank's generator states are saved in the checkpoint, and a 2-rank run preempted mid-epoch and resumed
+    trains bit for bit the weights of the uninterrupted run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "HYDRA_FULL_ERROR")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])  # tests.helpers for the ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun"]
+    args = [a for a in ARGS if not a.startswith("trainer.max_epochs")] + [
+        "stages.teacher.epochs=1", "stages.distill.epochs=3", "trainer.log_every=2",
+        "+batch_transform._target_=tests.helpers.MixupThenSignal"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+
+    def launch(run_dir, at, *extra):
+        return subprocess.run([*cmd, *args, f"+batch_transform.at={at}", f"hydra.run.dir={run_dir}", *extra], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    assert launch(whole, 10**6).returncode == 0
+    stopped = launch(cut, 19)  # 32 steps in all: stops in the distill stage's second epoch
+    assert stopped.returncode != 0 and "kdrun: stopped by SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    state = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < state["record"]["batch"] < 8  # mid-epoch
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    done = launch(cut, 19, "resume=auto")  # the same config; the 12 steps left never reach call 19
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(whole / "student.pt", weights_only=True)["model"]
+    b = torch.load(cut / "student.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -3,8 +3,9 @@
 A training checkpoint holds every module (models, adapters, loss terms with their buffers), the
 stage's optimizer, scheduler and grad-scaler states and the epoch's running sums, where training
 stands (round, stage, epoch, micro-batch, step), the run's records (best/last accuracy per stage,
-teacher accuracies) and every RNG state, so that resume continues exactly, also mid-epoch. Exported models are ``{'model': state_dict}`` files that any run accepts as
-``<model>.checkpoint``.
+teacher accuracies) and every RNG state (under data parallelism every rank's: each rank draws its own
+streams), so that resume continues exactly, also mid-epoch. Exported models are ``{'model': state_dict}``
+files that any run accepts as ``<model>.checkpoint``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kdrun.engine.distributed import all_gather_object
 from kdrun.errors import KdrunError, first_line
 
 if TYPE_CHECKING:
@@ -104,15 +106,19 @@ def save_training_state(experiment: Experiment, record: RunRecord, stage_state: 
         from kdrun.engine.fsdp import gather_full
 
         modules, stage_state = gather_full(modules), gather_full(stage_state)
+    rng = rng_state()
+    rng_ranks = all_gather_object(rng, dist) if dist.enabled else None  # each rank draws its own streams
     if not dist.is_main:
         return
     state = {
         "modules": modules,
         "stage": stage_state,
         "record": dataclasses.asdict(record),
-        "rng": rng_state(),
+        "rng": rng,
         "stage_names": [p.name for p in experiment.stages],
     }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     ckpt_dir = Path(run_dir) / "checkpoints"
     atomic_save(state, ckpt_dir / "last.pt")
     if best:

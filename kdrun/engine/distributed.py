@@ -134,6 +134,23 @@ def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` alone)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random streams under data parallelism: distinct per rank, derived
+    from ``(seed, rank)`` by NumPy's ``SeedSequence`` (so nearby seeds and ranks give unrelated streams)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, np.uint64)[0] % (2**63))
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -59,11 +59,16 @@ def set_cuda_flags(cudnn_benchmark: bool, tf32: bool, deterministic: bool) -> No
         torch.backends.cudnn.allow_tf32 = True
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
+def seed_streams(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
+    seed_streams(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -137,6 +142,12 @@ class Trainer:
             check_supported(cfg, info.world_size if info.enabled else 0)
             shard_models(exp.models, exp.device, info.world_size)
             exp.sharded = True
+        if info.enabled:
+            # the models are built (identically on every rank, from ``seed``); from here on each rank draws
+            # its own random numbers (mixup, dropout, a custom transform's), as one process's draws differ
+            # from sample to sample. What must agree across ranks has its own generator (the loaders'
+            # orders and crops, CRD's negatives, TRG's token draws).
+            seed_streams(distributed.rank_seed(cfg.seed, info.rank))
         if tcfg.channels_last:
             for module in exp.modules().values():
                 to_channels_last(module)
@@ -145,7 +156,7 @@ class Trainer:
 
             torch._dynamo.reset()
         exp.forwards = model_callables(exp.models, tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)
-        record = self._resume(exp)
+        record = self._resume(exp, info)
         if info.is_main:
             self._write_run_dir(exp)
         resumed = self.checkpoint is not None
@@ -165,7 +176,7 @@ class Trainer:
                             max_batches=cap * cfg.trainer.accumulate_grad_batches if cap else None, **common)
         return train, make_loader(exp.data, "test", cfg.data, exp.device, train=False, **common)
 
-    def _resume(self, exp: Experiment) -> RunRecord:
+    def _resume(self, exp: Experiment, info: DistInfo) -> RunRecord:
         resume = self.cfg.resume
         if not resume and requeued_slurm_job():
             resume = "auto"  # a requeued SLURM job continues from its own checkpoint
@@ -191,11 +202,28 @@ class Trainer:
         else:
             modules.load_state_dict(ckpt["modules"])
         record = RunRecord(**ckpt["record"])
-        set_rng_state(ckpt["rng"])
+        self._restore_rng(ckpt, path, info)
         self.checkpoint = ckpt
         log.info("resuming from %s: stage '%s', %d epochs and %d batches done", path,
                  names[min(record.stage_index, len(names) - 1)], record.epoch, record.batch)
         return record
+
+    def _restore_rng(self, ckpt: dict[str, Any], path: Path, info: DistInfo) -> None:
+        """Each rank continues its own random streams from the checkpoint. A checkpoint of another
+        number of ranks cannot give them: the streams restart from (seed, rank, step), with a warning."""
+        ranks = ckpt.get("rng_ranks")
+        if ranks is not None and len(ranks) == info.world_size:
+            set_rng_state(ranks[info.rank])
+        elif not info.enabled and ranks is None:
+            set_rng_state(ckpt["rng"])
+        else:
+            saved = len(ranks) if ranks is not None else 1
+            step = int(ckpt["record"].get("step", 0))
+            seed_streams(distributed.rank_seed(self.cfg.seed * 1_000_003 + step, info.rank))
+            if info.is_main:
+                log.warning("resume: %s was written by %d process(es), this run has %d: the random streams (mixup, "
+                            "dropout) restart from (seed, rank, step %d) instead of continuing; the data order continues "
+                            "exactly", path, saved, info.world_size, step)
 
     def _write_run_dir(self, exp: Experiment) -> None:
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

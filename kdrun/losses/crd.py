@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,9 @@ class CRDLoss(LossTerm):
 
     Negatives. Without ``target`` they are drawn uniformly from all ``N`` training indices, with
     replacement (``torch.randint`` on the device; the reference's ``AliasMethod`` over uniform
-    probabilities is the same distribution). With ``target`` (class indices) they exclude samples of the
+    probabilities is the same distribution), from the term's own generator: seeded with the run's
+    ``seed``, identical on every rank, saved in the module's state (extra state) so that a resumed run
+    draws the same negatives. With ``target`` (class indices) they exclude samples of the
     anchor's class, which is RepDistiller's ``exact`` mode (the data set behind the published table
     draws its negatives from other classes). The term learns the classes of the training samples from
     ``(index, target)`` of the batches it sees (a ``labels`` buffer, ``-1`` = not seen yet; samples not
@@ -107,6 +110,9 @@ class CRDLoss(LossTerm):
         self.labels: Tensor | None
         for name in ("memory_s", "memory_t", "z_s", "z_t", "labels"):
             self.register_buffer(name, None)
+        self.seed = 0  # the run's seed (setup); the negatives' generator is made on the device at the first draw
+        self.generator: torch.Generator | None = None
+        self._saved_generator: tuple[str, Tensor] | None = None  # a loaded state, applied at the next draw
 
     # ------------------------------------------------------------------------------ build time
     def setup(self, ctx: BuildContext) -> None:
@@ -118,6 +124,7 @@ class CRDLoss(LossTerm):
         ds = math.prod(tuple(shapes["student"])[1:])
         dt = math.prod(tuple(shapes["teacher"])[1:])
         self.num_train = int(num_train)
+        self.seed = int(ctx.seed)
         self.embed_s = CRDEmbed(ds, self.feat_dim)
         self.embed_t = CRDEmbed(dt, self.feat_dim)
         stdv = 1.0 / math.sqrt(self.feat_dim / 3.0)
@@ -155,8 +162,10 @@ class CRDLoss(LossTerm):
         """(B, K + 1) bank rows: column 0 the sample itself, then K negatives (see the class docstring)."""
         n, k, b = self.num_train, self.num_negatives, index.shape[0]
         dev = index.device
+        # evaluation mode changes no state: its draws come from a fresh generator of the same seed
+        gen = self._generator(dev) if self.training else torch.Generator(device=dev).manual_seed(self.seed)
         if target is None or self.labels is None:
-            neg = torch.randint(0, n, (b, k), device=dev)
+            neg = torch.randint(0, n, (b, k), device=dev, generator=gen)
         else:
             sorted_labels, order = torch.sort(self.labels, stable=True)
             y = target.long()
@@ -166,10 +175,35 @@ class CRDLoss(LossTerm):
             degenerate = n_other <= 0  # every known sample is of this class: fall back to uniform draws
             n_same = torch.where(degenerate, torch.zeros_like(n_same), n_same)
             n_other = torch.where(degenerate, torch.full_like(n_other, n), n_other)
-            r = torch.randint(0, 2**62, (b, k), device=dev) % n_other.unsqueeze(1)
+            r = torch.randint(0, 2**62, (b, k), device=dev, generator=gen) % n_other.unsqueeze(1)
             pos = r + (r >= lo.unsqueeze(1)).long() * n_same.unsqueeze(1)
             neg = order[pos]
         return torch.cat([index.long().unsqueeze(1), neg], dim=1)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The negatives' generator on ``device``: seeded with the run's seed, the same on every rank (each
+        rank draws the whole global batch's negatives and keeps its rows), continued from a checkpoint."""
+        if self.generator is None or self.generator.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            saved, self._saved_generator = self._saved_generator, None
+            if saved is not None and saved[0] == device.type:
+                gen.set_state(saved[1])
+            self.generator = gen
+        return self.generator
+
+    def get_extra_state(self) -> dict[str, Any]:
+        gen = self.generator
+        if gen is not None:
+            return {"seed": self.seed, "device": gen.device.type, "generator": gen.get_state()}
+        saved = self._saved_generator
+        return {"seed": self.seed, "device": saved[0] if saved else None, "generator": saved[1] if saved else None}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Continue the saved generator (a checkpoint of another device type restarts it from the seed)."""
+        self.seed = int(state["seed"])
+        self.generator = None
+        self._saved_generator = (state["device"], state["generator"].cpu()) if state.get("generator") is not None else None
 
     def nce_loss(self, x: Tensor) -> Tensor:
         """NCE loss of (B, K + 1) normalised scores, positive in column 0 (RepDistiller's ``ContrastLoss``)."""
