@@ -138,3 +138,63 @@ def test_ranks_draw_their_own_random_numbers_and_a_resumed_run_continues_each_ra
     a = torch.load(whole / "student.pt", weights_only=True)["model"]
     b = torch.load(cut / "student.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_adapters_and_loss_terms_train_under_two_ranks_as_in_one_process(tmp_path):
+    """Issue 16, item 7: trainable adapters and loss terms are no longer each wrapped in DDP with
+    find_unused_parameters; their gradients are averaged by one all-reduce per optimizer step. A FitNet-style
+    projector and CRD's embedding heads (and the student) train on 2 ranks as in one process."""
+    args = [*ARGS, "stages.teacher.epochs=1",
+            "+adapters.proj={_target_: kdrun.models.adapters.Projector, inputs: {x: student.feat}, target: teacher.feat, "
+            "in_dim: auto, out_dim: auto}",
+            "+loss.hint={_target_: kdrun.losses.HintLoss, weight: 1, inputs: {student: adapters.proj, teacher: teacher.feat}}",
+            "+loss.crd={_target_: kdrun.losses.CRDLoss, weight: 0.5, num_negatives: 64, "
+            "inputs: {student: student.feat, teacher: teacher.feat, index: batch.index}}",
+            "stages.distill.losses=[ce,kd,hint,crd]"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
+         f"hydra.run.dir={two}"], tmp_path)
+    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)["modules"]
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["modules"]
+    keys = [k for k in a if k.startswith(("models.student.", "adapters.proj.", "losses.crd.")) and k != "losses.crd._extra_state"]
+    assert {"adapters.proj.linear.weight", "losses.crd.embed_s.linear.weight", "losses.crd.memory_s"} <= set(keys)
+    for k in keys:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=2e-3, msg=k)
+
+
+def _two_stage_rank(rank: int, world: int, init_file: str, run_dir: str, counts: str) -> None:
+    import torch.distributed as dist
+
+    import kdrun.engine.stage as stage_module
+    from kdrun.config import validate
+    from kdrun.engine.distributed import DistInfo
+    from kdrun.engine.trainer import Trainer
+    from tests.conftest import compose_cfg
+
+    made = []
+
+    class Counted(stage_module.DistributedDataParallel):
+        def __init__(self, module, **kwargs):
+            made.append(kwargs)
+            super().__init__(module, **kwargs)
+
+    stage_module.DistributedDataParallel = Counted
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = validate(compose_cfg([*ARGS, "trainer.max_epochs=1", "stages.teacher.train=[student]", "stages.teacher.losses=[ce]",
+                                    "teacher.checkpoint=null"]))
+        Trainer(cfg, run_dir, dist=DistInfo(rank, rank, world)).fit()
+        torch.save(made, f"{counts}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_trained_in_two_stages_is_wrapped_in_ddp_once(tmp_path):
+    """Issue 16, item 7: DDP wrapping (a weight broadcast, new buckets, a new compiled graph) used to be
+    redone at every stage; now a model is wrapped once per run for each set of trained parameters."""
+    torch.multiprocessing.spawn(_two_stage_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path / "made")),
+                                nprocs=2)
+    for rank in (0, 1):
+        made = torch.load(tmp_path / f"made.{rank}", weights_only=False)
+        assert len(made) == 1 and made[0]["broadcast_buffers"] is True  # no SyncBatchNorm: rank 0's BN statistics

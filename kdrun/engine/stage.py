@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,31 @@ class RunContext:
     dist: DistInfo
     class_groups: dict[str, Tensor] | None = None  # many/medium/few-shot classes of a long-tailed set
     interrupts: Any = None  # kdrun.engine.interrupt.InterruptFlag while Trainer.fit runs
+    wrapped: dict[tuple[Any, ...], tuple[DistributedDataParallel, Any]] = field(default_factory=dict)
+
+    def data_parallel(self, name: str, unused: bool) -> tuple[DistributedDataParallel, Any]:
+        """Model ``name`` wrapped in DistributedDataParallel, and what the step calls (the wrapper, compiled
+        with ``trainer.compile``): made once per run for each set of trained parameters and
+        ``find_unused_parameters``, so later stages and rounds reuse its buckets and compiled graphs
+        instead of wrapping (broadcasting the weights) and compiling again.
+
+        ``broadcast_buffers`` is off for a model with SyncBatchNorm layers (their running statistics come
+        from the global batch, identical on every rank already) and on otherwise (rank 0's BatchNorm
+        statistics, which the sharded evaluation then uses on every rank)."""
+        exp, tcfg = self.experiment, self.experiment.cfg.trainer
+        model = exp.models[name]
+        key = (name, unused, tuple(n for n, p in model.named_parameters() if p.requires_grad))
+        if key not in self.wrapped:
+            device = exp.device
+            ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+            synced = any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+            with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rank-local buffers
+                warnings.simplefilter("ignore", FutureWarning)
+                ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not synced,
+                                              find_unused_parameters=unused)
+            call = model_callables(nn.ModuleDict({name: ddp}), tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)[name]
+            self.wrapped[key] = (ddp, call)
+        return self.wrapped[key]
 
 
 @dataclass
@@ -204,39 +229,52 @@ class StageRunner:
         return OptimizerGroup(group.name, params, group.losses, optimizer, scheduler)
 
     def _forwards(self) -> tuple[dict[str, Any], list[DistributedDataParallel]]:
-        """What the step calls: models as prepared by the trainer; under DDP, the stage's trained
-        models and trainable adapters/loss terms wrapped in DistributedDataParallel (then compiled)."""
-        exp, plan, tcfg = self.exp, self.plan, self.exp.cfg.trainer
+        """What the step calls: models as prepared by the trainer; under DDP, the stage's trained models
+        wrapped in DistributedDataParallel (then compiled), made once per run for each model and set of
+        trained parameters and reused by later stages and rounds (:meth:`RunContext.data_parallel`).
+        Trainable adapters and loss terms are called as they are: their gradients are averaged over
+        the ranks by one coalesced all-reduce per optimizer step (:meth:`_average_module_gradients`)."""
+        exp, plan = self.exp, self.plan
         calls: dict[str, Any] = dict(exp.forwards)
         calls.update({f"adapters.{a}": exp.adapters[a].module for a in plan.adapters})
         calls.update({f"loss.{t}": exp.losses[t].module for t in plan.losses})
+        modules = [exp.adapters[a].module for a in plan.adapters if exp.adapters[a].trainable]
+        modules += [exp.losses[t].module for t in plan.losses]
+        self.module_params = [p for m in modules for p in m.parameters() if p.requires_grad]
         if not self.dist.enabled:
             return calls, []
-        ids = [exp.device.index if exp.device.index is not None else torch.cuda.current_device()] if exp.device.type == "cuda" else None
-        wrapped: list[DistributedDataParallel] = []
-
-        def wrap(module: nn.Module, buffers: bool, unused: bool) -> DistributedDataParallel:
-            with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rank-local buffers
-                warnings.simplefilter("ignore", FutureWarning)
-                ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=buffers, find_unused_parameters=unused)
-            wrapped.append(ddp)
-            return ddp
-
+        if self.module_params:  # identical on every rank from the start (as DDP's wrapping did)
+            for p in self.module_params:
+                torch.distributed.broadcast(p.data, src=0)
         reads = {n for t in plan.losses for n in names_of(exp.losses[t].inputs)}
+        wrapped: list[DistributedDataParallel] = []
         for name in plan.trained_models:
             if exp.sharded:  # FSDP reduce-scatters the sharded model's gradients itself
                 continue
             # a stage that never reads a model's logits leaves its head without gradient (AB/FT init stages)
-            ddp = wrap(exp.models[name], True, unused=f"{name}.logits" not in reads)
-            calls[name] = model_callables(nn.ModuleDict({name: ddp}), tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)[name]
-        for a in plan.adapters:
-            if exp.adapters[a].trainable and any(p.requires_grad for p in exp.adapters[a].module.parameters()):
-                calls[f"adapters.{a}"] = wrap(exp.adapters[a].module, False, unused=True)
-        for t in plan.losses:
-            if any(p.requires_grad for p in exp.losses[t].module.parameters()):
-                calls[f"loss.{t}"] = wrap(exp.losses[t].module, False, unused=True)  # buffers not broadcast: a term keeps
-                # its state consistent itself (CRD gathers the global batch through on_batch)
+            ddp, calls[name] = self.ctx.data_parallel(name, unused=f"{name}.logits" not in reads)
+            wrapped.append(ddp)
         return calls, wrapped
+
+    def _average_module_gradients(self) -> None:
+        """Under DDP: the mean over ranks of the gradients of the stage's trainable adapters and loss
+        terms, in one all-reduce per dtype (they are small; the models' own gradients are reduced by
+        DDP during the backward). Every rank must produce gradients for the same parameters, which
+        kdrun's terms do (the same code path on every rank)."""
+        grads = [p.grad for p in self.module_params if p.grad is not None]
+        if not grads or not self.dist.enabled:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            flat = _flatten_dense_tensors(group)
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.dist.world_size)
+            for g, mean in zip(group, _unflatten_dense_tensors(flat, group)):
+                g.copy_(mean)
 
     def set_modes(self) -> None:
         """Trained models, trainable adapters and loss terms in train mode with gradients; every other
@@ -408,6 +446,7 @@ class StageRunner:
                 self._backward(t, weighted)
             total = t.detach() if total is None else total + t.detach()
             values = v if not values else {name: values[name] + x for name, x in v.items()}
+        self._average_module_gradients()
         clip = self.exp.cfg.trainer.gradient_clip_norm
         for g in self.groups:
             if clip is not None:  # on the device: the norm is never read on the host
