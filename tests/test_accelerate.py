@@ -43,6 +43,10 @@ def test_fused_only_where_it_applies():
     assert fused_kwargs(torch.optim.SGD, torch.device("cpu"), True) == {}
     assert fused_kwargs(torch.optim.SGD, torch.device("cuda"), False) == {}
     assert fused_kwargs(torch.optim.AdamW, torch.device("cuda"), True) == {"fused": True}
+    # fp16: the scaler's overflow flag stays on the device only with a fused optimizer
+    assert fused_kwargs(torch.optim.SGD, torch.device("cuda"), False, "fp16") == {"fused": True}
+    assert fused_kwargs(torch.optim.SGD, torch.device("cuda"), False, "bf16") == {}
+    assert fused_kwargs(torch.optim.SGD, torch.device("cpu"), False, "fp16") == {}
 
 
 def test_mixing_transforms_read_nothing_on_the_host(monkeypatch):

@@ -116,6 +116,31 @@ def test_sampler_is_seeded_distinct_and_resumable():
     assert TokenSampler(10)(2, 6).shape == (2, 6)
 
 
+def test_sampler_under_data_parallelism_keeps_its_rows_of_the_global_draw():
+    """Issue 16: each rank drew from the same CPU generator for its own images, so image i of every rank got
+    the same positions. Now each rank keeps its rows of one draw for the global micro-batch (on the device)."""
+    whole = TokenSampler(5, seed=3)(8, 16)
+    ranks = [TokenSampler(5, seed=3)(4, 16, "cpu", layout=((4, 4), r)) for r in (0, 1)]
+    assert torch.equal(torch.cat(ranks), whole)
+    assert not torch.equal(ranks[0], ranks[1])
+    uneven = TokenSampler(5, seed=3)(3, 16, "cpu", layout=((5, 3), 1))
+    assert torch.equal(uneven, whole[5:8])
+
+
+def test_sampler_state_of_another_device_type_or_format_continues_seeded():
+    a = TokenSampler(5, seed=7)
+    a(4, 16)
+    state = a.get_extra_state()
+    b = TokenSampler(5, seed=0)
+    b.set_extra_state({**state, "device": "cuda"})  # a CUDA run's checkpoint resumed on the CPU
+    c = TokenSampler(5, seed=0)
+    c.set_extra_state({**state, "device": "cuda"})
+    assert torch.equal(b(4, 16), c(4, 16))  # seeded from (seed, draws): reproducible
+    old = TokenSampler(5, seed=0)
+    old.set_extra_state({k: v for k, v in state.items() if k != "device"})  # written before the device key existed
+    assert torch.equal(old(4, 16), a(4, 16))
+
+
 def test_teacher_and_student_get_the_same_positions():
     term = TRGLocalLoss(num_samples=5)
     pos = torch.arange(16.0).view(1, 16, 1)

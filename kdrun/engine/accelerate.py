@@ -55,11 +55,16 @@ def model_callables(models: nn.ModuleDict, compile_models: bool, mode: str = "de
             for name, model in models.items()}
 
 
-def fused_kwargs(optimizer_cls: Any, device: torch.device, enabled: bool) -> dict[str, bool]:
-    """``{'fused': True}`` when asked for, on CUDA, and the optimizer supports it; else ``{}``."""
+def fused_kwargs(optimizer_cls: Any, device: torch.device, enabled: bool, precision: str = "fp32") -> dict[str, bool]:
+    """``{'fused': True}`` on CUDA when the optimizer supports it and it is asked for
+    (``trainer.fused_optimizer``) or the precision is fp16; else ``{}``.
+
+    Under fp16 the gradient scaler must know whether a step overflowed: a fused optimizer takes the
+    scaler's on-device inf flag and skips the update itself, any other reads the flag on the host (one
+    synchronisation per optimizer per step), so fp16 uses the fused implementation wherever one exists."""
     import inspect
 
-    if not enabled or device.type != "cuda":
+    if not (enabled or precision == "fp16") or device.type != "cuda":
         return {}
     try:
         params = inspect.signature(optimizer_cls).parameters

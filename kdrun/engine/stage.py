@@ -212,7 +212,10 @@ class StageRunner:
         if not params:
             raise KdrunError(f"{group.key}: nothing to train (its models, adapters and loss terms have no parameters)")
         target = import_target(group.optimizer["_target_"], f"{group.key}.optimizer")
-        extra = fused_kwargs(target, exp.device, exp.cfg.trainer.fused_optimizer)
+        extra = fused_kwargs(target, exp.device, exp.cfg.trainer.fused_optimizer, exp.cfg.trainer.precision)
+        if exp.device.type == "cuda" and exp.cfg.trainer.precision == "fp16" and not extra:
+            log.info("%s: %s has no fused implementation: under fp16 each step reads the gradient scaler's overflow "
+                     "flag on the host (one synchronisation per step)", group.key, group.optimizer["_target_"])
         optimizer = instantiate_node(group.optimizer, params, **extra)
         scheduler = None
         if group.scheduler is not None:

@@ -53,10 +53,10 @@ projection d): contextual ``B N^2 (D_s + D_t)`` multiply-adds and ``B N^2`` memo
 (no gradient) and ``M^2`` memory; local ``M k (D_s + D_t)``; global ``M d (D_s + D_t) + M^2 d`` and
 ``M^2`` memory. Only the kNN and the InfoNCE logits are quadratic in ``B*S``.
 
-Sampling is reproducible: a ``torch.Generator`` (on the CPU, so the draws are the same on every
-device) seeded from ``seed``; its state is part of the module's ``state_dict`` (extra state), so a
-resumed run continues the same sequence. Indices are drawn on the CPU and copied to the device without
-a host synchronisation; nothing in ``forward`` reads a device value back.
+Sampling is reproducible: a ``torch.Generator`` on the training device seeded from ``seed``; its state
+is part of the module's ``state_dict`` (extra state), so a resumed run continues the same sequence.
+Indices are drawn on the device (no host work, no copy); under data parallelism each rank keeps its
+rows of the global micro-batch's draw. Nothing in ``forward`` reads a device value back.
 """
 from __future__ import annotations
 
@@ -169,10 +169,13 @@ class TokenSampler(nn.Module):
     independent draw per image; :meth:`gather` picks them from (B, N, D) tokens in one vectorised
     gather. With ``num_samples=None`` (or ``>= num_tokens``) every token is kept and nothing is drawn.
 
-    The draws come from a CPU ``torch.Generator`` seeded with ``seed`` (identical on every device); the
-    generator's state is saved in ``state_dict()`` (as the module's extra state), so loading a
-    checkpoint continues the sequence where it stopped. Copying the indices to the device does not wait
-    for the device.
+    The draws come from the sampler's own ``torch.Generator`` on the training device, seeded with
+    ``seed``: no host work and no host-to-device copy per step. Under data parallelism (``layout``:
+    each rank's share of the global micro-batch) every rank draws for the whole global micro-batch and
+    keeps its own rows, so the images of all ranks get independent draws, as in one process with the
+    global batch. The generator's state is saved in ``state_dict()`` (the module's extra state), so
+    loading a checkpoint continues the sequence; a checkpoint of another device type (CPU vs CUDA
+    generators) continues with a sequence seeded from ``(seed, draws)``.
 
     Args:
         num_samples: tokens drawn per image (S). Not given in the paper's available text; chosen: 16
@@ -186,21 +189,37 @@ class TokenSampler(nn.Module):
             raise ValueError(f"TokenSampler: num_samples must be positive or None, got {num_samples}")
         self.num_samples = None if num_samples is None else int(num_samples)
         self.seed = int(seed)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.seed)
+        self.generator: torch.Generator | None = None
+        self._saved: tuple[str, Tensor] | None = None  # a loaded generator state, applied at the next draw
         self.draws = 0
 
     def samples_per_image(self, num_tokens: int) -> int:
         return num_tokens if self.num_samples is None else min(self.num_samples, num_tokens)
 
-    def forward(self, batch: int, num_tokens: int, device: torch.device | str = "cpu") -> Tensor:  # type: ignore[override]
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            gen = torch.Generator(device=device)
+            saved, self._saved = self._saved, None
+            if saved is not None and saved[0] == device.type:
+                gen.set_state(saved[1])
+            else:  # a fresh sampler, or one continued on another device type
+                gen.manual_seed(self.seed if self.draws == 0 else self.seed * 1_000_003 + self.draws)
+            self.generator = gen
+        return self.generator
+
+    def forward(self, batch: int, num_tokens: int, device: torch.device | str = "cpu",  # type: ignore[override]
+                layout: tuple[tuple[int, ...], int] | None = None) -> Tensor:
         s = self.samples_per_image(num_tokens)
+        device = torch.device(device)
         if s == num_tokens:
             return torch.arange(num_tokens, device=device).expand(batch, num_tokens)
-        keys = torch.rand(batch, num_tokens, generator=self.generator)
-        idx = keys.topk(s, dim=1).indices.sort(dim=1).values
+        rows, first = batch, 0
+        if layout is not None:  # the global micro-batch's draw; this rank's rows of it
+            sizes, rank = layout
+            rows, first = sum(sizes), sum(sizes[:rank])
+        keys = torch.rand(rows, num_tokens, generator=self._generator(device), device=device)[first:first + batch]
         self.draws += 1
-        return idx.to(device, non_blocking=True)
+        return keys.topk(s, dim=1).indices.sort(dim=1).values
 
     @staticmethod
     def gather(x: Tensor, idx: Tensor) -> Tensor:
@@ -208,12 +227,19 @@ class TokenSampler(nn.Module):
         return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "draws": self.draws, "generator": self.generator.get_state()}
+        if self.generator is not None:
+            device, state = self.generator.device.type, self.generator.get_state()
+        else:
+            device, state = self._saved if self._saved is not None else (None, None)
+        return {"seed": self.seed, "draws": self.draws, "device": device, "generator": state}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
         self.draws = int(state["draws"])
-        self.generator.set_state(state["generator"].cpu())
+        self.generator = None
+        gen = state.get("generator")
+        # checkpoints written before the generator moved to the device hold a CPU generator's state
+        self._saved = (state.get("device") or "cpu", gen.cpu()) if gen is not None else None
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, seed={self.seed}"
@@ -388,7 +414,7 @@ class _TokenTerm(LossTerm):
         """The same S random positions of every image from both: (B, S, D_s), (B, S, D_t)."""
         if self.sampler.samples_per_image(s.shape[1]) == s.shape[1]:
             return s, t  # every token kept: nothing to draw or gather
-        idx = self.sampler(s.shape[0], s.shape[1], s.device)
+        idx = self.sampler(s.shape[0], s.shape[1], s.device, self.spread_layout())
         return self.sampler.gather(s, idx), self.sampler.gather(t, idx)
 
 
