@@ -143,3 +143,33 @@ def test_an_op_refused_under_determinism_is_one_message_naming_it_and_the_stage(
     text = str(info.value)
     assert text.startswith("trainer.deterministic=true: adaptive_avg_pool2d_backward_cuda has no deterministic implementation")
     assert "stage 'distill' (loss terms ce, refused)" in text and "trainer.deterministic=false" in text
+
+
+def test_a_model_that_hits_the_recompile_limit_is_named_in_a_warning(monkeypatch, caplog):
+    """Issue 16, item 3: models of one class share torch.compile's cache; once it is full the rest run eager
+    with only torch's own log line. kdrun raises the limit to 8 per compiled model and names any model whose
+    forward still hits it."""
+    import logging
+
+    import torch._dynamo
+    from torch import nn
+
+    from kdrun.engine.accelerate import RecompileLimitWatch, compile_budget
+    from kdrun.models.simple import simple_cnn
+
+    models = nn.ModuleDict({f"peer{i}": simple_cnn(10, 1, width=4 + i, depth=2) for i in range(3)})
+    assert compile_budget(models) == 24
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # three same-class models, room for two
+    watch = RecompileLimitWatch(models).install()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kdrun"):
+            x = torch.randn(2, 1, 8, 8)
+            for model in models.values():
+                torch.compile(model, backend="eager", dynamic=False)(x)
+    finally:
+        watch.remove()
+        torch._dynamo.reset()
+    notes = [r.getMessage() for r in caplog.records if r.name == "kdrun"]
+    assert len(notes) == 1 and "the forward of peer0, peer1, peer2 hit the recompile limit (2 graphs)" in notes[0], notes
+    assert "UNCOMPILED" in notes[0]

@@ -10,11 +10,16 @@
   (``dynamic=False``): the short last batch of an epoch gets its own graph. Each run starts with an
   empty compilation cache (``torch._dynamo.reset()`` in ``Trainer.prepare``), so a second run in one
   process (a sequential sweep, the benchmark) does not inherit the first one's graphs or recompile limit.
+  The recompile limit is raised to 8 per compiled model (:func:`compile_budget`: models of one class
+  share a cache), and a function that still hits it is named in a warning (:class:`RecompileLimitWatch`)
+  instead of silently running eager.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import logging
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -53,6 +58,59 @@ def model_callables(models: nn.ModuleDict, compile_models: bool, mode: str = "de
     # model to dynamic-shape graphs for the rest of the run
     return {name: torch.compile(model, mode=None if mode == "default" else mode, backend=backend, dynamic=False)
             for name, model in models.items()}
+
+
+RECOMPILE_BUDGET_PER_MODEL = 8  # torch's own recompile_limit, for each compiled model of a run
+
+
+def compile_budget(models: Mapping[str, nn.Module]) -> int:
+    """The recompile limit a run sets (``torch._dynamo.config.recompile_limit``): 8 (torch's default)
+    for each compiled model. torch.compile caches graphs per code object, so models of one class (a
+    teacher and a student ResNet, DML peers, a born-again run's generations) share one cache of that
+    limit; each model's graphs (trained and frozen, full and last batch, every stage's DDP wrapper)
+    would exhaust torch's 8 and send the rest of the run to eager mode."""
+    return RECOMPILE_BUDGET_PER_MODEL * max(1, len(models))
+
+
+class RecompileLimitWatch(logging.Handler):
+    """Turns torch.compile's warning that a function hit the recompile limit (after which that
+    function runs uncompiled, eager, for the rest of the process) into one kdrun warning naming the
+    run's models whose ``forward`` it is. Install with :meth:`install`, remove with :meth:`remove`."""
+
+    PATTERN = re.compile(r"hit config\.(?:recompile_limit|cache_size_limit) \((\d+)\).*?function: '([^']+)' \((.+):(\d+)\)",
+                         re.S)
+
+    def __init__(self, models: Mapping[str, nn.Module]) -> None:
+        super().__init__(logging.WARNING)
+        self.by_code: dict[tuple[str, int], list[str]] = {}
+        for name, model in models.items():
+            code = getattr(type(model).forward, "__code__", None)
+            if code is not None:
+                self.by_code.setdefault((code.co_filename, code.co_firstlineno), []).append(name)
+        self.reported: set[tuple[str, int]] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = self.PATTERN.search(record.getMessage())
+        if found is None:
+            return
+        limit, function, filename, line = found.group(1), found.group(2), found.group(3), int(found.group(4))
+        where = (filename, line)
+        if where in self.reported:
+            return
+        self.reported.add(where)
+        names = self.by_code.get(where)
+        what = (f"the forward of {', '.join(names)}" if names else f"'{function}' ({filename}:{line})")
+        logging.getLogger("kdrun").warning(
+            "torch.compile: %s hit the recompile limit (%s graphs) and runs UNCOMPILED (eager) from here on; "
+            "the run is correct but slower. TORCH_LOGS=recompiles shows why it recompiled; "
+            "torch._dynamo.config.recompile_limit raises the limit.", what, limit)
+
+    def install(self) -> "RecompileLimitWatch":
+        logging.getLogger("torch._dynamo").addHandler(self)
+        return self
+
+    def remove(self) -> None:
+        logging.getLogger("torch._dynamo").removeHandler(self)
 
 
 def fused_kwargs(optimizer_cls: Any, device: torch.device, enabled: bool, precision: str = "fp32") -> dict[str, bool]:

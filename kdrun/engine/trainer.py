@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun.build import build
 from kdrun.data.loaders import make_loader
 from kdrun.engine import distributed
-from kdrun.engine.accelerate import model_callables, to_channels_last
+from kdrun.engine.accelerate import RecompileLimitWatch, compile_budget, model_callables, to_channels_last
 from kdrun.engine.checkpoint import (atomic_save, find_checkpoint, load_checkpoint, remove_partial_writes, save_training_state,
                                      set_rng_state, write_failure)
 from kdrun.engine.distributed import DistInfo, check_batch, resolve_device
@@ -102,6 +102,7 @@ class Trainer:
         self.checkpoint: dict[str, Any] | None = None  # what resume loaded, until its stage state is used
         self.started = time.perf_counter()
         self.lock = RunLock(self.run_dir)
+        self.compile_watch: RecompileLimitWatch | None = None
 
     # ------------------------------------------------------------------------------ prepare
     def prepare(self) -> Experiment:
@@ -155,6 +156,8 @@ class Trainer:
             import torch._dynamo
 
             torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, compile_budget(exp.models))
+            self.compile_watch = RecompileLimitWatch(exp.models).install()
         exp.forwards = model_callables(exp.models, tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)
         record = self._resume(exp, info)
         if info.is_main:
@@ -278,6 +281,8 @@ class Trainer:
             ctx.interrupts.restore()
             ctx.writer.close()
             self.lock.release()
+            if self.compile_watch is not None:
+                self.compile_watch.remove()
 
     def _finish_round(self, r: int, count: int) -> None:
         """After the last stage (of round ``r``): the linear probe; with rounds, the round's record and
