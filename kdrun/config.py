@@ -86,6 +86,9 @@ def _check_choices(cfg: DictConfig) -> None:
         raise KdrunError(f"trainer.progress must be auto, on or off, got '{t.progress}'")
     if t.get("compile_mode", "default") not in COMPILE_MODES:
         raise KdrunError(f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{t.compile_mode}'")
+    if t.get("compile_scope", "models") not in ("models", "step"):
+        raise KdrunError(f"trainer.compile_scope must be models (each model's forward compiled) or step (a stage's "
+                         f"models, adapters and loss terms compiled as one function), got '{t.compile_scope}'")
     if t.get("compile"):
         import torch._dynamo
 

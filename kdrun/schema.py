@@ -124,6 +124,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile every model's training forward
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune
     compile_backend: str = "inductor"
+    compile_scope: str = "models"  # models: each model's forward | step: a stage's models, adapters and terms as one
     fused_optimizer: bool = False  # pass fused=True to the optimizer on CUDA when it supports it (always under fp16)
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch (CUDA only)
     cudnn_benchmark: bool = False  # CUDA: let cuDNN pick the fastest convolution algorithms per shape (not with deterministic)

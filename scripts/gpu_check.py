@@ -103,7 +103,7 @@ def synthetic(batch: int, steps: int, extra: list[str] = ()) -> list[str]:
 def fast(compiled: bool = True) -> list[str]:
     """trainer=fast's settings spelled out (trainer=fast itself asks for CUDA; these also run on a CPU)."""
     return ["trainer.precision=bf16", "trainer.channels_last=true", f"trainer.compile={str(compiled).lower()}",
-            "trainer.fused_optimizer=true"]
+            "trainer.compile_scope=step", "trainer.fused_optimizer=true"]
 
 
 class Built:
@@ -552,7 +552,8 @@ def short_setting(override: str) -> str:
     key = key.rsplit(".", 1)[-1]
     if key == "precision":
         return value
-    names = {"channels_last": ("NHWC", ""), "compile": ("compiled", ""), "fused_optimizer": ("fused", "unfused")}
+    names = {"channels_last": ("NHWC", ""), "compile": ("compiled", ""), "fused_optimizer": ("fused", "unfused"),
+             "compile_scope": ("", "")}
     if key in names:
         return names[key][0] if value == "true" else names[key][1]
     return f"{key}={value}"

@@ -5,7 +5,8 @@
 - ``trainer.channels_last``: models and input batches use the NHWC layout (faster convolutions on
   tensor-core GPUs).
 - ``trainer.compile``: every model's forward is wrapped by ``torch.compile`` (``trainer.compile_mode``,
-  ``trainer.compile_backend``) for training; evaluation runs the eager model, so the test batch size
+  ``trainer.compile_backend``) for training, or with ``trainer.compile_scope=step`` each stage's whole
+  forward (models, adapters, loss terms; :meth:`kdrun.engine.stage.StageRunner.term_outputs`); evaluation runs the eager model, so the test batch size
   never triggers a recompilation. Tap hooks are traced into the compiled graph. Shapes are static
   (``dynamic=False``): the short last batch of an epoch gets its own graph. Each run starts with an
   empty compilation cache (``torch._dynamo.reset()`` in ``Trainer.prepare``), so a second run in one

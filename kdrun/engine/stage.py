@@ -179,6 +179,7 @@ class StageRunner:
         self.routed = len(self.groups) > 1 and not self.plan.cfg.share_gradients
         self.set_modes()  # DDP wraps only modules whose parameters require grad
         self.forwards, self.ddp = self._forwards()
+        self.compute_terms = self._compiled_step() or self.term_outputs
         precision = tcfg.precision  # read once: a config lookup per step costs microseconds
         self.autocast = lambda: autocast(exp.device, precision)
         self.scaler = grad_scaler(exp.device, precision)
@@ -258,6 +259,22 @@ class StageRunner:
             ddp, calls[name] = self.ctx.data_parallel(name, unused=f"{name}.logits" not in reads)
             wrapped.append(ddp)
         return calls, wrapped
+
+    def _compiled_step(self) -> Any:
+        """With ``trainer.compile=true trainer.compile_scope=step``: :meth:`term_outputs` (every model,
+        adapter and loss term of the micro-batch) compiled as one function, static shapes, one per stage
+        (where torch cannot trace, e.g. a term's own random generator, it breaks the graph and goes on).
+        Under DDP or FSDP the models are compiled one by one instead (the ``models`` scope)."""
+        tcfg = self.exp.cfg.trainer
+        if not (tcfg.compile and tcfg.compile_scope == "step"):
+            return None
+        if self.dist.enabled or self.exp.sharded:
+            if self.index == 0 and self.dist.is_main:
+                log.info("trainer.compile_scope=step: under data parallelism each model is compiled on its own "
+                         "(the models scope)")
+            return None
+        mode = None if tcfg.compile_mode == "default" else tcfg.compile_mode
+        return torch.compile(self.term_outputs, mode=mode, backend=tcfg.compile_backend, dynamic=False)
 
     def _average_module_gradients(self) -> None:
         """Under DDP: the mean over ranks of the gradients of the stage's trainable adapters and loss
@@ -387,8 +404,27 @@ class StageRunner:
                 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """One micro-batch: the weighted total, the detached term values, and every weighted term
         (``scales``: each term's share of the window's global mean, see :mod:`kdrun.engine.accumulate`;
-        None: the values as they are)."""
+        None: the values as they are). The models, adapters and terms run in :meth:`term_outputs`
+        (compiled as one function with ``trainer.compile_scope=step``); weights and scales are applied
+        here, outside it, so that their changing values never recompile it."""
         scales = scales or {}
+        outputs = self.compute_terms(batch)
+        total = torch.zeros((), device=self.device)
+        values: dict[str, Tensor] = {}
+        weighted: dict[str, Tensor] = {}
+        for name in self.plan.losses:
+            out = scaled(outputs[name], scales.get(name))
+            if isinstance(out, dict):
+                for part, v in out.items():
+                    values[f"{name}.{part}"] = v.detach()
+                out = torch.stack([v.float() for v in out.values()]).sum()
+            values[name] = out.detach()
+            weighted[name] = weights[name] * out
+            total = total + weighted[name]
+        return total, values, weighted
+
+    def term_outputs(self, batch: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Frozen models (no autograd), trained models, adapters, then every loss term's raw output."""
         exp, plan, call = self.exp, self.plan, self.forwards
         ns: dict[str, Any] = {f"batch.{k}": v for k, v in batch.items()}
         with torch.no_grad():
@@ -398,19 +434,7 @@ class StageRunner:
             exp.io[name].run(call[name], batch, ns)
         for name in plan.adapters:
             ns[f"adapters.{name}"] = call[f"adapters.{name}"](**gather(ns, exp.adapters[name].inputs))
-        total = torch.zeros((), device=self.device)
-        values: dict[str, Tensor] = {}
-        weighted: dict[str, Tensor] = {}
-        for name in plan.losses:
-            out = scaled(call[f"loss.{name}"](**gather(ns, exp.losses[name].inputs)), scales.get(name))
-            if isinstance(out, dict):
-                for part, v in out.items():
-                    values[f"{name}.{part}"] = v.detach()
-                out = torch.stack([v.float() for v in out.values()]).sum()
-            values[name] = out.detach()
-            weighted[name] = weights[name] * out
-            total = total + weighted[name]
-        return total, values, weighted
+        return {name: call[f"loss.{name}"](**gather(ns, exp.losses[name].inputs)) for name in plan.losses}
 
     def train_step(self, batches: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]], weights: Mapping[str, float],
                    rank_sizes: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:

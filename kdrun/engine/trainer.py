@@ -158,7 +158,9 @@ class Trainer:
             torch._dynamo.reset()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, compile_budget(exp.models))
             self.compile_watch = RecompileLimitWatch(exp.models).install()
-        exp.forwards = model_callables(exp.models, tcfg.compile, tcfg.compile_mode, tcfg.compile_backend)
+        # compile_scope=step compiles each stage's whole forward instead (StageRunner), except under DDP/FSDP
+        per_model = tcfg.compile and (tcfg.compile_scope == "models" or info.enabled)
+        exp.forwards = model_callables(exp.models, per_model, tcfg.compile_mode, tcfg.compile_backend)
         record = self._resume(exp, info)
         if info.is_main:
             self._write_run_dir(exp)
