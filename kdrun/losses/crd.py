@@ -53,21 +53,23 @@ class CRDLoss(LossTerm):
 
     Returns ``{"student_anchor": L_s, "teacher_anchor": L_t}`` (the reference's ``s_loss + t_loss``).
 
-    Negatives. Without ``target`` they are drawn uniformly from all ``N`` training indices, with
-    replacement (``torch.randint`` on the device; the reference's ``AliasMethod`` over uniform
-    probabilities is the same distribution), from the term's own generator: seeded with the run's
-    ``seed``, identical on every rank, saved in the module's state (extra state) so that a resumed run
-    draws the same negatives. With ``target`` (class indices) they exclude samples of the
+    Negatives. Each row's K negatives are distinct, drawn uniformly without replacement as the
+    reference's data set does (``np.random.choice(..., replace=False)``; with replacement only when a row
+    has fewer than K candidates, the reference's rule too): the K largest of N uniform keys per row, on
+    the device (``O(B N)`` work, rows chunked so that at most 16M keys exist at once). They come from the
+    term's own generator: seeded with the run's ``seed``, identical on every rank, saved in the module's
+    state (extra state) so that a resumed run draws the same negatives. Without ``target`` they are drawn
+    from all ``N`` training indices. With ``target`` (class indices) they exclude samples of the
     anchor's class, which is RepDistiller's ``exact`` mode (the data set behind the published table
     draws its negatives from other classes). The term learns the classes of the training samples from
     ``(index, target)`` of the batches it sees (a ``labels`` buffer, ``-1`` = not seen yet; samples not
     seen yet count as other-class), so the exclusion is exact from the second epoch on, or from the first
     step when the data set's training labels reach :meth:`setup` through its build context (arrays, and
-    Dataset folders whose datasets list ``targets``). The draw is vectorised: sorting the
-    label table puts each class in one block, and a draw uniform over the ``N - n_c`` positions outside
-    the anchor's block is mapped around it. Differences to the reference data set: draws are with
-    replacement (it draws without, i.e. a few repeated negatives out of 16384 here) and the positive is
-    always the sample itself (its ``exact`` mode; ``relax`` is not provided).
+    Dataset folders whose datasets list ``targets``). Same-class samples get the lowest key, so the top K
+    are other-class whenever a row has K of them; a row with fewer draws with replacement, vectorised:
+    sorting the label table puts each class in one block, and a draw uniform over the ``N - n_c``
+    positions outside the anchor's block is mapped around it. Difference to the reference data set: the
+    positive is always the sample itself (its ``exact`` mode; ``relax`` is not provided).
 
     Paper vs code: the paper's critic compares the current teacher and student embeddings of the
     positive pair; the code (and this term) reads the positive from the other model's memory bank.
@@ -165,10 +167,14 @@ class CRDLoss(LossTerm):
         # evaluation mode changes no state: its draws come from a fresh generator of the same seed
         gen = self._generator(dev) if self.training else torch.Generator(device=dev).manual_seed(self.seed)
         if target is None or self.labels is None:
-            neg = torch.randint(0, n, (b, k), device=dev, generator=gen)
+            if k > n:  # more negatives than samples: with replacement, as the reference then does
+                neg = torch.randint(0, n, (b, k), device=dev, generator=gen)
+            else:
+                neg = self._distinct(b, gen, dev)
         else:
-            sorted_labels, order = torch.sort(self.labels, stable=True)
             y = target.long()
+            # a row with fewer than K other-class samples draws K of them with replacement (the reference's rule)
+            sorted_labels, order = torch.sort(self.labels, stable=True)
             lo = torch.searchsorted(sorted_labels, y, right=False)
             n_same = torch.searchsorted(sorted_labels, y, right=True) - lo
             n_other = n - n_same
@@ -178,7 +184,27 @@ class CRDLoss(LossTerm):
             r = torch.randint(0, 2**62, (b, k), device=dev, generator=gen) % n_other.unsqueeze(1)
             pos = r + (r >= lo.unsqueeze(1)).long() * n_same.unsqueeze(1)
             neg = order[pos]
+            if k <= n:
+                neg = torch.where((n_other < k).unsqueeze(1), neg, self._distinct(b, gen, dev, y))
         return torch.cat([index.long().unsqueeze(1), neg], dim=1)
+
+    ROW_CHUNK = 1 << 24  # random keys per chunk of rows in _distinct (64 MiB of float32)
+
+    def _distinct(self, b: int, gen: torch.Generator, dev: torch.device, target: Tensor | None = None) -> Tensor:
+        """(B, K) negatives without repeats within a row: the K largest of N uniform keys per row (with
+        ``target``, same-class samples get key -1, so they come last). Memory: at most ``ROW_CHUNK`` keys at
+        a time (rows in chunks; one chunk for CIFAR-100's 64 x 50,000)."""
+        n, k = self.num_train, min(self.num_negatives, self.num_train)
+        rows = max(1, self.ROW_CHUNK // n)
+        out = []
+        for first in range(0, b, rows):
+            count = min(rows, b - first)
+            keys = torch.rand(count, n, device=dev, generator=gen)
+            if target is not None:
+                same = self.labels.unsqueeze(0) == target[first:first + count].unsqueeze(1)
+                keys = keys.masked_fill(same, -1.0)
+            out.append(keys.topk(k, dim=1, sorted=False).indices)
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The negatives' generator on ``device``: seeded with the run's seed, the same on every rank (each
