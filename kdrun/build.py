@@ -483,7 +483,7 @@ def build_losses(cfg: ExperimentConfig, loss_inputs: Mapping[str, Inputs], used:
         try:
             if isinstance(module, Component):
                 module.setup(BuildContext(shapes=shapes, tensor_shapes={k: tuple(v.shape) for k, v in ns.items()
-                                                                         if isinstance(v, Tensor)}, **ctx))
+                                                                         if isinstance(v, Tensor)}, inputs=dict(inputs), **ctx))
             if hasattr(module, "check_shapes"):
                 module.check_shapes(**shapes)
         except ValueError as ex:

@@ -43,6 +43,8 @@ class BuildContext:
         device: where the run trains.
         tensor_shapes: the shape of every named tensor of the build-time trace, by name.
         models: the run's models by name (see :meth:`model`).
+        inputs: the tensor names of the component's inputs by forward argument (a list for a list input),
+            e.g. ``{"teacher": ["teacher.stage1_pre", ...]}``.
         seed: the run's ``seed``; a component drawing random numbers that must agree on every rank
             (CRD's negatives of the global batch) seeds its own generator from it, because the global
             generators are seeded per rank under data parallelism.
@@ -55,6 +57,7 @@ class BuildContext:
     tensor_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     models: Mapping[str, nn.Module] = field(default_factory=dict)
     seed: int = 0
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
     def model(self, name: str) -> nn.Module:
         """The named model (read it, never change it: it is the model the run trains or freezes)."""

@@ -221,12 +221,49 @@ def test_the_ofd_recipe_takes_the_reference_margins_from_the_teachers_batchnorms
     base = ["data=synthetic", "data.num_classes=100", "data.batch_size=8", "data.source.num_train=16", "data.source.num_test=8",
             "teacher=resnet8", "student=resnet8", "teacher.checkpoint=null", "trainer.device=cpu"]
     paths = "[layer1.0.bn2,layer2.0.bn2,layer3.0.bn2]"  # resnet8: one block per stage
-    exp = build(validate(compose_cfg(base + [f"+loss.ofd.teacher_bn={paths}"], recipe="cifar100_ofd")))
+    exp = build(validate(compose_cfg(base + [f"loss.ofd.teacher_bn={paths}"], recipe="cifar100_ofd")))
     ofd, teacher = exp.losses["ofd"].module, exp.models["teacher"]
     assert bool(ofd.margin_fixed)
     torch.testing.assert_close(ofd.margin(2), bn_margin(teacher.layer3[0].bn2.weight, teacher.layer3[0].bn2.bias))
     with pytest.raises(KdrunError, match=r"loss.ofd: teacher has no module 'layer9.0.bn2'"):
-        build(validate(compose_cfg(base + ["+loss.ofd.teacher_bn=[layer9.0.bn2,layer2.0.bn2,layer3.0.bn2]"], recipe="cifar100_ofd")))
+        build(validate(compose_cfg(base + ["loss.ofd.teacher_bn=[layer9.0.bn2,layer2.0.bn2,layer3.0.bn2]"], recipe="cifar100_ofd")))
+
+
+
+def test_the_ofd_recipe_default_reads_each_teachers_batchnorms_itself_and_rereads_them_per_stage():
+    """Issue 17: the recipe used online margins although the published code takes them from the teacher's
+    BatchNorms. Now ``teacher_bn: auto`` (the recipe default) reads the BatchNorm each zoo model declares
+    before its pre-ReLU taps (mdistiller's get_bn_before_relu), and a stage start re-reads them."""
+    from kdrun.build import build
+    from kdrun.component import StageInfo
+    from kdrun.config import validate
+    from kdrun.errors import KdrunError
+    from tests.conftest import compose_cfg
+
+    base = ["data=synthetic", "data.num_classes=100", "data.batch_size=8", "data.source.num_train=16", "data.source.num_test=8",
+            "teacher.checkpoint=null", "trainer.device=cpu"]
+    for teacher, bns in (("resnet8", lambda m: [m.layer1[0].bn2, m.layer2[0].bn2, m.layer3[0].bn2]),
+                         ("vgg8", lambda m: [m.block1[-1], m.block2[-1], m.block3[-1], m.block4[-1]])):
+        exp = build(validate(compose_cfg(base + [f"teacher={teacher}", f"student={teacher}"], recipe="cifar100_ofd")))
+        ofd, model = exp.losses["ofd"].module, exp.models["teacher"]
+        assert bool(ofd.margin_fixed), teacher
+        for i, bn in enumerate(bns(model)):
+            assert isinstance(bn, torch.nn.BatchNorm2d)
+            torch.testing.assert_close(ofd.margin(i), bn_margin(bn.weight, bn.bias))
+    with torch.no_grad():  # a teacher trained by an earlier stage: the margins follow at the next stage start
+        bn.bias.add_(-1.0)
+    before = ofd.margin(3).clone()
+    ofd.on_stage_start(StageInfo("main", 0, 0, ("student",), ("teacher",), 1, None))
+    torch.testing.assert_close(ofd.margin(3), bn_margin(bn.weight, bn.bias))
+    assert not torch.equal(before, ofd.margin(3))
+    wrn = build(validate(compose_cfg(base + ["teacher=wrn_16_2", "student=wrn_16_1"], recipe="cifar100_ofd")))
+    torch.testing.assert_close(wrn.losses["ofd"].module.margin(2), bn_margin(wrn.models["teacher"].bn1.weight,
+                                                                              wrn.models["teacher"].bn1.bias))
+    with pytest.raises(KdrunError, match="teacher_bn=auto needs the BatchNorm before 'teacher.stage1_pre'.*teacher_bn=null"):
+        build(validate(compose_cfg(base + ["teacher=mobilenetv2", "student=mobilenetv2"], recipe="cifar100_ofd")))
+    online = build(validate(compose_cfg(base + ["teacher=mobilenetv2", "student=mobilenetv2", "loss.ofd.teacher_bn=null"],
+                                        recipe="cifar100_ofd")))
+    assert not bool(online.losses["ofd"].module.margin_fixed)
 
 
 def _ofd_rank(rank: int, world: int, init_file: str, folder: str) -> None:

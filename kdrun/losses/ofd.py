@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun.component import BuildContext
+from kdrun.component import BuildContext, StageInfo
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import Features, Shapes, full_precision, paired_shapes, paired_tensors
 
@@ -88,8 +88,10 @@ class OFDLoss(LossTerm):
     Args:
         kernel_size: connector conv kernel (default 1, mdistiller's ``CONNECTOR.KERNEL_SIZE``).
         stage_weights: ``w_i`` per pair, shallow to deep; ``None`` (default): ``2^-(K-1-i)``.
-        teacher_bn: module paths of the teacher's BatchNorms before each pre-ReLU tap (default ``None``:
-            the online estimate). teacher_model: the model they belong to (default ``teacher``).
+        teacher_bn: the teacher's BatchNorms before each pre-ReLU tap: ``auto`` (the model's declared
+            ``bn_before_relu``, the ``cifar100_ofd`` recipe's setting), their module paths, or ``None``
+            (default: the online estimate). Re-read when each stage starts. teacher_model: the model they
+            belong to (default ``teacher``).
 
     CIFAR-100 settings (mdistiller ``configs/cifar100/ofd.yaml`` with its defaults): cross-entropy weight 1,
     term weight 0.001 (``OFD.LOSS.FEAT_WEIGHT``; the authors' CIFAR code divides by 1000 too), no KD term,
@@ -99,9 +101,13 @@ class OFDLoss(LossTerm):
     """
 
     def __init__(self, kernel_size: int = 1, stage_weights: Sequence[float] | None = None,
-                 teacher_bn: Sequence[str] | None = None, teacher_model: str = "teacher") -> None:
+                 teacher_bn: Sequence[str] | str | None = None, teacher_model: str = "teacher") -> None:
         super().__init__()
-        self.teacher_bn = None if teacher_bn is None else [str(p) for p in teacher_bn]
+        if isinstance(teacher_bn, str) and teacher_bn != "auto":
+            raise ValueError(f"OFD: teacher_bn must be 'auto', a list of BatchNorm module paths or null, got '{teacher_bn}'")
+        self.teacher_bn: list[str] | str | None = (teacher_bn if teacher_bn is None or isinstance(teacher_bn, str)
+                                                   else [str(p) for p in teacher_bn])
+        self._teacher_bns: list[nn.Module] = []  # the teacher's BatchNorms (not submodules), re-read at each stage start
         self.teacher_model = str(teacher_model)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"OFD: kernel_size must be a positive odd number, got {kernel_size}")
@@ -133,7 +139,34 @@ class OFDLoss(LossTerm):
         self.register_buffer("num_batches", torch.zeros(()))
         self.register_buffer("margin_fixed", torch.zeros((), dtype=torch.bool))
         if self.teacher_bn is not None:
-            self.set_teacher_bn([ctx.module(self.teacher_model, path) for path in self.teacher_bn])
+            paths = self._auto_bn_paths(ctx) if self.teacher_bn == "auto" else self.teacher_bn
+            self._teacher_bns = [ctx.module(self.teacher_model, path) for path in paths]
+            self.set_teacher_bn(self._teacher_bns)
+
+    def _auto_bn_paths(self, ctx: BuildContext) -> list[str]:
+        """``teacher_bn: auto``: the BatchNorm before each teacher input tap, from the model's declared
+        ``bn_before_relu`` (tap -> module path; kdrun's CIFAR ResNets, ResNet-50 and VGGs declare it)."""
+        model = ctx.model(self.teacher_model)
+        table = getattr(model, "bn_before_relu", None) or {}
+        names = ctx.inputs.get("teacher", [])
+        names = [names] if isinstance(names, str) else list(names)
+        paths = []
+        for name in names:
+            tap = name.split(".", 1)[1] if name.startswith(f"{self.teacher_model}.") else None
+            if tap is None or tap not in table:
+                raise ValueError(f"OFD: teacher_bn=auto needs the BatchNorm before '{name}', and "
+                                 f"{type(model).__name__} declares none for it (it declares: "
+                                 f"{', '.join(table) or 'none'}). Give the paths (teacher_bn=[<module path>, ...]) "
+                                 f"or use the online margins (teacher_bn=null)")
+            paths.append(table[tap])
+        return paths
+
+    def on_stage_start(self, stage: StageInfo) -> None:
+        """Margins from the teacher's BatchNorms as they are when a stage starts (a teacher trained by an
+        earlier stage of the run has other statistics than at build time)."""
+        super().on_stage_start(stage)
+        if self._teacher_bns:
+            self.set_teacher_bn(self._teacher_bns)
 
     def set_teacher_bn(self, bns: Sequence[nn.BatchNorm2d | tuple[Tensor, Tensor]]) -> None:
         """Fix the margins from the teacher's BatchNorm before each pre-ReLU tap (the reference's margins).

@@ -84,6 +84,8 @@ class CifarResNet(nn.Module):
             self.taps[f"stage{k}"] = f"layer{k}"
             self.taps[f"stage{k}_pre"] = f"layer{k}.{n - 1}.preact"
         self.taps["feat"] = "flatten"
+        # the BatchNorm whose output the pre-ReLU tap adds to the shortcut (OFD's margins, as mdistiller reads them)
+        self.bn_before_relu = {f"stage{k}_pre": f"layer{k}.{n - 1}.bn2" for k in (1, 2, 3)}
 
     @staticmethod
     def _make_stage(c_in: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

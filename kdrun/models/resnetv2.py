@@ -83,6 +83,8 @@ class CifarBottleneckResNet(nn.Module):
             self.taps[f"stage{k}"] = f"layer{k}"
             self.taps[f"stage{k}_pre"] = f"layer{k}.{n - 1}.preact"
         self.taps["feat"] = "flatten"
+        # the BatchNorm whose output the pre-ReLU tap adds to the shortcut (OFD's margins, as mdistiller reads them)
+        self.bn_before_relu = {f"stage{k}_pre": f"layer{k}.{n - 1}.bn3" for k, n in enumerate(blocks, start=1)}
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

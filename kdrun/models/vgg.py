@@ -84,6 +84,8 @@ class VGG(nn.Module):
             self.taps[f"stage{k}"] = f"relu{k}"
             self.taps[f"stage{k}_pre"] = f"block{k}"
         self.taps["feat"] = "flatten"
+        # each block ends with the BatchNorm that its pre-ReLU tap is (OFD's margins, as mdistiller reads them)
+        self.bn_before_relu = {f"stage{k}_pre": f"block{k}.{len(getattr(self, f'block{k}')) - 1}" for k in (1, 2, 3, 4)}
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[2]

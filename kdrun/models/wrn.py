@@ -104,6 +104,8 @@ class WideResNet(nn.Module):
             "stage1_pre": "block2.layer.0.bn1", "stage2_pre": "block3.layer.0.bn1", "stage3_pre": "bn1",
             "feat": "flatten",
         }
+        # pre-activation blocks: each pre-ReLU tap is itself the BatchNorm OFD's margins come from (as in mdistiller)
+        self.bn_before_relu = {k: v for k, v in self.taps.items() if k.endswith("_pre")}
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
