@@ -141,6 +141,14 @@ def test_every_table_pair_resolves_its_settings_and_published_number(recipe):
         light = student in ("mobilenetv2", "shufflenetv1", "shufflenetv2")
         main_lr = compose_cfg([f"student={student}"] + ([f"teacher={teacher}"] if teacher else []), recipe=recipe).stages.main.optimizer.lr
         assert main_lr == (0.01 if light else 0.05), (teacher, student, main_lr)
+        # every other stage's lr too (the init stages of FT, AB, FSP), by RepDistiller's helper/pretrain.py: 0.01
+        # for factor transfer with a CIFAR ResNet/WRN student, else the student's main learning rate
+        composed = compose_cfg([f"student={student}"] + ([f"teacher={teacher}"] if teacher else []), recipe=recipe)
+        for name, stage in composed.stages.items():
+            if name == "main" or stage.get("optimizer") is None or stage.optimizer.get("lr") is None:
+                continue
+            want = 0.01 if recipe == "cifar100_ft" and student.startswith(("resnet", "wrn")) else main_lr
+            assert stage.optimizer.lr == want, (recipe, name, teacher, student, stage.optimizer.lr)
 
 
 SHAPE_CASES = sorted({(r, SHALLOW.get(t, t) if t else None, SHALLOW.get(s, s)) for r, t, s in CASES},
