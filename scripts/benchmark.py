@@ -287,17 +287,20 @@ class HandSide(Side):
         self.precision = "fp32"
 
     def epoch(self, key: int, steps: int) -> None:
-        t_ = KD["temperature"]
         for x, y in self.data.batches(key, self.batch, steps, self.clock):
             with torch.no_grad():
                 t = self.teacher(x)
-            s = self.student(x)
-            kd = F.kl_div(F.log_softmax(s / t_, dim=-1), F.log_softmax(t / t_, dim=-1), reduction="batchmean",
-                          log_target=True) * (t_ * t_)
-            loss = KD["ce_weight"] * F.cross_entropy(s, y) + KD["kd_weight"] * kd
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.update(self.student(x), t, y)
+
+    def update(self, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """0.1 CE + 0.9 T^2 KL(teacher || student) at T = 4, backward, SGD step."""
+        t_ = KD["temperature"]
+        kd = F.kl_div(F.log_softmax(s / t_, dim=-1), F.log_softmax(t / t_, dim=-1), reduction="batchmean",
+                      log_target=True) * (t_ * t_)
+        loss = KD["ce_weight"] * F.cross_entropy(s, y) + KD["kd_weight"] * kd
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
 
 
 class HandFastSide(HandSide):
@@ -318,20 +321,13 @@ class HandFastSide(HandSide):
         self.student_call = torch.compile(self.student, backend=backend, dynamic=False)
 
     def epoch(self, key: int, steps: int) -> None:
-        t_ = KD["temperature"]
         for x, y in self.data.batches(key, self.batch, steps, self.clock):
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.data.device.type, dtype=torch.bfloat16):
                 with torch.no_grad():
                     t = self.teacher_call(x)
                 s = self.student_call(x)
-            s, t = s.float(), t.float()  # the loss in fp32, as kdrun's terms compute it
-            kd = F.kl_div(F.log_softmax(s / t_, dim=-1), F.log_softmax(t / t_, dim=-1), reduction="batchmean",
-                          log_target=True) * (t_ * t_)
-            loss = KD["ce_weight"] * F.cross_entropy(s, y) + KD["kd_weight"] * kd
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.update(s.float(), t.float(), y)  # the loss in fp32, as kdrun's terms compute it
 
 
 class TorchdistillSide(Side):
