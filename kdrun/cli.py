@@ -323,8 +323,8 @@ def check_paths(args: list[str]) -> str | None:
 
     for a in args:
         key, _, value = a.partition("=")
-        if key in ("name", "+name", "++name") and run_name_problem(value) is not None:
-            return run_name_problem(value)
+        if key in ("name", "+name", "++name") and (problem := run_name_problem(value)) is not None:
+            return problem
         if key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
             continue
         path = Path(value).expanduser()

@@ -116,6 +116,48 @@ class Component(nn.Module):
         return layout
 
 
+class DeviceGenerator:
+    """A component's own random generator: a ``torch.Generator`` made on the device of its first draw and
+    seeded with ``seed``, so the same on every rank (unlike the global generators, seeded per rank under
+    data parallelism). :meth:`state_dict` / :meth:`load_state_dict` go into the component's extra state, so a
+    resumed run continues the sequence; a state of another device type (CPU vs CUDA generators) continues
+    with a sequence seeded from ``(seed, draws)``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed, self.draws = int(seed), 0
+        self.generator: torch.Generator | None = None
+        self._saved: tuple[str, Tensor] | None = None  # a loaded state, applied at the next draw
+
+    def draw(self, device: torch.device | str) -> torch.Generator:
+        """The generator on ``device``, for one draw (counted)."""
+        device = torch.device(device)
+        gen = self.generator
+        if gen is None or gen.device.type != device.type or (device.index is not None and gen.device.index != device.index):
+            gen = torch.Generator(device=device)
+            saved, self._saved = self._saved, None
+            if saved is not None and saved[0] == device.type:
+                gen.set_state(saved[1])
+            else:  # a fresh generator, or one continued on another device type
+                gen.manual_seed(self.seed if self.draws == 0 else self.seed * 1_000_003 + self.draws)
+            self.generator = gen
+        self.draws += 1
+        return gen
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.generator is not None:
+            device, state = self.generator.device.type, self.generator.get_state()
+        else:
+            device, state = self._saved if self._saved is not None else (None, None)
+        return {"seed": self.seed, "draws": self.draws, "device": device, "generator": state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.seed, self.draws = int(state["seed"]), int(state.get("draws", 0))
+        self.generator = None
+        gen = state.get("generator")
+        # TRG checkpoints written before its generator moved to the device hold a CPU generator's state
+        self._saved = (state.get("device") or "cpu", gen.cpu()) if gen is not None else None
+
+
 def gather_rows(x: Tensor, rank_sizes: tuple[int, ...]) -> Tensor:
     """Every rank's rows of ``x`` (``rank_sizes[r]`` rows on rank r), concatenated in rank order: the global
     micro-batch. The sizes are host values, so ranks with fewer rows pad and nothing is read from the device."""

@@ -55,10 +55,10 @@ def test_crd_matches_loops_and_fixes_z_on_first_batch():
     s, t = _inputs()
     index = torch.tensor([4, 0, 9])
     mem_s, mem_t = crd.memory_s.tolist(), crd.memory_t.tolist()
-    gen_state = crd._generator(torch.device("cpu")).get_state()
+    gen_state = crd.random.draw("cpu").get_state()
     idx = crd.sample_indices(index).tolist()
     assert [r[0] for r in idx] == [4, 0, 9]
-    crd.generator.set_state(gen_state)  # the same negatives again: the term's own generator, not torch's
+    crd.random.generator.set_state(gen_state)  # the same negatives again: the term's own generator, not torch's
     torch.manual_seed(123)
     out = crd(s, t, index)
 

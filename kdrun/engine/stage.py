@@ -281,8 +281,10 @@ class StageRunner:
         terms, in one all-reduce per dtype (they are small; the models' own gradients are reduced by
         DDP during the backward). Every rank must produce gradients for the same parameters, which
         kdrun's terms do (the same code path on every rank)."""
+        if not self.dist.enabled or not self.module_params:
+            return
         grads = [p.grad for p in self.module_params if p.grad is not None]
-        if not grads or not self.dist.enabled:
+        if not grads:
             return
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 

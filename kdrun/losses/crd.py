@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun.component import BuildContext, gather_rows
+from kdrun.component import BuildContext, DeviceGenerator, gather_rows
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import full_precision, to_float
 
@@ -112,9 +112,8 @@ class CRDLoss(LossTerm):
         self.labels: Tensor | None
         for name in ("memory_s", "memory_t", "z_s", "z_t", "labels"):
             self.register_buffer(name, None)
-        self.seed = 0  # the run's seed (setup); the negatives' generator is made on the device at the first draw
-        self.generator: torch.Generator | None = None
-        self._saved_generator: tuple[str, Tensor] | None = None  # a loaded state, applied at the next draw
+        self.random = DeviceGenerator()  # the negatives' generator, seeded with the run's seed in setup
+        self._rows_full = False  # every row has K other-class candidates (known when setup gets the labels)
 
     # ------------------------------------------------------------------------------ build time
     def setup(self, ctx: BuildContext) -> None:
@@ -126,7 +125,7 @@ class CRDLoss(LossTerm):
         ds = math.prod(tuple(shapes["student"])[1:])
         dt = math.prod(tuple(shapes["teacher"])[1:])
         self.num_train = int(num_train)
-        self.seed = int(ctx.seed)
+        self.random = DeviceGenerator(ctx.seed)
         self.embed_s = CRDEmbed(ds, self.feat_dim)
         self.embed_t = CRDEmbed(dt, self.feat_dim)
         stdv = 1.0 / math.sqrt(self.feat_dim / 3.0)
@@ -140,6 +139,8 @@ class CRDLoss(LossTerm):
                 if tuple(train_labels.shape) != (num_train,):
                     raise ValueError(f"CRD: train_labels {tuple(train_labels.shape)} must be ({num_train},)")
                 labels.copy_(train_labels.long())
+                # known on the host: every row has K other-class candidates, so no row needs the fallback draw
+                self._rows_full = num_train - int(torch.bincount(labels).max()) >= self.num_negatives
             self.register_buffer("labels", labels)
 
     def check_shapes(self, student: torch.Size, teacher: torch.Size, index: torch.Size,  # type: ignore[override]
@@ -165,12 +166,14 @@ class CRDLoss(LossTerm):
         n, k, b = self.num_train, self.num_negatives, index.shape[0]
         dev = index.device
         # evaluation mode changes no state: its draws come from a fresh generator of the same seed
-        gen = self._generator(dev) if self.training else torch.Generator(device=dev).manual_seed(self.seed)
+        gen = self.random.draw(dev) if self.training else torch.Generator(device=dev).manual_seed(self.random.seed)
         if target is None or self.labels is None:
             if k > n:  # more negatives than samples: with replacement, as the reference then does
                 neg = torch.randint(0, n, (b, k), device=dev, generator=gen)
             else:
                 neg = self._distinct(b, gen, dev)
+        elif self._rows_full:
+            neg = self._distinct(b, gen, dev, target.long())
         else:
             y = target.long()
             # a row with fewer than K other-class samples draws K of them with replacement (the reference's rule)
@@ -206,30 +209,11 @@ class CRDLoss(LossTerm):
             out.append(keys.topk(k, dim=1, sorted=False).indices)
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """The negatives' generator on ``device``: seeded with the run's seed, the same on every rank (each
-        rank draws the whole global batch's negatives and keeps its rows), continued from a checkpoint."""
-        if self.generator is None or self.generator.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            saved, self._saved_generator = self._saved_generator, None
-            if saved is not None and saved[0] == device.type:
-                gen.set_state(saved[1])
-            self.generator = gen
-        return self.generator
-
     def get_extra_state(self) -> dict[str, Any]:
-        gen = self.generator
-        if gen is not None:
-            return {"seed": self.seed, "device": gen.device.type, "generator": gen.get_state()}
-        saved = self._saved_generator
-        return {"seed": self.seed, "device": saved[0] if saved else None, "generator": saved[1] if saved else None}
+        return self.random.state_dict()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Continue the saved generator (a checkpoint of another device type restarts it from the seed)."""
-        self.seed = int(state["seed"])
-        self.generator = None
-        self._saved_generator = (state["device"], state["generator"].cpu()) if state.get("generator") is not None else None
+        self.random.load_state_dict(state)
 
     def nce_loss(self, x: Tensor) -> Tensor:
         """NCE loss of (B, K + 1) normalised scores, positive in column 0 (RepDistiller's ``ContrastLoss``)."""

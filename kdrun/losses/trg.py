@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun.component import BuildContext
+from kdrun.component import BuildContext, DeviceGenerator
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import full_precision, to_float
 
@@ -188,24 +188,14 @@ class TokenSampler(nn.Module):
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"TokenSampler: num_samples must be positive or None, got {num_samples}")
         self.num_samples = None if num_samples is None else int(num_samples)
-        self.seed = int(seed)
-        self.generator: torch.Generator | None = None
-        self._saved: tuple[str, Tensor] | None = None  # a loaded generator state, applied at the next draw
-        self.draws = 0
+        self.random = DeviceGenerator(seed)
+
+    @property
+    def seed(self) -> int:
+        return self.random.seed
 
     def samples_per_image(self, num_tokens: int) -> int:
         return num_tokens if self.num_samples is None else min(self.num_samples, num_tokens)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            gen = torch.Generator(device=device)
-            saved, self._saved = self._saved, None
-            if saved is not None and saved[0] == device.type:
-                gen.set_state(saved[1])
-            else:  # a fresh sampler, or one continued on another device type
-                gen.manual_seed(self.seed if self.draws == 0 else self.seed * 1_000_003 + self.draws)
-            self.generator = gen
-        return self.generator
 
     def forward(self, batch: int, num_tokens: int, device: torch.device | str = "cpu",  # type: ignore[override]
                 layout: tuple[tuple[int, ...], int] | None = None) -> Tensor:
@@ -217,8 +207,7 @@ class TokenSampler(nn.Module):
         if layout is not None:  # the global micro-batch's draw; this rank's rows of it
             sizes, rank = layout
             rows, first = sum(sizes), sum(sizes[:rank])
-        keys = torch.rand(rows, num_tokens, generator=self._generator(device), device=device)[first:first + batch]
-        self.draws += 1
+        keys = torch.rand(rows, num_tokens, generator=self.random.draw(device), device=device)[first:first + batch]
         return keys.topk(s, dim=1).indices.sort(dim=1).values
 
     @staticmethod
@@ -227,19 +216,10 @@ class TokenSampler(nn.Module):
         return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def get_extra_state(self) -> dict[str, Any]:
-        if self.generator is not None:
-            device, state = self.generator.device.type, self.generator.get_state()
-        else:
-            device, state = self._saved if self._saved is not None else (None, None)
-        return {"seed": self.seed, "draws": self.draws, "device": device, "generator": state}
+        return self.random.state_dict()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
-        self.draws = int(state["draws"])
-        self.generator = None
-        gen = state.get("generator")
-        # checkpoints written before the generator moved to the device hold a CPU generator's state
-        self._saved = (state.get("device") or "cpu", gen.cpu()) if gen is not None else None
+        self.random.load_state_dict(state)
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, seed={self.seed}"
