@@ -495,7 +495,7 @@ def build_losses(cfg: ExperimentConfig, loss_inputs: Mapping[str, Inputs], used:
         except Exception as ex:
             raise KdrunError(f"loss.{name} ({target}) cannot use its inputs {describe(ns, inputs)}: {first_line(ex)}") from None
         mean_over, count_field = _mean_over(name, module, inputs)
-        out[name] = LossSpec(name, module, lcfg.weight, inputs, lcfg.warmup_epochs, mean_over, count_field)
+        out[name] = LossSpec(name, module, lcfg.weight, inputs, lcfg.warmup_epochs, mean_over, count_field, lcfg.warmup_offset)
     return out
 
 

@@ -12,6 +12,13 @@ derives from it, unconditionally, in this order:
 - ``on_stage_start(stage)`` when a stage starts (also on resume), with a :class:`StageInfo`.
 - ``on_epoch_start(epoch, total_epochs)`` before every epoch (0-based).
 - ``on_step(step, total_steps)`` before every optimizer step of a stage (0-based, stage-local).
+- ``class_mean_inputs()`` when a stage that uses the component starts: the forward arguments whose
+  per-class means over the training set the component needs (ND's teacher class centres, TGeo-KD's
+  class-average teacher predictions). For each, the engine runs the tensor's (frozen) model in eval mode
+  over the unaugmented training set, averages the tensor per label (sums all-reduced under data
+  parallelism), calls ``set_class_means({argument: (C, ...) tensor})`` and writes them to
+  ``<run dir>/class_means/<term>.pt``. The component keeps them as buffers (so a checkpoint holds them)
+  and returns no argument once it has them.
 - ``on_batch(rank_sizes, rank)`` before every training micro-batch: how many samples of the global
   micro-batch each rank holds (in rank order; every rank holds a contiguous share), and this process's
   rank. Known on the host, so a component that must see the whole global batch (a memory bank) can
@@ -100,6 +107,17 @@ class Component(nn.Module):
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called before every optimizer step of a stage (0-based, counted from the stage's start)."""
+
+    def class_mean_inputs(self) -> tuple[str, ...]:
+        """Forward arguments whose per-class training-set means the component still needs (default none)."""
+        return ()
+
+    def class_mean_of(self, argument: str, value: Tensor) -> Tensor:
+        """What is averaged per class for ``argument`` (default the tensor itself, e.g. a softmax of logits)."""
+        return value
+
+    def set_class_means(self, means: Mapping[str, Tensor]) -> None:
+        """Receive the per-class means asked for by :meth:`class_mean_inputs` (float32, on the run's device)."""
 
     def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
         """Called before every training micro-batch: the samples of the global micro-batch on every rank.

@@ -152,6 +152,9 @@ def _check_ranges(cfg: DictConfig) -> None:
             raise KdrunError(f"loss.{name}.weight must be a finite number >= 0, got {weight} "
                              f"(0 turns the term off; a term to maximise needs its own loss class)")
         _at_least(node, f"loss.{name}", "warmup_epochs", 0, None)
+        if node.get("warmup_offset", 1) not in (0, 1) or isinstance(node.get("warmup_offset"), bool):
+            raise KdrunError(f"loss.{name}.warmup_offset must be 0 (the first epoch's weight is 0) or 1 (it is 1 / "
+                             f"warmup_epochs), got {node.get('warmup_offset')!r}")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -28,6 +28,7 @@ class LossSpec:
     warmup_epochs: int = 0
     mean_over: str = "samples"
     count_field: str | None = None
+    warmup_offset: int = 1
 
 
 @dataclass

@@ -244,7 +244,8 @@ class LossTermConfig:
     node: dict[str, Any]
     inputs: dict[str, Any]  # forward argument -> tensor name (or list of names)
     weight: float = 1.0
-    warmup_epochs: int = 0  # the weight ramps linearly over this many epochs: w * min(1, (e + 1) / n)
+    warmup_epochs: int = 0  # the weight ramps linearly over this many epochs: w * min(1, (e + warmup_offset) / n)
+    warmup_offset: int = 1  # 1: the first epoch (e = 0) gets 1/n (mdistiller); 0: it gets 0 (the ND authors' loop)
 
 
 @dataclass

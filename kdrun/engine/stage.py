@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kdrun.build import instantiate_node
-from kdrun.component import StageInfo, components
+from kdrun.component import Component, StageInfo, components
 from kdrun.config import import_target
 from kdrun.engine.accumulate import scaled, window_scales
 from kdrun.engine.accelerate import autocast, deterministic_failure, fused_kwargs, grad_scaler, model_callables
@@ -42,6 +42,7 @@ from kdrun.engine.checkpoint import save_training_state
 from kdrun.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from kdrun.engine.evaluate import evaluate
 from kdrun.engine.metrics import MetricsWriter
+from kdrun.engine.statistics import fill_class_means
 from kdrun.engine.record import RunKey, RunRecord
 from kdrun.devices import peak_memory_mb
 from kdrun.errors import KdrunError
@@ -187,6 +188,8 @@ class StageRunner:
         self.hooked = components({**{f"a.{a}": exp.adapters[a].module for a in self.plan.adapters},
                                   **{f"l.{t}": exp.losses[t].module for t in self.plan.losses}})
         self.meter = EpochMeter()
+        fill_class_means(exp, {t: exp.losses[t].module for t in self.plan.losses if isinstance(exp.losses[t].module, Component)},
+                         self.dist, ctx.run_dir, self.autocast)
         info = self.info()
         for c in self.hooked:  # the stage starts (or a resumed run re-enters it)
             c.on_stage_start(info)
@@ -398,7 +401,7 @@ class StageRunner:
         out = {}
         for name in self.plan.losses:
             spec = self.exp.losses[name]
-            ramp = min(1.0, (epoch + 1) / spec.warmup_epochs) if spec.warmup_epochs > 0 else 1.0
+            ramp = min(1.0, (epoch + spec.warmup_offset) / spec.warmup_epochs) if spec.warmup_epochs > 0 else 1.0
             out[name] = self.base_weights[name] * ramp
         return out
 

@@ -9,6 +9,7 @@ from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss
 from kdrun.losses.ft import FTLoss
 from kdrun.losses.logits import (BalancedKLLoss, CrossEntropy, DISTLoss, DKDLoss, KDLoss, ReverseKLLoss,
                                  standardize_logits)
+from kdrun.losses.nd import NDLoss
 from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
@@ -18,7 +19,7 @@ from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "BalancedKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SPLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SPLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]
