@@ -61,6 +61,7 @@ HF_STANDINS = {
                                   "data.source.max_length=32", "data.source.chat_template=null"],
     "bert_sst2_kd": [f"+teacher.net.config={BERT}", f"student.net.config={BERT}", "data.source.max_length=16"],
 }
+HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
 
 
 def smoke_overrides(recipe: str) -> list[str]:
