@@ -269,3 +269,31 @@ def test_hidden_loss_over_a_layer_map(kind):
     assert got.item() == pytest.approx(sum(per_pair) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="Projector"):
         TokenHiddenLoss().check_shapes(student=[torch.Size([2, 5, 4])], teacher=[torch.Size([2, 5, 8])], mask=torch.Size([2, 5]))
+
+
+def test_taid_for_classifiers_matches_its_formula_and_schedule():
+    """TAIDClassifierLoss: -1/B sum_i sum_c softmax((1 - t) z_s + t z_t)_ic log softmax(z_s)_ic, the target
+    detached; t moves once per step from the step's sample-weighted mean loss, as the token term does."""
+    from kdrun.losses import TAIDClassifierLoss
+
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    term = TAIDClassifierLoss(t_start=0.4, alpha=0.1, beta=0.5)
+    loss = term(zs, zt)
+    target = torch.softmax(0.6 * zs.detach() + 0.4 * zt, dim=1)
+    want = -(target * torch.log_softmax(zs, dim=1)).sum(1).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-7)
+    # gradient only through log q: d/dz_s = (softmax(z_s) - p_t) / B
+    grad, = torch.autograd.grad(loss, zs)
+    torch.testing.assert_close(grad.double(), (torch.softmax(zs.detach(), 1) - target) / 6, rtol=1e-4, atol=1e-7)
+    # two micro-batches of 2 and 4 samples: l is their sample-weighted mean
+    term2 = TAIDClassifierLoss(t_start=0.4, alpha=0.1, beta=0.5)
+    term2.on_step(0, 100)
+    l1, l2 = term2(zs[:2].detach(), zt[:2]), term2(zs[2:].detach(), zt[2:])
+    torch.testing.assert_close((term2.step_loss[0] / term2.step_loss[1]).double(), (2 * l1 + 4 * l2).double() / 6)
+    term2.on_step(1, 100)  # first seen loss: rel = 0, m = 0, t += alpha * 0.5 * (1 - t)
+    assert float(term2.t) == pytest.approx(0.4 + 0.1 * 0.5 * 0.6)
+    assert float(term2.prev_loss) == pytest.approx(float((2 * l1 + 4 * l2) / 6))
+    with pytest.raises(ValueError, match="mask"):
+        term2.check_shapes(torch.Size([2, 3, 5]), torch.Size([2, 3, 5]))

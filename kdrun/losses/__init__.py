@@ -14,13 +14,14 @@ from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
 from kdrun.losses.sinkhorn import SinkhornLoss
+from kdrun.losses.taid import TAIDClassifierLoss
 from kdrun.losses.tokens import TAIDLoss, TokenCrossEntropy, TokenDivergence, TokenHiddenLoss, TokenKLLoss
 from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRGLocalLoss, TRGLoss
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "BalancedKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SPLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]

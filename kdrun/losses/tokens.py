@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from kdrun.losses.base import LossTerm
+from kdrun.losses.taid import TAIDSchedule, interpolated_cross_entropy
 from kdrun.losses.features import to_float
 
 LOG_FLOOR = -1.0e4  # mixtures and tail buckets are clamped here: exp() is 0, and 0 * (a - b) stays finite (empty tails)
@@ -252,22 +253,14 @@ class TokenKLLoss(TokenDivergence):
         super().__init__(kind="fkl", temperature=temperature, t_squared=True, chunk_size=None)
 
 
-class TAIDLoss(LossTerm):
+class TAIDLoss(TAIDSchedule):
     """TAID: temporally adaptive interpolated distillation (Shing et al., "TAID: Temporally Adaptive
-    Interpolated Distillation for Efficient Knowledge Transfer in Language Models", ICLR 2025).
+    Interpolated Distillation for Efficient Knowledge Transfer in Language Models", ICLR 2025), per token.
 
     Target ``p_t = softmax((1 - t) sg(z_s) + t z_t)``, loss ``-sum_v p_t(v) log q(v)`` averaged over the
-    valid tokens. ``t`` moves from ``t_start`` to ``t_end`` once per optimizer step, from the detached loss
-    ``l`` of the previous step -- its mean over every valid token of the step's micro-batches -- (SakanaAI/TAID
-    ``src/distil_losses/taid.py``)::
-
-        rel = (l_prev - l) / l_prev;  m <- beta m + (1 - beta) rel;  delta = alpha sigmoid(m) (1 - t)
-        t <- min(t_end, max(t_start + (t_end - t_start) step / total_steps, t + delta))
-
-    Defaults: ``t_start`` 0.4, ``t_end`` 1.0, ``alpha`` 5e-4, ``beta`` 0.99; ``adaptive=false`` keeps only
-    the linear floor. Under data parallelism ``l`` is the mean over ranks (all-reduced), so every rank holds
-    the same ``t`` (the reference code uses each rank's own loss). ``t``, ``m`` and ``l_prev`` are buffers:
-    saved in checkpoints, restored on resume.
+    valid tokens; ``t`` follows :class:`kdrun.losses.taid.TAIDSchedule` (the step's ``l`` is its mean over
+    every valid token of the step's micro-batches and ranks). For class logits (B, C) use
+    :class:`kdrun.losses.TAIDClassifierLoss`.
 
     Inputs: ``student``, ``teacher`` (B, T, V) logits, ``mask`` (B, T).
     """
@@ -277,50 +270,20 @@ class TAIDLoss(LossTerm):
 
     def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
                  adaptive: bool = True, chunk_size: int | None = 1024) -> None:
-        super().__init__()
-        if not 0.0 <= t_start <= t_end <= 1.0:
-            raise ValueError(f"TAID: need 0 <= t_start <= t_end <= 1, got {t_start}, {t_end}")
-        self.t_start, self.t_end, self.alpha, self.beta = float(t_start), float(t_end), float(alpha), float(beta)
-        self.adaptive = bool(adaptive)
+        super().__init__(t_start, t_end, alpha, beta, adaptive)
         self.chunk_size = _check_chunk(chunk_size)
-        self.register_buffer("t", torch.tensor(float(t_start)))
-        self.register_buffer("momentum", torch.zeros(()))
-        self.register_buffer("prev_loss", torch.full((), float("nan")))
-        self.register_buffer("step_loss", torch.zeros(2))  # this step's (token-weighted loss sum, token count)
 
     def check_shapes(self, student: torch.Size, teacher: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
         _check("TAID", student, mask, ("teacher", teacher))
-
-    def on_step(self, step: int, total_steps: int) -> None:
-        """Update ``t`` from the previous optimizer step's loss (device arithmetic only, no host read)."""
-        floor = self.t_start + (self.t_end - self.t_start) * step / max(total_steps, 1)
-        t = self.t
-        if self.adaptive:
-            acc = self.step_loss.clone()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(acc)
-            seen = acc[1] > 0
-            loss = acc[0] / acc[1].clamp_min(1.0)
-            prev = self.prev_loss
-            rel = torch.where(torch.isfinite(prev) & seen, (prev - loss) / prev.clamp_min(1e-12), torch.zeros_like(loss))
-            m = torch.where(seen, self.beta * self.momentum + (1 - self.beta) * rel, self.momentum)
-            t = torch.where(seen, t + self.alpha * torch.sigmoid(m) * (1 - t), t)
-            self.momentum.copy_(m)
-            self.prev_loss.copy_(torch.where(seen, loss, prev))
-        self.t.copy_(t.clamp_min(floor).clamp_max(self.t_end))
-        self.step_loss.zero_()
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
         t = self.t
 
         def per_token(zs: Tensor, zt: Tensor) -> Tensor:
-            target = F.softmax((1 - t) * to_float(zs).detach() + t * to_float(zt.detach()), dim=-1)
-            return -(target * log_probs(zs)).sum(dim=-1)
+            return interpolated_cross_entropy(zs, zt, t)
 
         loss = _token_mean(per_token, [student, teacher], mask, self.chunk_size)
-        if self.training and torch.is_grad_enabled():  # token-weighted: the step's l is its global token mean
-            count = (mask != 0).sum().to(self.step_loss.dtype)
-            self.step_loss.add_(torch.stack([loss.detach().to(self.step_loss.dtype) * count, count]))
+        self.record_loss(loss, (mask != 0).sum())
         return loss
 
 
