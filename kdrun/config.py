@@ -166,6 +166,12 @@ def _check_plan(cfg: ExperimentConfig) -> None:
         length = stage.epochs if stage.scheduler_interval == "epoch" else stage.max_steps
         for group in plan.group_plans(sname, stage, list(cfg.models), cfg.adapters, cfg.loss):
             _check_optimizer(group, length)
+        if stage.align_gradients is not None:
+            if stage.align_gradients not in stage.losses:
+                raise KdrunError(f"stages.{sname}.align_gradients: '{stage.align_gradients}' is not one of the stage's "
+                                 f"losses ({', '.join(stage.losses)}): name the term whose gradient the others must not oppose")
+            if stage.co_train:
+                raise KdrunError(f"stages.{sname}.align_gradients works on one optimizer group; the stage has co_train groups")
         if stage.eval is not None and stage.eval not in cfg.models:
             raise KdrunError(f"stages.{sname}.eval: no model '{stage.eval}'.{did_you_mean(stage.eval, cfg.models)}")
     for name, mcfg in cfg.models.items():

@@ -168,6 +168,9 @@ class StageConfig:
     order: int = 0  # stages run by (order, position in the config): an init stage added by a recipe sets -1
     co_train: dict[str, CoTrainConfig] = field(default_factory=dict)
     share_gradients: bool = False
+    # a term's name: every other term's gradient that conflicts with that term's (negative dot product) is
+    # projected onto its normal plane before the step (PCGrad's projection; DHKD's gradient alignment, --ga)
+    align_gradients: Optional[str] = None
 
 
 @dataclass

@@ -178,6 +178,10 @@ class StageRunner:
         self.optimizer = self.groups[0].optimizer  # the main group's (its lr is the one logged as `lr`)
         # each group's parameters get the gradient of its own terms only, unless the stage shares them
         self.routed = len(self.groups) > 1 and not self.plan.cfg.share_gradients
+        self.align = self.plan.cfg.align_gradients
+        if self.align is not None and (ctx.dist.enabled or exp.sharded):
+            raise KdrunError(f"stages.{self.plan.name}.align_gradients: per-term gradients are computed with "
+                             f"torch.autograd.grad, which DDP/FSDP do not reduce; run it in one process")
         self.set_modes()  # DDP wraps only modules whose parameters require grad
         self.forwards, self.ddp = self._forwards()
         self.compute_terms = self._compiled_step() or self.term_outputs
@@ -494,6 +498,9 @@ class StageRunner:
         return total, values
 
     def _backward(self, total: Tensor, weighted: Mapping[str, Tensor]) -> None:
+        if self.align is not None:
+            self._aligned_backward(weighted)
+            return
         if not self.routed:
             self.scaler.scale(total).backward()
             return
@@ -501,6 +508,31 @@ class StageRunner:
         for i, g in enumerate(self.groups):
             objective = torch.stack([weighted[t].float() for t in g.losses]).sum()
             self.scaler.scale(objective).backward(inputs=g.params, retain_graph=i < last)
+
+    def _aligned_backward(self, weighted: Mapping[str, Tensor]) -> None:
+        """Gradient alignment (``align_gradients: REF``): one backward per term over the group's parameters,
+        as one flattened vector each; a term whose gradient g has ``g . g_REF < 0`` contributes
+        ``g - (g . g_REF / ||g_REF||^2) g_REF`` instead (PCGrad's projection, Yu et al., NeurIPS 2020, against one
+        reference). The sum is added to ``.grad`` (per micro-batch under accumulation). Device arithmetic only."""
+        params = [p for p in self.groups[0].params if p.requires_grad]
+        names = list(self.plan.losses)
+        grads: dict[str, list[Tensor]] = {}
+        for i, t in enumerate(names):
+            gs = torch.autograd.grad(self.scaler.scale(weighted[t].float()), params, retain_graph=i < len(names) - 1,
+                                     allow_unused=True)
+            grads[t] = [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)]
+        ref = grads[self.align]
+        ref_sq = torch.stack([(r.float() * r.float()).sum() for r in ref]).sum()
+        total = [r.clone() for r in ref]
+        for t in names:
+            if t == self.align:
+                continue
+            dot = torch.stack([(g.float() * r.float()).sum() for g, r in zip(grads[t], ref)]).sum()
+            coef = torch.where(dot < 0, dot / ref_sq.clamp_min(1e-30), torch.zeros_like(dot))
+            torch._foreach_add_(total, grads[t])
+            torch._foreach_add_(total, [(-coef * r.float()).to(r.dtype) for r in ref])
+        for p, g in zip(params, total):
+            p.grad = g if p.grad is None else p.grad + g
 
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
         """Under DDP, no gradient all-reduce for the window's micro-batches before the last one (under

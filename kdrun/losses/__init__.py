@@ -7,7 +7,7 @@ from kdrun.losses.base import LossTerm
 from kdrun.losses.crd import CRDLoss
 from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss
 from kdrun.losses.ft import FTLoss
-from kdrun.losses.logits import (BalancedKLLoss, CrossEntropy, DISTLoss, DKDLoss, KDLoss, ReverseKLLoss,
+from kdrun.losses.logits import (BalancedKLLoss, BinaryKLLoss, CrossEntropy, DISTLoss, DKDLoss, KDLoss, ReverseKLLoss,
                                  standardize_logits)
 from kdrun.losses.nd import NDLoss
 from kdrun.losses.ofd import OFDLoss
@@ -20,7 +20,7 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "ATLoss", "BalancedKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
+    "ABLoss", "ATLoss", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
     "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",

@@ -1,6 +1,8 @@
 """Loss terms that read logits."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -332,3 +334,34 @@ class DISTLoss(LossTerm):
         intra = 1.0 - _pearson(ys, yt, dim=0, eps=self.eps).mean()
         scale = self.tau * self.tau
         return {"inter": self.beta * scale * inter, "intra": self.gamma * scale * intra}
+
+
+class BinaryKLLoss(LossTerm):
+    """DHKD's logit loss (``BinaryKLNorm``; Yang et al., "Dual-Head Knowledge Distillation", arXiv 2411.08937):
+    per sample and class, the binary KL from Bernoulli(0.5) to Bernoulli(sigmoid((z_s - z_t) / T)),
+
+        ``L = T^2 / B * sum_{i,c} KL(Bern(0.5) || Bern(d_ic))``,  ``d = clamp(sigmoid((z_s - z_t) / T), eps, 1 - eps)``,
+
+    zero exactly when the logits match (a logit-matching loss; its minimum does not depend on a softmax).
+    In DHKD it trains an auxiliary head (``kdrun.models.heads.AuxiliaryHead``) while the main head gets CE.
+
+    Args:
+        temperature: T (default 2, the CIFAR setting). eps: the clamp (default 1e-8).
+    """
+
+    def __init__(self, temperature: float = 2.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"binary KL: temperature must be positive, got {temperature}")
+        self.temperature, self.eps = float(temperature), float(eps)
+
+    def check_shapes(self, student: torch.Size, teacher: torch.Size) -> None:  # type: ignore[override]
+        require_same_shape("binary KL", "student", student, "teacher", teacher)
+        if len(student) != 2:
+            raise ValueError(f"binary KL: logits must be (batch, classes), got {tuple(student)}")
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
+        t = self.temperature
+        d = torch.sigmoid((_float(student) - _float(teacher)) / t).clamp(self.eps, 1 - self.eps)
+        kl = 0.5 * (math.log(0.5) - torch.log(d)) + 0.5 * (math.log(0.5) - torch.log1p(-d))
+        return t * t * kl.sum() / student.shape[0]

@@ -96,3 +96,28 @@ class WithProjectionHead(nn.Module):
         self.backbone(x)
         feat, self._captured = self._captured, None
         return self.head(feat)
+
+
+class AuxiliaryHead(nn.Module):
+    """A second classifier on a student's pooled feature, used only in training (DHKD's auxiliary head,
+    Yang et al., "Dual-Head Knowledge Distillation", arXiv 2411.08937): ``nonlinear`` (the CIFAR setting)
+    ``Linear(D, hidden) -> Dropout -> BatchNorm1d -> ReLU -> Linear(hidden, C)``, or ``linear`` (ImageNet)
+    one ``Linear(D, C)``. As an adapter (``adapters.<name>``) it is not part of the exported student.
+
+    Args:
+        in_features: the feature size (``auto``). num_classes: C. kind: ``nonlinear`` (default) or ``linear``.
+        hidden: the nonlinear head's width (default 200). dropout: default 0.1.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, kind: str = "nonlinear", hidden: int = 200,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        if kind not in ("nonlinear", "linear"):
+            raise ValueError(f"auxiliary head: kind must be nonlinear or linear, got {kind!r}")
+        d, c = int(in_features), int(num_classes)
+        self.head = (nn.Linear(d, c) if kind == "linear" else
+                     nn.Sequential(nn.Linear(d, hidden), nn.Dropout(dropout), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                   nn.Linear(hidden, c)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x.flatten(1))
