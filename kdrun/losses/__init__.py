@@ -5,6 +5,7 @@ trainable parts of their own (one module each). Every class follows the contract
 from kdrun.losses.ab import ABLoss
 from kdrun.losses.base import LossTerm
 from kdrun.losses.crd import CRDLoss
+from kdrun.losses.diswot import DisWOTRelationLoss, DisWOTSemanticLoss
 from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss
 from kdrun.losses.ft import FTLoss
 from kdrun.losses.logits import (BalancedKLLoss, BinaryKLLoss, CrossEntropy, DISTLoss, DKDLoss, KDLoss, ReverseKLLoss,
@@ -20,7 +21,7 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "ATLoss", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
+    "ABLoss", "ATLoss", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
     "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
