@@ -71,6 +71,9 @@ def smoke_overrides(recipe: str) -> list[str]:
         num_classes = 10 if recipe.startswith("cifar10_") else 100
         out += ["data=synthetic", f"data.num_classes={num_classes}", "data.batch_size=8", "data.eval_batch_size=8",
                 "data.source.num_train=16", "data.source.num_test=8"]
+    if recipe.startswith("imagenet"):  # timm models at their 224-pixel input on a few synthetic images
+        out += ["data=synthetic", "data.num_classes=10", "data.input_shape=[3,224,224]", "data.batch_size=4",
+                "data.eval_batch_size=4", "data.source.num_train=4", "data.source.num_test=4"]
     if recipe in HF_STANDINS:
         out += ["teacher.net.path=null", TOKENIZER, "data.source.teacher_tokenizer=null", f"data.source.train={_text_file()}",
                 "data.batch_size=4", "trainer.accumulate_grad_batches=1", *HF_STANDINS[recipe]]

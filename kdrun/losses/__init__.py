@@ -11,6 +11,7 @@ from kdrun.losses.ft import FTLoss
 from kdrun.losses.logits import (BalancedKLLoss, BinaryKLLoss, CrossEntropy, DISTLoss, DKDLoss, KDLoss, ReverseKLLoss,
                                  standardize_logits)
 from kdrun.losses.nd import NDLoss
+from kdrun.losses.ofa import OFALoss
 from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
@@ -22,7 +23,7 @@ from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]
