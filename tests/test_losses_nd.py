@@ -86,3 +86,42 @@ def test_the_engine_computes_the_teachers_class_centres_before_training(tmp_path
     saved = torch.load(tmp_path / "class_means" / "nd.pt", weights_only=True)
     torch.testing.assert_close(saved["means"]["teacher"], want, rtol=1e-5, atol=1e-6)
     assert saved["tensors"] == {"teacher": "teacher.feat"} and int(saved["counts"].sum()) == 40
+
+
+ND_ARGS = ["data=synthetic", "data.num_classes=5", "data.batch_size=8", "data.eval_batch_size=8", "data.source.num_train=40",
+           "data.source.num_test=8", "teacher=resnet8", "student=resnet8", "teacher.checkpoint=null", "trainer.device=cpu",
+           "trainer.progress=off", "trainer.tensorboard=false", "trainer.max_epochs=1", "trainer.max_steps_per_epoch=1"]
+
+
+def _centres_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from kdrun.config import validate
+    from kdrun.engine.distributed import DistInfo
+    from kdrun.engine.trainer import Trainer
+    from tests.conftest import compose_cfg
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(validate(compose_cfg(ND_ARGS, recipe="cifar100_kd_nd")), f"{out}.run", dist=DistInfo(rank, rank, world))
+        exp = trainer.prepare()
+        trainer.stage_runner(0)
+        torch.save(exp.losses["nd"].module.centers.clone(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_class_centres_under_ddp_are_those_of_the_whole_training_set(tmp_path):
+    """Each rank averages its shard; the sums and counts are all-reduced, so both ranks hold the one-process centres."""
+    from kdrun.config import validate
+    from kdrun.engine.trainer import Trainer
+    from tests.conftest import compose_cfg
+
+    torch.multiprocessing.spawn(_centres_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "c")), nprocs=2)
+    trainer = Trainer(validate(compose_cfg(ND_ARGS, recipe="cifar100_kd_nd")), tmp_path / "one")
+    exp = trainer.prepare()
+    trainer.stage_runner(0)
+    want = exp.losses["nd"].module.centers
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(tmp_path / f"c.{rank}", weights_only=True), want, rtol=1e-5, atol=1e-6)
