@@ -97,3 +97,15 @@ def register_configs() -> None:
     for path in sorted(recipe_dir().glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=complete_recipe(_load(path)), package="_global_")
     _done = True
+
+
+def compose_config(overrides: list[str], recipe: str | None = None) -> DictConfig:
+    """The config ``kdrun [+recipe=<recipe>] <overrides>`` would run, composed outside a Hydra app (tools,
+    scripts, tests); Hydra's own keys are not part of it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("kdrun", overrides=([f"+recipe={recipe}"] if recipe else []) + list(overrides))

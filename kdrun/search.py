@@ -24,19 +24,6 @@ import torch
 from kdrun.errors import KdrunError
 
 
-def _compose(recipe: str, overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from kdrun.paths import config_dir
-    from kdrun.registry import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("kdrun", overrides=[f"+recipe={recipe}", *overrides])
-
-
 def _metric_terms(exp: Any) -> dict[str, str]:
     from kdrun.losses import DisWOTRelationLoss, DisWOTSemanticLoss
 
@@ -85,10 +72,11 @@ def score(cfg: Any) -> dict[str, float]:
 def rank(candidates: list[str], overrides: list[str], recipe: str = "cifar100_diswot") -> list[dict[str, Any]]:
     """Every candidate's scores, best (lowest ``M_s + M_r``) first."""
     from kdrun.config import validate
+    from kdrun.registry import compose_config
 
     rows = []
     for name in candidates:
-        cfg = validate(_compose(recipe, [f"student={name}", *overrides]))
+        cfg = validate(compose_config([f"student={name}", *overrides], recipe))
         rows.append({"student": name, **score(cfg)})
     rows.sort(key=lambda r: r["score"])
     return [{"rank": i + 1, **r} for i, r in enumerate(rows)]

@@ -175,14 +175,10 @@ class TimedLoader:
 
 # ---------------------------------------------------------------------------------------------- config
 def compose(overrides: list[str], recipe: str = "cifar100_kd"):
-    """The config ``kdrun +recipe=<recipe> <overrides>`` would run (as tests/conftest.py composes it)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from kdrun.paths import config_dir
-    from kdrun.registry import register_configs
+    """The config ``kdrun +recipe=<recipe> <overrides>`` would run."""
+    from kdrun.registry import compose_config
 
-    register_configs()
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return hydra_compose("kdrun", overrides=[f"+recipe={recipe}", *overrides])
+    return compose_config(overrides, recipe)
 
 
 def kdrun_overrides(teacher: str, student: str, batch: int, num_train: int, device: torch.device,

@@ -75,16 +75,9 @@ def error_text(ex: BaseException) -> str:
 
 # ----------------------------------------------------------------------------------------- building runs
 def compose(recipe: str, overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from kdrun.registry import compose_config
 
-    from kdrun.paths import config_dir
-    from kdrun.registry import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return hydra_compose("kdrun", overrides=[f"+recipe={recipe}", *overrides])
+    return compose_config(overrides, recipe)
 
 
 def pair() -> list[str]:

@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from kdrun.paths import config_dir
-from kdrun.registry import register_configs
+from kdrun.registry import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar100"
@@ -19,10 +17,7 @@ SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar100"
 
 def compose_cfg(overrides: list[str], recipe: str | None = "quickstart") -> DictConfig:
     """The config ``kdrun +recipe=<recipe> <overrides>`` would run (Hydra keys excluded)."""
-    register_configs()
-    extra = [f"+recipe={recipe}"] if recipe else []
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("kdrun", overrides=extra + list(overrides))
+    return compose_config(overrides, recipe)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ warning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -33,13 +34,13 @@ log = logging.getLogger("kdrun")
 
 
 def _requests(exp: Experiment, terms: Mapping[str, Component]) -> dict[str, dict[str, str]]:
-    """{term: {argument: tensor name}} of the components that still need class means."""
+    """{term: {argument: tensor name}} of the loss terms that still need class means."""
     out: dict[str, dict[str, str]] = {}
     for term, comp in terms.items():
         args = comp.class_mean_inputs()
         if not args:
             continue
-        inputs = exp.losses[term].inputs if term in exp.losses else exp.adapters[term].inputs
+        inputs = exp.losses[term].inputs
         names: dict[str, str] = {}
         for arg in args:
             name = inputs.get(arg)
@@ -56,8 +57,9 @@ def _requests(exp: Experiment, terms: Mapping[str, Component]) -> dict[str, dict
 
 @torch.no_grad()
 def fill_class_means(exp: Experiment, terms: Mapping[str, Component], dist: DistInfo, run_dir: Path | None,
-                     autocast: Any = None) -> None:
-    """Compute and hand over the class means every component in ``terms`` still needs (see the module)."""
+                     autocast: Any = contextlib.nullcontext) -> None:
+    """Compute and hand over the class means every loss term in ``terms`` still needs (see the module);
+    ``autocast`` makes the context the models run in (the run's precision)."""
     requests = _requests(exp, terms)
     if not requests:
         return
@@ -77,7 +79,7 @@ def fill_class_means(exp: Experiment, terms: Mapping[str, Component], dist: Dist
             if exp.eval_transform is not None:
                 batch = exp.eval_transform(batch)
             ns: dict[str, Any] = {f"batch.{k}": v for k, v in batch.items()}
-            with autocast() if autocast is not None else torch.autocast(exp.device.type, enabled=False):
+            with autocast():
                 for m in owners:
                     exp.io[m].run(exp.models[m], batch, ns)
             labels = batch["target"].long()
@@ -98,10 +100,9 @@ def fill_class_means(exp: Experiment, terms: Mapping[str, Component], dist: Dist
     empty = int((counts == 0).sum())
     if empty:
         log.warning("class means: %d of %d classes have no training sample; their means are 0", empty, num_classes)
-    shape = (num_classes,) + (1,) * 8
+    per_class = counts.clamp_min(1)
     for term, names in requests.items():
-        means = {arg: (sums[(term, arg)] / counts.clamp_min(1).view(shape[:sums[(term, arg)].dim()])).float()
-                 for arg in names}
+        means = {arg: (sums[(term, arg)] / per_class.view(-1, *[1] * (sums[(term, arg)].dim() - 1))).float() for arg in names}
         terms[term].set_class_means(means)
         if run_dir is not None and dist.rank == 0:
             atomic_save({"means": {a: m.cpu() for a, m in means.items()}, "tensors": dict(names),

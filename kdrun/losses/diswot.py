@@ -6,18 +6,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrun.component import BuildContext
 from kdrun.losses.base import LossTerm
 from kdrun.losses.features import full_precision
+from kdrun.losses.relations import SPLoss
 from kdrun.names import owner_of
-
-
-def normalized_gram(x: Tensor) -> Tensor:
-    """``x x^T`` (rows of ``x`` against each other) with every row L2-normalised (SP's normalisation)."""
-    return F.normalize(x @ x.t(), dim=1)
 
 
 def class_activation_maps(features: Tensor, weight: Tensor) -> Tensor:
@@ -45,7 +40,7 @@ class DisWOTSemanticLoss(LossTerm):
     """DisWOT's semantic similarity: class activation maps of the pre-pooling features through each model's
     own classifier weights, compared as class-by-class correlations.
 
-    ``G = W A`` (N classes x B*H*W, :func:`class_activation_maps`), ``Gs = G G^T`` row-normalised (N x N), and
+    ``G = W A`` (N classes x B*H*W, :func:`class_activation_maps`), ``Gs = G G^T`` row-normalised (N x N, SP's similarity), and
 
         ``M_s = ||Gs_T - Gs_S||_F``,  ``L = M_s / N^2``  (the paper's ``L_Ms = ||.||_2 / c^2``).
 
@@ -95,8 +90,8 @@ class DisWOTSemanticLoss(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
         with full_precision(student):
-            g_s = normalized_gram(class_activation_maps(student.float(), self._fc["student"].weight.float()))
-            g_t = normalized_gram(class_activation_maps(teacher.float().detach(), self._fc["teacher"].weight.float().detach()))
+            g_s = SPLoss.similarity(class_activation_maps(student.float(), self._fc["student"].weight.float()))
+            g_t = SPLoss.similarity(class_activation_maps(teacher.float().detach(), self._fc["teacher"].weight.float().detach()))
             m = (g_t - g_s).norm()
             return m / (g_s.shape[0] ** 2) if self.normalize_loss else m
 
@@ -124,8 +119,8 @@ class DisWOTRelationLoss(LossTerm):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
         with full_precision(student):
-            a_s = normalized_gram(student.float().flatten(1))
-            a_t = normalized_gram(teacher.float().detach().flatten(1))
+            a_s = SPLoss.similarity(student.float().flatten(1))
+            a_t = SPLoss.similarity(teacher.float().detach().flatten(1))
             m = (a_t - a_s).norm()
             b = student.shape[0]
             return m / (b * b) if self.normalize_loss else m
