@@ -12,7 +12,7 @@ derives from it, unconditionally, in this order:
 - ``on_stage_start(stage)`` when a stage starts (also on resume), with a :class:`StageInfo`.
 - ``on_epoch_start(epoch, total_epochs)`` before every epoch (0-based).
 - ``on_step(step, total_steps)`` before every optimizer step of a stage (0-based, stage-local).
-- ``class_mean_inputs()`` when a stage that uses the component starts: the forward arguments whose
+- ``class_mean_inputs()`` (loss terms) when a stage that uses the term starts: the forward arguments whose
   per-class means over the training set the component needs (ND's teacher class centres, TGeo-KD's
   class-average teacher predictions). For each, the engine runs the tensor's (frozen) model in eval mode
   over the unaugmented training set, averages the tensor per label (sums all-reduced under data
