@@ -83,6 +83,7 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     models = build_models(cfg, plan.used_models(cfg, loss_inputs, adapter_inputs), device, sync_batchnorm, unloaded)
     for name in models:
         check_tap_paths(models[name], cfg.models[name].taps, model_key(name))
+    check_init_weights(cfg, models)
     taps_of = {name: declared_taps(models[name], cfg.models[name].taps) for name in models}
     groups = {name: tap_groups(taps) for name, taps in taps_of.items()}
     loss_inputs = {n: expand_groups(ins, groups) for n, ins in loss_inputs.items()}
@@ -90,10 +91,26 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     stages, reads = plan_stages(cfg, list(models), loss_inputs, adapter_inputs)
     io = hook_models(cfg, models, taps_of, reads)
     transform = build_batch_transform(cfg, reads)
-    ns = trace_shapes(models, io, data, transform, device)
+    eval_transform = _eval_side(transform)
+    own = {s.name: build_batch_transform(cfg, reads, s.cfg.batch_transform, f"stages.{s.name}.batch_transform")
+           for s in stages if s.cfg.batch_transform}
+    for s in stages:
+        s.batch_transform = own.get(s.name, transform)
+        s.eval_transform = _eval_side(s.batch_transform) if s.name in own else eval_transform
+    # each model is traced on the batches of the stages that run it (a stage's own transform may add the
+    # fields it reads, e.g. G2SD's mask noise); models no such stage runs see the run's transform
+    runs_own = {m for s in stages if s.name in own for m in s.trained_models + s.frozen_models}
+    shared = [m for m in models if m not in runs_own or any(m in s.trained_models + s.frozen_models
+                                                           for s in stages if s.name not in own)]
+    ns = trace_shapes(models, io, data, transform, device, only=shared)
+    for s in stages:
+        if s.name in own:
+            ns.update(trace_shapes(models, io, data, s.batch_transform, device, only=s.trained_models + s.frozen_models))
     check_model_reads(reads, ns, models, taps_of)
-    eval_transform = transform.for_eval if isinstance(transform, BatchTransform) else None
-    check_eval_fields(io, data, eval_transform)
+    check_eval_fields({m: io[m] for m in shared}, data, eval_transform)
+    for s in stages:
+        if s.name in own:
+            check_eval_fields({m: io[m] for m in s.trained_models + s.frozen_models}, data, s.eval_transform)
     used_adapters = list(dict.fromkeys(a for s in stages for a in s.adapters))
     used_terms = list(dict.fromkeys(t for s in stages for t in s.losses))
     adapters = build_adapters(cfg, adapter_inputs, used_adapters, ns, device)
@@ -112,6 +129,23 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
 
 
 # ------------------------------------------------------------------------------------------- data
+
+
+def check_init_weights(cfg: ExperimentConfig, models: nn.ModuleDict) -> None:
+    """Every stage's ``init_weights: {model: source}`` pairs models that share tensors, with equal shapes
+    under equal names (checked before any stage runs, so that no stage trains in vain)."""
+    for sname, stage in cfg.stages.items():
+        for dst, src in stage.init_weights.items():
+            target, source = models[dst].state_dict(), models[src].state_dict()
+            clash = [k for k, v in target.items() if k in source and source[k].shape != v.shape]
+            if clash:
+                k = clash[0]
+                raise KdrunError(f"stages.{sname}.init_weights.{dst}: {dst}'s {k} is {tuple(target[k].shape)} but {src}'s is "
+                                 f"{tuple(source[k].shape)} ({len(clash)} tensors differ); the two must share widths "
+                                 f"(e.g. the same encoder dim, depth and patch size)")
+            if not any(k in source for k in target):
+                raise KdrunError(f"stages.{sname}.init_weights.{dst}: {src} has no tensor of {dst}'s names (e.g. {dst} has "
+                                 f"{next(iter(target), 'none')}); the two must share module paths")
 
 
 def check_tap_paths(model: nn.Module, taps: dict[str, str], key: str) -> None:
@@ -299,17 +333,22 @@ def hook_models(cfg: ExperimentConfig, models: nn.ModuleDict, taps_of: Mapping[s
     return out
 
 
-def build_batch_transform(cfg: ExperimentConfig, reads: set[str]) -> Any:
-    """``batch_transform`` (mixup, cutmix ...), or the one-hot targets when a stage reads
-    ``batch.soft_target`` without a mixing transform, or None."""
-    if cfg.batch_transform:
-        target = import_target(cfg.batch_transform["_target_"], "batch_transform")
+def _eval_side(transform: Any) -> Any:
+    """What evaluation batches get of a training transform: its ``for_eval``, or nothing."""
+    return transform.for_eval if isinstance(transform, BatchTransform) else None
+
+
+def build_batch_transform(cfg: ExperimentConfig, reads: set[str], node: Any = None, key: str = "batch_transform") -> Any:
+    """``node`` (default: the run's ``batch_transform``: mixup, cutmix ...), or the one-hot targets when
+    a stage reads ``batch.soft_target`` without a mixing transform, or None."""
+    node = node if node is not None else cfg.batch_transform
+    if node:
+        target = import_target(node["_target_"], key)
         try:  # mixing transforms build their soft targets from the class count
-            wants = "num_classes" in inspect.signature(target).parameters and "num_classes" not in cfg.batch_transform
+            wants = "num_classes" in inspect.signature(target).parameters and "num_classes" not in node
         except (TypeError, ValueError):
             wants = False
-        return instantiate_as("batch_transform", cfg.batch_transform,
-                              **({"num_classes": int(cfg.data.num_classes)} if wants else {}))
+        return instantiate_as(key, node, **({"num_classes": int(cfg.data.num_classes)} if wants else {}))
     if "batch.soft_target" in reads:
         return OneHotTargets(int(cfg.data.num_classes))
     return None
@@ -345,15 +384,17 @@ def plan_stages(cfg: ExperimentConfig, models: list[str], loss_inputs: Mapping[s
 
 
 def trace_shapes(models: nn.ModuleDict, io: Mapping[str, ModelIO], data: Any, transform: Any,
-                 device: torch.device) -> Namespace:
-    """Run the batch transform and every model in eval mode on two training samples; return every
-    named tensor (the global RNG is left as it was)."""
+                 device: torch.device, only: list[str] | None = None) -> Namespace:
+    """Run the batch transform and every model (or the models ``only``) in eval mode on two training
+    samples; return every named tensor (the global RNG is left as it was)."""
     batch = {k: v.to(device) for k, v in data.sample_batch(2).items()}
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if transform is not None:
             batch = transform(batch)
         ns: Namespace = {f"batch.{k}": v for k, v in batch.items()}
         for name, model in models.items():
+            if only is not None and name not in only:
+                continue
             was_training = model.training
             model.eval()
             try:

@@ -172,6 +172,13 @@ def _check_plan(cfg: ExperimentConfig) -> None:
                                  f"losses ({', '.join(stage.losses)}): name the term whose gradient the others must not oppose")
             if stage.co_train:
                 raise KdrunError(f"stages.{sname}.align_gradients works on one optimizer group; the stage has co_train groups")
+        for dst, src in stage.init_weights.items():
+            for role, m in (("model", dst), ("source", src)):
+                if m not in cfg.models:
+                    raise KdrunError(f"stages.{sname}.init_weights: no {role} '{m}'.{did_you_mean(str(m), cfg.models)} "
+                                     f"Models: {', '.join(cfg.models)}.")
+            if dst == src:
+                raise KdrunError(f"stages.{sname}.init_weights.{dst}: a model cannot start from its own weights")
         if stage.eval is not None and stage.eval not in cfg.models:
             raise KdrunError(f"stages.{sname}.eval: no model '{stage.eval}'.{did_you_mean(stage.eval, cfg.models)}")
     for name, mcfg in cfg.models.items():
@@ -432,6 +439,8 @@ def _check_stage_nodes(cfg: DictConfig) -> None:
         _check_target(scfg.optimizer, f"{key}.optimizer")
         if scfg.get("scheduler") is not None:
             _check_target(scfg.scheduler, f"{key}.scheduler")
+        if scfg.get("batch_transform"):
+            _check_target(scfg.batch_transform, f"{key}.batch_transform")
         if scfg.get("scheduler_interval", "epoch") not in ("epoch", "step"):
             raise KdrunError(f"{key}.scheduler_interval must be 'epoch' or 'step', got '{scfg.scheduler_interval}'")
         epochs, steps = scfg.get("epochs"), scfg.get("max_steps")

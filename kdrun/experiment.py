@@ -57,6 +57,8 @@ class StagePlan:
     eval_model: str | None
     cfg: StageConfig
     groups: list[GroupPlan] = field(default_factory=list)
+    batch_transform: Any = None  # the stage's own `batch_transform`, else the run's (set by the builder)
+    eval_transform: Any = None  # what evaluation batches of this stage get (the transform's for_eval), or None
 
 
 @dataclass

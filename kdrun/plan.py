@@ -141,13 +141,15 @@ def read_models(reads: Iterable[str], models: Iterable[str]) -> set[str]:
 
 def used_models(cfg: ExperimentConfig, loss_inputs: Mapping[str, Inputs], adapter_inputs: Mapping[str, Inputs]) -> list[str]:
     """The models the run builds, in config order: those a term or adapter reads, those a stage trains,
-    the rounds' teacher and student, the probed ones, and every model they are initialised from."""
+    the rounds' teacher and student, the probed ones, and every model they are initialised from (by
+    ``init_from`` or a stage's ``init_weights``)."""
     named = [n for ins in [*loss_inputs.values(), *adapter_inputs.values()] for n in names_of(ins)]
     used = {owner_of(n) for n in named} | {m for s in cfg.stages.values() for m in stage_train(s)}
     if cfg.rounds is not None:
         used |= {cfg.rounds.teacher, cfg.rounds.student}
     if cfg.probe is not None:
         used.update(cfg.probe.models)
+    used |= {m for s in cfg.stages.values() for pair in s.init_weights.items() for m in pair}
     used &= set(cfg.models)
     for name in list(used):
         while cfg.models[name].init_from and cfg.models[name].init_from not in used:

@@ -171,6 +171,12 @@ class StageConfig:
     # a term's name: every other term's gradient that conflicts with that term's (negative dot product) is
     # projected onto its normal plane before the step (PCGrad's projection; DHKD's gradient alignment, --ga)
     align_gradients: Optional[str] = None
+    # {_target_: ...}: this stage's batch transform, instead of the run's `batch_transform` (G2SD: mask noise in
+    # the generic stage, mixup/cutmix in the specific one)
+    batch_transform: Any = None
+    # {model: source}: when the stage starts (not when a resumed run re-enters it), copy into `model` every
+    # tensor of `source` with the same name and shape (G2SD: the classifier starts from the MAE's encoder)
+    init_weights: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

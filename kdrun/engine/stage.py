@@ -182,6 +182,8 @@ class StageRunner:
         if self.align is not None and (ctx.dist.enabled or exp.sharded):
             raise KdrunError(f"stages.{self.plan.name}.align_gradients: per-term gradients are computed with "
                              f"torch.autograd.grad, which DDP/FSDP do not reduce; run it in one process")
+        if self.key.label not in ctx.record.stages:  # the stage starts (a resumed run inside it has its weights)
+            self._init_weights()
         self.set_modes()  # DDP wraps only modules whose parameters require grad
         self.forwards, self.ddp = self._forwards()
         self.compute_terms = self._compiled_step() or self.term_outputs
@@ -193,12 +195,26 @@ class StageRunner:
                                   **{f"l.{t}": exp.losses[t].module for t in self.plan.losses}})
         self.meter = EpochMeter()
         fill_class_means(exp, {t: exp.losses[t].module for t in self.plan.losses if isinstance(exp.losses[t].module, Component)},
-                         self.dist, ctx.run_dir, self.autocast)
+                         self.dist, ctx.run_dir, self.autocast, self.plan.eval_transform)
         info = self.info()
         for c in self.hooked:  # the stage starts (or a resumed run re-enters it)
             c.on_stage_start(info)
 
     # ------------------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """``init_weights: {model: source}``: copy into ``model`` every tensor of ``source`` with the same
+        name (the builder checked their shapes), in place: optimizers and wrappers keep their references."""
+        for dst, src in self.plan.cfg.init_weights.items():
+            target, source = self.exp.models[dst].state_dict(), self.exp.models[src].state_dict()
+            same = [k for k in target if k in source]
+            for k in same:
+                target[k].copy_(source[k])
+            kept = [k for k in target if k not in source]
+            log.info("[%s] %s starts from %s: %d of its %d tensors copied%s", self.key.label, dst, src, len(same),
+                     len(target), f"; kept at initialisation: {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}"
+                     if kept else "")
+
     def _lengths(self, batches_per_epoch: int) -> tuple[int, int]:
         """(epochs, optimizer steps) of the stage, from ``epochs``, ``max_steps`` and the trainer's caps."""
         cap = self.exp.cfg.trainer.max_epochs
@@ -474,8 +490,8 @@ class StageRunner:
         for k, batch in enumerate(window):
             for c in self.hooked:
                 c.on_batch(tuple(sizes[k]), self.dist.rank)
-            if self.exp.batch_transform is not None:
-                batch = self.exp.batch_transform(batch)
+            if self.plan.batch_transform is not None:
+                batch = self.plan.batch_transform(batch)
             with self._no_sync(k < len(window) - 1):
                 with self.autocast():
                     t, v, weighted = self.forward(batch, weights, scales[k])
@@ -729,7 +745,7 @@ class StageRunner:
         if plan.eval_model is not None and exp.has_class_head(plan.eval_model):
             with self.autocast():
                 ev = evaluate(exp.models[plan.eval_model], ctx.test_loader, self.dist, ctx.class_groups, exp.io[plan.eval_model],
-                              exp.cfg.data.eval_mask, exp.eval_transform, exp.cfg.data.eval_target)
+                              exp.cfg.data.eval_mask, self.plan.eval_transform, exp.cfg.data.eval_target)
             if not math.isfinite(ev["loss"]):
                 raise KdrunError(f"evaluating {plan.eval_model} in stage '{plan.name}' after step {self.record.step}: the "
                                  f"test loss is {ev['loss']} (non-finite outputs: the weights diverged?); no checkpoint "
@@ -757,7 +773,7 @@ class StageRunner:
                 continue
             with self.autocast():
                 other = evaluate(exp.models[name], ctx.test_loader, self.dist, io=exp.io[name],
-                                 mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform,
+                                 mask_field=exp.cfg.data.eval_mask, prepare=self.plan.eval_transform,
                                  target_field=exp.cfg.data.eval_target)["top1"]
             row[f"top1/{name}"] = other
             m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
@@ -776,7 +792,7 @@ class StageRunner:
                 continue
             with self.autocast():
                 ev = evaluate(exp.models[name], self.ctx.test_loader, self.dist, io=exp.io[name],
-                              mask_field=exp.cfg.data.eval_mask, prepare=exp.eval_transform,
+                              mask_field=exp.cfg.data.eval_mask, prepare=self.plan.eval_transform,
                               target_field=exp.cfg.data.eval_target)
             self.record.frozen_top1[key] = ev["top1"]
             if "ppl" in ev:

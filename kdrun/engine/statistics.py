@@ -57,13 +57,15 @@ def _requests(exp: Experiment, terms: Mapping[str, Component]) -> dict[str, dict
 
 @torch.no_grad()
 def fill_class_means(exp: Experiment, terms: Mapping[str, Component], dist: DistInfo, run_dir: Path | None,
-                     autocast: Any = contextlib.nullcontext) -> None:
+                     autocast: Any = contextlib.nullcontext, prepare: Any = None) -> None:
     """Compute and hand over the class means every loss term in ``terms`` still needs (see the module);
-    ``autocast`` makes the context the models run in (the run's precision)."""
+    ``autocast`` makes the context the models run in (the run's precision); ``prepare`` is what the
+    stage's evaluation batches get (its transform's ``for_eval``; default: the run's)."""
     requests = _requests(exp, terms)
     if not requests:
         return
     start = time.perf_counter()
+    prepare = prepare if prepare is not None else exp.eval_transform
     d = exp.cfg.data
     num_classes = int(d.num_classes)
     loader = make_loader(exp.data, "train", d, exp.device, train=False, seed=exp.cfg.seed, rank=dist.rank,
@@ -76,8 +78,8 @@ def fill_class_means(exp: Experiment, terms: Mapping[str, Component], dist: Dist
     counts = torch.zeros(num_classes, device=exp.device, dtype=torch.float64)
     try:
         for batch in loader:
-            if exp.eval_transform is not None:
-                batch = exp.eval_transform(batch)
+            if prepare is not None:
+                batch = prepare(batch)
             ns: dict[str, Any] = {f"batch.{k}": v for k, v in batch.items()}
             with autocast():
                 for m in owners:
