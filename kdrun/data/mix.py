@@ -141,3 +141,74 @@ class CutMix(_Mix):
         lam_i = torch.where(mixed, kept.expand(n), torch.ones(n, device=dev))
         out["soft_target"] = self._soft(y, perm, lam_i)
         return out
+
+
+class MixupOrCutMix(BatchTransform):
+    """Mixup or CutMix, one of them per batch, with label smoothing: timm's ``Mixup`` in batch mode
+    (the recipe of DeiT, MAE's fine-tuning and G2SD's specific stage: mixup alpha 0.8, cutmix alpha
+    1.0, switch probability 0.5, label smoothing 0.1).
+
+    CutMix is drawn with probability ``switch_prob`` (on the host, from torch's CPU generator: no
+    device synchronisation); the mixed one-hot targets are then smoothed, ``q <- (1 - eps) q + eps / C``,
+    which equals timm's mixing of smoothed one-hot targets. kdrun pairs each sample with a random
+    permutation of the batch where timm pairs it with the reversed batch (the same distribution over a
+    shuffled loader).
+
+    Args: num_classes (set from data.num_classes), mixup_alpha (0.8), cutmix_alpha (1.0), switch_prob
+    (0.5), label_smoothing (0.1).
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
+                 label_smoothing: float = 0.1) -> None:
+        if not 0.0 <= switch_prob <= 1.0 or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"switch_prob must be in [0, 1] and label_smoothing in [0, 1), got {switch_prob}, "
+                             f"{label_smoothing}")
+        self.mixup, self.cutmix = Mixup(num_classes, mixup_alpha), CutMix(num_classes, cutmix_alpha)
+        self.num_classes, self.switch_prob, self.label_smoothing = int(num_classes), float(switch_prob), float(label_smoothing)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        use_cutmix = bool(torch.rand(()) < self.switch_prob)
+        out = (self.cutmix if use_cutmix else self.mixup)(batch)
+        eps = self.label_smoothing
+        out["soft_target"] = (1 - eps) * out["soft_target"] + eps / self.num_classes
+        return out
+
+    def __repr__(self) -> str:
+        return (f"MixupOrCutMix(mixup_alpha={self.mixup.alpha}, cutmix_alpha={self.cutmix.alpha}, "
+                f"switch_prob={self.switch_prob}, label_smoothing={self.label_smoothing})")
+
+
+class PatchMaskNoise(BatchTransform):
+    """``batch.mask_noise``: one uniform draw (B, N) per sample and patch, N = (H / p) (W / p) for
+    images (B, C, H, W) and patch size p, which every masked autoencoder reading it turns into the same
+    mask (:class:`kdrun.models.mae.MaskedAutoencoder` keeps the patches with the lowest noise). G2SD
+    masks its teacher and student identically this way.
+
+    Evaluation batches get noise from a generator seeded with ``eval_seed`` at each call, so every
+    evaluation masks the same patches (and draws nothing from the training generators).
+
+    Args: patch_size (p, 16), eval_seed (0).
+    """
+
+    def __init__(self, patch_size: int = 16, eval_seed: int = 0) -> None:
+        if int(patch_size) < 1:
+            raise ValueError(f"patch_size must be at least 1, got {patch_size}")
+        self.patch_size, self.eval_seed = int(patch_size), int(eval_seed)
+
+    def _shape(self, x: Tensor) -> tuple[int, int]:
+        h, w = x.shape[-2], x.shape[-1]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"mask noise: images {h}x{w} are not divisible into {self.patch_size}-pixel patches")
+        return x.shape[0], (h // self.patch_size) * (w // self.patch_size)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = batch["input"]
+        return {**batch, "mask_noise": torch.rand(*self._shape(x), device=x.device)}
+
+    def for_eval(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = batch["input"]
+        gen = torch.Generator(device=x.device).manual_seed(self.eval_seed)
+        return {**batch, "mask_noise": torch.rand(*self._shape(x), device=x.device, generator=gen)}
+
+    def __repr__(self) -> str:
+        return f"PatchMaskNoise(patch_size={self.patch_size})"

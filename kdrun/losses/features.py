@@ -259,3 +259,46 @@ class FSPLoss(LossTerm):
                 loss = (gs - gt).pow(2).mean()
                 total = loss if total is None else total + loss
         return total
+
+
+# ----------------------------------------------------------------------------- G2SD's feature loss
+class SmoothL1FeatureLoss(LossTerm):
+    """Smooth-L1 regression of normalised teacher features: G2SD's generic-stage loss (Huang et al.,
+    "Generic-to-Specific Distillation of Masked Autoencoders", CVPR 2023; ``engine_distill.py``):
+
+        ``L = mean_{i,n,c} smoothL1_beta(s_inc - LN(t)_inc)``,  ``smoothL1_beta(d) = d^2 / (2 beta)`` if
+        ``|d| < beta`` else ``|d| - beta / 2``,
+
+    with ``LN`` a LayerNorm over the channels without affine parameters (eps 1e-6) when
+    ``normalize_target`` (default). ``student`` is the student's decoder tokens projected to the
+    teacher's width (an ``MLPProjector`` adapter), ``teacher`` the teacher decoder's hidden tokens,
+    both (B, 1 + N, C). By default every token is compared (G2SD's default ``supervise_all=True``);
+    given ``mask`` (B, N) (``<model>.mask``, 1 = removed) only the removed patches' tokens are
+    (``supervise_all=False``; every sample removes the same number, so the mean over them is the
+    mean of per-sample means).
+
+    Args: beta (2.0, G2SD's), normalize_target (True), eps (1e-6).
+    """
+
+    def __init__(self, beta: float = 2.0, normalize_target: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"smooth-L1 features: beta must be positive, got {beta}")
+        self.beta, self.normalize_target, self.eps = float(beta), bool(normalize_target), float(eps)
+
+    def check_shapes(self, student: torch.Size, teacher: torch.Size, mask: torch.Size | None = None) -> None:  # type: ignore[override]
+        require_same_shape("smooth-L1 features", "student", student, "teacher", teacher)
+        if mask is not None and (len(student) != 3 or tuple(mask) != (student[0], student[1] - 1)):
+            raise ValueError(f"smooth-L1 features: 'mask' {tuple(mask)} must be (batch, tokens - 1) for the tokens "
+                             f"{tuple(student)} (class token first)")
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        with full_precision(student):
+            s, t = to_float(student), to_float(teacher)
+            if self.normalize_target:
+                t = F.layer_norm(t, t.shape[-1:], eps=self.eps)
+            if mask is None:
+                return F.smooth_l1_loss(s, t, beta=self.beta)
+            per = F.smooth_l1_loss(s[:, 1:], t[:, 1:], beta=self.beta, reduction="none").mean(dim=-1)  # (B, N)
+            m = mask.to(per.dtype)
+            return (per * m).sum() / m.sum().clamp_min(1.0)

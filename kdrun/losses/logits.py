@@ -365,3 +365,22 @@ class BinaryKLLoss(LossTerm):
         d = torch.sigmoid((_float(student) - _float(teacher)) / t).clamp(self.eps, 1 - self.eps)
         kl = 0.5 * (math.log(0.5) - torch.log(d)) + 0.5 * (math.log(0.5) - torch.log1p(-d))
         return t * t * kl.sum() / student.shape[0]
+
+
+class HardDistillationLoss(LossTerm):
+    """DeiT's hard-label distillation (Touvron et al., "Training data-efficient image transformers &
+    distillation through attention", ICML 2021): cross-entropy of the student's logits against the
+    teacher's top-1 class, ``L = -1/B sum_i log softmax(z_s,i)_{argmax_c z_t,ic}``. The teacher's
+    argmax carries no gradient. G2SD's specific stage applies it to the distillation token's head with
+    weight 1/2 (the class token's head gets the mixed labels' cross-entropy, weight 1/2).
+
+    Inputs: ``student`` (B, C) logits, ``teacher`` (B, C) logits or scores.
+    """
+
+    def check_shapes(self, student: torch.Size, teacher: torch.Size) -> None:  # type: ignore[override]
+        require_same_shape("hard distillation", "student", student, "teacher", teacher)
+        if len(student) != 2:
+            raise ValueError(f"hard distillation: logits must be (batch, classes), got {tuple(student)}")
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
+        return F.cross_entropy(_float(student), teacher.detach().argmax(dim=-1))

@@ -126,3 +126,26 @@ class Projector(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x)
+
+
+class MLPProjector(nn.Module):
+    """Two linear maps with a GELU between, over the last dimension:
+    ``(..., in_dim) -> Linear(in_dim, hidden) -> GELU -> Linear(hidden, out_dim)`` (``hidden``
+    defaults to ``out_dim``), Xavier-uniform weights and zero biases.
+
+    G2SD's ``decoderfeature_pred`` (Huang et al., CVPR 2023): the student MAE's decoder tokens onto the
+    teacher decoder's width (256 -> 512 -> 512 for ViT-S from ViT-B). ``in_dim: auto, out_dim: auto``
+    with ``target`` naming the teacher's tensor.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        hidden = int(hidden or out_dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(self.in_dim, hidden), nn.GELU(), nn.Linear(hidden, self.out_dim)
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -104,11 +104,11 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
@@ -126,17 +126,22 @@ class VisionTransformer(nn.Module):
         qkv_bias: bias in the q, k, v projection. drop_rate: dropout after the embeddings, in the MLP
             and after the attention projection. attn_drop_rate: attention dropout. drop_path_rate:
             stochastic depth, rising linearly to this value over the blocks.
-        pool: ``cls`` (class token, default) or ``mean`` (mean of the final patch tokens) for the head.
+        pool: ``cls`` (class token, default), ``mean`` (mean of the final, normalised patch tokens) or
+            ``avg_fc_norm`` (MAE's fine-tuning "global pool": ``fc_norm(mean of the patch tokens)``, no
+            final norm; the parameter names of MAE's fine-tuned checkpoints) for the head.
         num_stages: how many ``stage<i>`` taps to publish (at equal depth fractions).
+        norm_eps: the LayerNorms' epsilon (1e-5, PyTorch's default; MAE and timm's ViTs use 1e-6).
+        head_init_std: the standard deviation of the head's initial weights (0.02; MAE's fine-tuning
+            uses 2e-5).
     """
 
     def __init__(self, num_classes: int = 100, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
                  dim: int = 192, depth: int = 9, num_heads: int = 3, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 pool: str = "cls", num_stages: int = 3) -> None:
+                 pool: str = "cls", num_stages: int = 3, norm_eps: float = 1e-5, head_init_std: float = 0.02) -> None:
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"vit: pool must be 'cls' or 'mean', got '{pool}'")
+        if pool not in ("cls", "mean", "avg_fc_norm"):
+            raise ValueError(f"vit: pool must be 'cls', 'mean' or 'avg_fc_norm', got '{pool}'")
         if not 1 <= num_stages <= depth:
             raise ValueError(f"vit: num_stages must be in [1, depth={depth}], got {num_stages}")
         self.pool = pool
@@ -147,11 +152,13 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i]) for i in range(depth))
+            Block(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i], norm_eps) for i in range(depth))
         # block index (0-based) after which stage i+1 is published
         self.stage_blocks = [round((i + 1) * depth / num_stages) - 1 for i in range(num_stages)]
         self.stage_taps = nn.ModuleList(nn.Identity() for _ in range(num_stages))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if pool != "avg_fc_norm" else nn.Identity()
+        if pool == "avg_fc_norm":
+            self.fc_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.token_out = nn.Identity()
         self.pre_logits = nn.Identity()
         self.head = nn.Linear(dim, num_classes)
@@ -159,6 +166,8 @@ class VisionTransformer(nn.Module):
         self.taps.update({f"stage{i + 1}": f"stage_taps.{i}" for i in range(num_stages)})
         self.taps.update({"tokens": "token_out", "feat": "pre_logits"})
         self._init_weights()
+        if head_init_std != 0.02:  # (a second draw only when asked: the default keeps the generator's sequence)
+            nn.init.trunc_normal_(self.head.weight, std=head_init_std)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -172,20 +181,36 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Input images -> the pooled feature (B, D) the head reads."""
+    def encode(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Images -> the final token sequence (B, 1 + N [+ E], D): class token, patch tokens and the
+        ``extra`` tokens (E, D) appended after the position embeddings (a distillation token); the
+        ``stage*`` and ``tokens`` taps see the patch tokens only."""
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        n = x.shape[1]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        if extra is not None:
+            x = torch.cat([x, extra.expand(x.shape[0], -1, -1)], dim=1)
+        x = self.pos_drop(x)
         stage = 0
         for i, block in enumerate(self.blocks):
             x = block(x)
             if stage < len(self.stage_blocks) and i == self.stage_blocks[stage]:
-                self.stage_taps[stage](x[:, 1:])
+                self.stage_taps[stage](x[:, 1:1 + n])
                 stage += 1
         x = self.norm(x)
-        tokens = self.token_out(x[:, 1:])
-        return self.pre_logits(x[:, 0] if self.pool == "cls" else tokens.mean(dim=1))
+        self.token_out(x[:, 1:1 + n])
+        return x
+
+    def pool_tokens(self, x: Tensor, n: int) -> Tensor:
+        """The feature the head reads, from the final sequence with ``n`` patch tokens."""
+        if self.pool == "cls":
+            return x[:, 0]
+        mean = x[:, 1:1 + n].mean(dim=1)
+        return self.fc_norm(mean) if self.pool == "avg_fc_norm" else mean
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Input images -> the pooled feature (B, D) the head reads."""
+        return self.pre_logits(self.pool_tokens(self.encode(x), self.patch_embed.num_patches))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))

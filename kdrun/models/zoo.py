@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 # modules whose import registers their builders (importing them is what fills the registry)
-ZOO_MODULES = ("resnet", "resnetv2", "wrn", "vgg", "mobilenetv2", "shufflenetv1", "shufflenetv2", "simple", "vit")
+ZOO_MODULES = ("resnet", "resnetv2", "wrn", "vgg", "mobilenetv2", "shufflenetv1", "shufflenetv2", "simple", "vit", "mae")
 
 
 @dataclass(frozen=True)
