@@ -178,6 +178,16 @@ def load_data(cfg: ExperimentConfig) -> Any:
             raise KdrunError(str(ex)) from None
     if d.subset is not None:
         splits = splits.subset(d.subset, d.subset_seed)
+    if d.meta_split is not None:
+        if not hasattr(splits, "meta_split"):
+            raise KdrunError(f"data.meta_split works with array data sets (CIFAR, digits, synthetic images); "
+                             f"{d.name} is a {type(splits).__name__}")
+        try:
+            splits = splits.meta_split(d.meta_split, d.meta_seed)
+        except ValueError as ex:
+            raise KdrunError(str(ex)) from None
+        log.info("data.meta_split=%d: %d training examples left, %d held out as the meta set (class-stratified, seeded)",
+                 d.meta_split, splits.num_train, splits.meta.num_train)
     _check_labels(cfg, splits, sample.get("input"))
     cover = splits.class_coverage
     if d.subset is not None:

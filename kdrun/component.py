@@ -19,6 +19,12 @@ derives from it, unconditionally, in this order:
   parallelism), calls ``set_class_means({argument: (C, ...) tensor})`` and writes them to
   ``<run dir>/class_means/<term>.pt``. The component keeps them as buffers (so a checkpoint holds them)
   and returns no argument once it has them.
+- ``outer_step(step)`` before every optimizer step, for a component whose ``wants_outer_step`` is True (the
+  run needs ``data.meta_split``): an :class:`OuterStep` holds the step's first training micro-batch, a batch
+  of the held-out meta set, and a functional forward of the run's models with parameters of the component's
+  choosing, for a bilevel update of the component's own parameters (TGeo-KD's one-step look-ahead). Those
+  parameters are not given to the stage's optimizer: ``stage_parameters()`` (default: all of the
+  component's parameters) says what the optimizer gets.
 - ``on_batch(rank_sizes, rank)`` before every training micro-batch: how many samples of the global
   micro-batch each rank holds (in rank order; every rank holds a contiguous share), and this process's
   rank. Known on the host, so a component that must see the whole global batch (a memory bank) can
@@ -28,7 +34,7 @@ A plain ``nn.Module`` used as a loss term or adapter gets none of these calls.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,8 +99,47 @@ class StageInfo:
     max_steps: int | None
 
 
+@dataclass
+class OuterStep:
+    """What :meth:`Component.outer_step` receives before an optimizer step.
+
+    Attributes:
+        batch: the step's first training micro-batch, as the models see it (after the batch transform).
+        held_out: a batch of the meta set (``data.meta_split``), augmented as training batches, in a seeded order.
+        forward: ``forward(batch, models, params=None)`` runs the named models on ``batch`` and returns
+            their named tensors (``<model>.logits``, taps) with the batch's fields (``batch.<field>``).
+            ``params`` maps a model to replacement parameters ``{name: tensor}`` (the others keep theirs):
+            that model runs functionally (``torch.func.functional_call``) with its own mode and copies of
+            its buffers (running statistics are left as they were), differentiably; every other model runs
+            without autograd.
+        lr: ``lr(model)``: the current learning rate of the optimizer group that trains ``model``.
+        reduce_mean: averages a list of tensors over the data-parallel ranks in place (a no-op in one
+            process), for gradients of parameters that must stay identical on every rank.
+        params: ``params(model)``: the model's trained parameters ``{name: parameter}``.
+        step: the stage's optimizer step (0-based).
+    """
+
+    batch: Mapping[str, Tensor]
+    held_out: Mapping[str, Tensor]
+    forward: Callable[..., dict[str, Any]]
+    lr: Callable[[str], float]
+    reduce_mean: Callable[[Sequence[Tensor]], None]
+    params: Callable[[str], dict[str, Any]]
+    step: int = 0
+
+
 class Component(nn.Module):
     """Base class of kdrun components: the hooks the builder and the engine call (all no-ops here)."""
+
+    wants_outer_step: bool = False  # True: the engine calls outer_step before every optimizer step
+
+    def stage_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the stage's optimizer trains (default all; an outer step trains the rest)."""
+        return self.parameters()
+
+    def outer_step(self, step: OuterStep) -> None:
+        """Update the component's own parameters from a held-out batch before the optimizer step (see
+        :class:`OuterStep`); called when ``wants_outer_step`` is True."""
 
     def setup(self, ctx: BuildContext) -> None:
         """Create input-size-dependent sub-modules and buffers (called once at build time)."""

@@ -127,6 +127,7 @@ def _check_ranges(cfg: DictConfig) -> None:
     d, t = cfg.data, cfg.trainer
     _at_least(d, "data", "subset", 1, "the whole data set")
     _at_least(d, "data", "val_split", 1, "evaluate on the test set")
+    _at_least(d, "data", "meta_split", 1, "no meta set")
     for key in ("batch_size", "eval_batch_size"):
         _at_least(d, "data", key, 1)
     for key in ("num_classes", "num_workers", "crop_padding", "subset_seed", "val_seed"):  # 0 classes: token data

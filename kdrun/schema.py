@@ -87,6 +87,10 @@ class DataConfig:
     subset_seed: int = 0  # the subset's draw (the same examples for every run seed)
     val_split: Optional[int] = None  # hold out N training examples (seeded) and evaluate on them, not the test set
     val_seed: int = 0
+    # hold out N training examples (class-stratified, seeded by meta_seed) that no stage trains on: the meta set
+    # of components with an outer step (TGeo-KD's bilevel fusion ratio); array data sets only
+    meta_split: Optional[int] = None
+    meta_seed: int = 0
     batch_size: int = 64  # the global micro-batch (over all ranks); x accumulate_grad_batches per optimizer step
     eval_batch_size: int = 256
     drop_last: bool = False

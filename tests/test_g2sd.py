@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kdrun.data.mix import CutMix, Mixup, MixupOrCutMix, PatchMaskNoise
 from kdrun.errors import KdrunError

@@ -85,6 +85,8 @@ def smoke_overrides(recipe: str) -> list[str]:
     out += [f"models.{name}.checkpoint=null" for name in (cfg.get("models") or {})]
     if cfg.data.get("val_split"):
         out += ["data.val_split=4"]
+    if cfg.data.get("meta_split"):
+        out += ["data.meta_split=4"]
     # wiring, not learning: a small lr keeps random deep teachers' feature losses finite
     out += [f"stages.{name}.optimizer.lr=0.0001" for name in cfg.stages]
     return out

@@ -40,6 +40,7 @@ class ArraySplits:
     test_images: Tensor
     test_labels: Tensor
     long_tail: LongTailInfo | None = None
+    meta: ArraySplits | None = None  # a held-out meta set in its training part (data.meta_split)
 
     def __post_init__(self) -> None:
         for name in ("train", "test"):
@@ -81,6 +82,22 @@ class ArraySplits:
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         val, train = perm[:n].sort().values, perm[n:].sort().values
         return ArraySplits(self.train_images[train], self.train_labels[train], self.train_images[val], self.train_labels[val])
+
+    def meta_split(self, n: int, seed: int = 0) -> ArraySplits:
+        """The splits without ``n`` training examples, which become ``meta``'s training part: a
+        class-stratified seeded choice (:func:`kdrun.data.subsets.stratified_indices`), each part in file
+        order. The meta set of a bilevel component; the test set is untouched."""
+        total = self.num_train
+        if not 0 < n < total:
+            raise ValueError(f"data.meta_split must be between 1 and {total - 1}, got {n}")
+        if self.long_tail is not None:
+            raise ValueError("data.meta_split is not supported with long-tailed data sets (it would change the class counts)")
+        meta = stratified_indices(self.train_labels, n, total, seed)
+        keep = torch.ones(total, dtype=torch.bool)
+        keep[meta] = False
+        rest = keep.nonzero().flatten()
+        held = ArraySplits(self.train_images[meta], self.train_labels[meta], self.test_images[:1], self.test_labels[:1])
+        return ArraySplits(self.train_images[rest], self.train_labels[rest], self.test_images, self.test_labels, meta=held)
 
     def subset(self, n: int, seed: int = 0) -> ArraySplits:
         """``n`` training examples and a proportional number of test examples, each a class-stratified

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kdrun.build import instantiate_node
-from kdrun.component import Component, StageInfo, components
+from kdrun.component import Component, OuterStep, StageInfo, components
 from kdrun.config import import_target
 from kdrun.engine.accumulate import scaled, window_scales
 from kdrun.engine.accelerate import autocast, deterministic_failure, fused_kwargs, grad_scaler, model_callables
@@ -43,6 +43,7 @@ from kdrun.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from kdrun.engine.evaluate import evaluate
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.statistics import fill_class_means
+from kdrun.data.loaders import make_loader
 from kdrun.engine.record import RunKey, RunRecord
 from kdrun.devices import peak_memory_mb
 from kdrun.errors import KdrunError
@@ -194,6 +195,13 @@ class StageRunner:
         self.hooked = components({**{f"a.{a}": exp.adapters[a].module for a in self.plan.adapters},
                                   **{f"l.{t}": exp.losses[t].module for t in self.plan.losses}})
         self.meter = EpochMeter()
+        self.outer = [c for c in self.hooked if c.wants_outer_step]
+        self.meta_loader: Any = None
+        if self.outer and getattr(exp.data, "meta", None) is None:
+            raise KdrunError(f"stages.{self.plan.name}: {type(self.outer[0]).__name__} learns on a held-out meta set; set "
+                             f"data.meta_split=N (N training examples held out, e.g. 5000 of CIFAR's 50,000)")
+        if self.outer and exp.sharded:
+            raise KdrunError(f"stages.{self.plan.name}: outer steps run the student functionally, which FSDP does not support")
         fill_class_means(exp, {t: exp.losses[t].module for t in self.plan.losses if isinstance(exp.losses[t].module, Component)},
                          self.dist, ctx.run_dir, self.autocast, self.plan.eval_transform)
         info = self.info()
@@ -232,7 +240,7 @@ class StageRunner:
         modules = [exp.adapters[a].module for a in group.adapters if exp.adapters[a].trainable]
         modules += [exp.losses[t].module for t in group.losses]
         params = [p for m in group.models for p in trainable_parameters(exp.models[m])]
-        params += [p for m in modules for p in m.parameters()]
+        params += [p for m in modules for p in (m.stage_parameters() if isinstance(m, Component) else m.parameters())]
         if not params:
             raise KdrunError(f"{group.key}: nothing to train (its models, adapters and loss terms have no parameters)")
         target = import_target(group.optimizer["_target_"], f"{group.key}.optimizer")
@@ -448,6 +456,67 @@ class StageRunner:
             total = total + weighted[name]
         return total, values, weighted
 
+    # ------------------------------------------------------------------------------ outer steps
+    def _outer_steps(self, batch: Mapping[str, Tensor]) -> None:
+        """Every bilevel component's outer step (:class:`kdrun.component.OuterStep`) before the step."""
+        held_out = self._meta_batch()
+        step = OuterStep(batch=batch, held_out=held_out, forward=self.functional_forward, lr=self._lr_of,
+                         reduce_mean=self._reduce_mean, params=self._trained_params, step=self.record.stage_step)
+        with self.autocast():
+            for c in self.outer:
+                c.outer_step(step)
+
+    def _meta_batch(self) -> dict[str, Tensor]:
+        """The next batch of the meta set, shuffled and augmented as training batches are, in a seeded order
+        per pass (a function of the stage's step, so a resumed run draws what an uninterrupted one would),
+        sharded per rank."""
+        if self.meta_loader is None:
+            d = self.exp.cfg.data
+            self.meta_loader = make_loader(self.exp.data.meta, "train", d, self.device, train=True, seed=self.exp.cfg.seed,
+                                           rank=self.dist.rank, world_size=self.dist.world_size,
+                                           batch_size=min(d.batch_size, self.exp.data.meta.num_train),
+                                           channels_last=self.exp.cfg.trainer.channels_last)
+            self.meta_pass, self.meta_iter = -1, None
+        n = len(self.meta_loader)
+        pass_, pos = divmod(self.record.stage_step, n)
+        if pass_ != self.meta_pass or self.meta_iter is None:
+            self.meta_loader.set_epoch(self.epoch_key(10_000 + pass_), start=pos)
+            self.meta_pass, self.meta_iter = pass_, iter(self.meta_loader)
+        batch = next(self.meta_iter)
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def functional_forward(self, batch: Mapping[str, Tensor], models: Sequence[str],
+                           params: Mapping[str, Mapping[str, Tensor]] | None = None) -> dict[str, Any]:
+        """The named tensors of ``models`` on ``batch`` (see :class:`kdrun.component.OuterStep`)."""
+        from torch.func import functional_call
+
+        exp, params = self.exp, params or {}
+        ns: dict[str, Any] = {f"batch.{k}": v for k, v in batch.items()}
+        for name in models:
+            model = exp.models[name]
+            if name in params:
+                state = {**{k: b.clone() for k, b in model.named_buffers()}, **params[name]}
+                exp.io[name].run(lambda *a, m=model, st=state, **kw: functional_call(m, st, a, kw, strict=False), batch, ns)
+            else:
+                with torch.no_grad():
+                    exp.io[name].run(model, batch, ns)
+        return ns
+
+    def _trained_params(self, model: str) -> dict[str, nn.Parameter]:
+        return {k: p for k, p in self.exp.models[model].named_parameters() if p.requires_grad}
+
+    def _lr_of(self, model: str) -> float:
+        for group, g in zip(self.plan.groups, self.groups):
+            if model in group.models:
+                return float(g.optimizer.param_groups[0]["lr"])
+        raise KdrunError(f"stage '{self.plan.name}': no optimizer group trains '{model}' (an outer step asked for its lr)")
+
+    def _reduce_mean(self, tensors: Sequence[Tensor]) -> None:
+        if self.dist.enabled:
+            for t in tensors:
+                torch.distributed.all_reduce(t)
+                t.div_(self.dist.world_size)
+
     def term_outputs(self, batch: Mapping[str, Tensor]) -> dict[str, Any]:
         """Frozen models (no autograd), trained models, adapters, then every loss term's raw output."""
         exp, plan, call = self.exp, self.plan, self.forwards
@@ -487,10 +556,19 @@ class StageRunner:
             g.optimizer.zero_grad(set_to_none=True)
         total: Tensor | None = None
         values: dict[str, Tensor] = {}
-        for k, batch in enumerate(window):
+        first: Mapping[str, Tensor] | None = None
+        if self.outer:  # bilevel components update their own parameters first, on the step's first micro-batch
             for c in self.hooked:
-                c.on_batch(tuple(sizes[k]), self.dist.rank)
-            if self.plan.batch_transform is not None:
+                c.on_batch(tuple(sizes[0]), self.dist.rank)
+            first = window[0] if self.plan.batch_transform is None else self.plan.batch_transform(window[0])
+            self._outer_steps(first)
+        for k, batch in enumerate(window):
+            if k > 0 or first is None:
+                for c in self.hooked:
+                    c.on_batch(tuple(sizes[k]), self.dist.rank)
+            if k == 0 and first is not None:
+                batch = first
+            elif self.plan.batch_transform is not None:
                 batch = self.plan.batch_transform(batch)
             with self._no_sync(k < len(window) - 1):
                 with self.autocast():
