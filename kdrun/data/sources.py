@@ -152,3 +152,18 @@ def make_synthetic_tokens(num_train: int = 256, num_test: int = 64, seq_len: int
                 "loss_mask": t[:, :-1] < length - 1}
 
     return TensorSplits(draw(num_train), draw(num_test))
+
+
+def load_digits_two_views(test_fraction: float = 0.2, split_seed: int = 0) -> TensorSplits:
+    """scikit-learn's 8x8 digits as two modalities: ``view1`` the left four columns of each image and
+    ``view2`` the right four, each flattened (32 values, pixels scaled to [0, 1]), with ``target``; the
+    same split as :func:`load_digits`. Each view alone classifies worse than both together, the setting
+    of cross-modal distillation (a two-view teacher, a one-view student)."""
+    digits = load_digits(test_fraction, split_seed)
+
+    def views(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images[:, 0].float() / 255.0  # (N, 8, 8)
+        return {"view1": x[:, :, :4].reshape(len(x), -1).contiguous(), "view2": x[:, :, 4:].reshape(len(x), -1).contiguous(),
+                "target": labels}
+
+    return TensorSplits(views(digits.train_images, digits.train_labels), views(digits.test_images, digits.test_labels))

@@ -10,6 +10,7 @@ from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss, SmoothL1Fe
 from kdrun.losses.ft import FTLoss
 from kdrun.losses.logits import (BalancedKLLoss, BinaryKLLoss, CrossEntropy, DISTLoss, DKDLoss, HardDistillationLoss, KDLoss,
                                  ReverseKLLoss, standardize_logits)
+from kdrun.losses.mst import MixtureOfTeachersKD
 from kdrun.losses.nd import NDLoss
 from kdrun.losses.ofa import OFALoss
 from kdrun.losses.ofd import OFDLoss
@@ -24,7 +25,7 @@ from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HardDistillationLoss", "HintLoss",
-    "KDLoss", "LossTerm", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "MixtureOfTeachersKD", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]

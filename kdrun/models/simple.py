@@ -89,3 +89,42 @@ class TinyTokenLM(nn.Module):
 def tiny_token_lm(num_classes: int = 32, dim: int = 16, hidden: int = 32) -> TinyTokenLM:
     """Build a :class:`TinyTokenLM` (``num_classes`` is the vocabulary size)."""
     return TinyTokenLM(num_classes=num_classes, dim=dim, hidden=hidden)
+
+
+class MLP(nn.Module):
+    """Fully connected classifier over one flat input, or two concatenated: ``fc1 -> ReLU -> fc2 -> ReLU ->
+    head``. ``in_features`` is an int (``forward(x)``) or a list of two sizes (``forward(x, x2)``: a
+    multimodal model reading two views).
+
+    Taps: ``fc1``, ``fc2`` (the linear layers' outputs, before their ReLU), ``feat`` (the input of the head).
+    """
+
+    def __init__(self, num_classes: int = 10, in_features: int | list[int] = 32, hidden: list[int] = (64, 32)) -> None:
+        super().__init__()
+        sizes = [int(in_features)] if isinstance(in_features, int) else [int(n) for n in in_features]
+        if len(hidden) != 2 or not 1 <= len(sizes) <= 2:
+            raise ValueError(f"mlp: hidden must list two widths and in_features one or two sizes, got {list(hidden)}, {sizes}")
+        self.in_features = sizes
+        self.fc1, self.act1 = nn.Linear(sum(sizes), int(hidden[0])), nn.ReLU()
+        self.fc2, self.act2 = nn.Linear(int(hidden[0]), int(hidden[1])), nn.ReLU()
+        self.head = nn.Linear(int(hidden[1]), num_classes)
+        self.taps: dict[str, str] = {"fc1": "fc1", "fc2": "fc2", "feat": "act2"}
+
+    def forward(self, x: Tensor, x2: Tensor | None = None) -> Tensor:
+        if (x2 is not None) != (len(self.in_features) == 2):
+            raise ValueError(f"mlp: built for {len(self.in_features)} input(s) of sizes {self.in_features}; "
+                             f"got {'two' if x2 is not None else 'one'}")
+        x = x.flatten(1) if x2 is None else torch.cat([x.flatten(1), x2.flatten(1)], dim=1)
+        return self.head(self.act2(self.fc2(self.act1(self.fc1(x)))))
+
+
+@register_model(doc="MLP over one flat view (32 values: a digits half-image), fc1 64, fc2 32")
+def mlp(num_classes: int = 10, in_features: int = 32, hidden: list[int] = (64, 32)) -> MLP:
+    """Build an :class:`MLP` over one input."""
+    return MLP(num_classes, in_features, list(hidden))
+
+
+@register_model(doc="MLP over two flat views (32 + 32 values), fc1 128, fc2 64: a two-modality teacher")
+def two_view_mlp(num_classes: int = 10, in_features: list[int] = (32, 32), hidden: list[int] = (128, 64)) -> MLP:
+    """Build an :class:`MLP` over two inputs (``forward(x, x2)``)."""
+    return MLP(num_classes, list(in_features), list(hidden))
