@@ -25,6 +25,9 @@ derives from it, unconditionally, in this order:
   choosing, for a bilevel update of the component's own parameters (TGeo-KD's one-step look-ahead). Those
   parameters are not given to the stage's optimizer: ``stage_parameters()`` (default: all of the
   component's parameters) says what the optimizer gets.
+- ``transform_batch(batch)`` on every training micro-batch, after the stage's batch transform and before any
+  model, for a component whose ``transforms_batch`` is True: the batch the models train on (HARD's learned
+  augmentation; evaluation batches are never changed).
 - ``on_batch(rank_sizes, rank)`` before every training micro-batch: how many samples of the global
   micro-batch each rank holds (in rank order; every rank holds a contiguous share), and this process's
   rank. Known on the host, so a component that must see the whole global batch (a memory bank) can
@@ -105,7 +108,8 @@ class OuterStep:
 
     Attributes:
         batch: the step's first training micro-batch, as the models see it (after the batch transform).
-        held_out: a batch of the meta set (``data.meta_split``), augmented as training batches, in a seeded order.
+        held_out: a batch of the meta set (``data.meta_split``), augmented as training batches, in a seeded order
+            (empty for components whose ``outer_step_needs_held_out`` is False).
         forward: ``forward(batch, models, params=None)`` runs the named models on ``batch`` and returns
             their named tensors (``<model>.logits``, taps) with the batch's fields (``batch.<field>``).
             ``params`` maps a model to replacement parameters ``{name: tensor}`` (the others keep theirs):
@@ -132,6 +136,8 @@ class Component(nn.Module):
     """Base class of kdrun components: the hooks the builder and the engine call (all no-ops here)."""
 
     wants_outer_step: bool = False  # True: the engine calls outer_step before every optimizer step
+    transforms_batch: bool = False  # True: the engine calls transform_batch on every training micro-batch
+    outer_step_needs_held_out: bool = True  # False: the outer step works on the training batch alone (no meta set)
 
     def stage_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the stage's optimizer trains (default all; an outer step trains the rest)."""
@@ -140,6 +146,10 @@ class Component(nn.Module):
     def outer_step(self, step: OuterStep) -> None:
         """Update the component's own parameters from a held-out batch before the optimizer step (see
         :class:`OuterStep`); called when ``wants_outer_step`` is True."""
+
+    def transform_batch(self, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The training micro-batch the models see (called when ``transforms_batch`` is True; default unchanged)."""
+        return batch
 
     def setup(self, ctx: BuildContext) -> None:
         """Create input-size-dependent sub-modules and buffers (called once at build time)."""

@@ -11,6 +11,7 @@ from torch.func import functional_call
 from kdrun.component import BuildContext, OuterStep
 from kdrun.errors import KdrunError
 from kdrun.losses import TGeoKDLoss
+from kdrun.losses.adam import adam_step
 
 C = 4
 
@@ -124,10 +125,10 @@ def test_the_fusion_networks_adam_is_torchs_adam():
         for p, gr in zip(ref, grads):
             p.grad = gr.clone()
         opt.step()
-        term._adam(list(term.fusion.parameters()), grads)
+        adam_step(term, list(term.fusion.parameters()), grads, term.meta_lr)
     for p, q in zip(term.fusion.parameters(), ref):
         torch.testing.assert_close(p.detach(), q.detach())
-    assert int(term.meta_steps) == 3 and "adam_m0" in term.state_dict()
+    assert int(term.adam_steps) == 3 and "adam_m0" in term.state_dict()
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -168,7 +169,7 @@ def test_a_step_moves_the_fusion_network_by_its_outer_step_only(tmp_path):
     before = [p.detach().clone() for p in term.fusion.parameters()]
     student = [p.detach().clone() for p in trainer.experiment.models["student"].parameters()]
     runner.train_step(next(iter(trainer.ctx.train_loader)), runner.term_weights(0))
-    assert int(term.meta_steps) == 1 and term.last_meta_loss is not None
+    assert int(term.adam_steps) == 1 and term.last_meta_loss is not None
     assert any(not torch.equal(a, p) for a, p in zip(before, term.fusion.parameters()))
     assert any(not torch.equal(a, p) for a, p in zip(student, trainer.experiment.models["student"].parameters()))
     # the meta batch of a step is a function of the step: a fresh runner (a resume) draws the same one
@@ -205,7 +206,7 @@ def _ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
             runner.train_step(batch, runner.term_weights(0))
             runner.record.stage_step += 1
         term = trainer.experiment.losses["tgeo"].module
-        torch.save([int(term.meta_steps)] + [p.detach().clone() for p in term.fusion.parameters()], f"{out}.{rank}")
+        torch.save([int(term.adam_steps)] + [p.detach().clone() for p in term.fusion.parameters()], f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 

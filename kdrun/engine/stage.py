@@ -196,9 +196,11 @@ class StageRunner:
                                   **{f"l.{t}": exp.losses[t].module for t in self.plan.losses}})
         self.meter = EpochMeter()
         self.outer = [c for c in self.hooked if c.wants_outer_step]
+        self.batch_changers = [c for c in self.hooked if c.transforms_batch]
         self.meta_loader: Any = None
-        if self.outer and getattr(exp.data, "meta", None) is None:
-            raise KdrunError(f"stages.{self.plan.name}: {type(self.outer[0]).__name__} learns on a held-out meta set; set "
+        needs = [c for c in self.outer if c.outer_step_needs_held_out]
+        if needs and getattr(exp.data, "meta", None) is None:
+            raise KdrunError(f"stages.{self.plan.name}: {type(needs[0]).__name__} learns on a held-out meta set; set "
                              f"data.meta_split=N (N training examples held out, e.g. 5000 of CIFAR's 50,000)")
         if self.outer and exp.sharded:
             raise KdrunError(f"stages.{self.plan.name}: outer steps run the student functionally, which FSDP does not support")
@@ -459,7 +461,7 @@ class StageRunner:
     # ------------------------------------------------------------------------------ outer steps
     def _outer_steps(self, batch: Mapping[str, Tensor]) -> None:
         """Every bilevel component's outer step (:class:`kdrun.component.OuterStep`) before the step."""
-        held_out = self._meta_batch()
+        held_out = self._meta_batch() if any(c.outer_step_needs_held_out for c in self.outer) else {}
         step = OuterStep(batch=batch, held_out=held_out, forward=self.functional_forward, lr=self._lr_of,
                          reduce_mean=self._reduce_mean, params=self._trained_params, step=self.record.stage_step)
         with self.autocast():
@@ -570,6 +572,8 @@ class StageRunner:
                 batch = first
             elif self.plan.batch_transform is not None:
                 batch = self.plan.batch_transform(batch)
+            for c in self.batch_changers:  # components' own changes of the training batch (HARD's learned augmentation)
+                batch = c.transform_batch(batch)
             with self._no_sync(k < len(window) - 1):
                 with self.autocast():
                     t, v, weighted = self.forward(batch, weights, scales[k])

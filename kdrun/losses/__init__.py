@@ -8,6 +8,7 @@ from kdrun.losses.crd import CRDLoss
 from kdrun.losses.diswot import DisWOTRelationLoss, DisWOTSemanticLoss
 from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss, SmoothL1FeatureLoss
 from kdrun.losses.ft import FTLoss
+from kdrun.losses.hard import HARDLoss
 from kdrun.losses.logits import (BalancedKLLoss, BinaryKLLoss, CrossEntropy, DISTLoss, DKDLoss, HardDistillationLoss, KDLoss,
                                  ReverseKLLoss, standardize_logits)
 from kdrun.losses.mst import MixtureOfTeachersKD
@@ -24,7 +25,7 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "ATLoss", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HardDistillationLoss", "HintLoss",
+    "ABLoss", "ATLoss", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
     "KDLoss", "LossTerm", "MixtureOfTeachersKD", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",

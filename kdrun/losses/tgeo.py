@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrun.component import BuildContext, OuterStep
+from kdrun.losses.adam import adam_step, add_adam_state
 from kdrun.losses.base import LossTerm, require_same_shape
 from kdrun.losses.features import to_float
 from kdrun.names import owner_of
@@ -71,10 +72,7 @@ class TGeoKDLoss(LossTerm):
         c = self.num_classes
         self.fusion = nn.Sequential(nn.Linear(4 * c + 4, int(hidden)), nn.ReLU(), nn.Linear(int(hidden), 1))
         nn.init.zeros_(self.fusion[2].bias)
-        for i, p in enumerate(self.fusion.parameters()):
-            self.register_buffer(f"adam_m{i}", torch.zeros_like(p))
-            self.register_buffer(f"adam_v{i}", torch.zeros_like(p))
-        self.register_buffer("meta_steps", torch.zeros((), dtype=torch.long))
+        add_adam_state(self, list(self.fusion.parameters()))
         self.register_buffer("class_mean_prediction", torch.zeros(c, c))
         self.register_buffer("has_class_means", torch.zeros((), dtype=torch.bool))
         self.names: dict[str, str] = {}
@@ -142,7 +140,7 @@ class TGeoKDLoss(LossTerm):
         params = list(self.fusion.parameters())
         grads = self.meta_gradients(step)
         step.reduce_mean(grads)
-        self._adam(params, grads)
+        adam_step(self, params, grads, self.meta_lr, self.betas, self.eps)
 
     def meta_gradients(self, step: OuterStep) -> list[Tensor]:
         """``grad_phi CE(f(x'; theta - eta grad_theta L(theta; phi)), y')`` for the fusion network's
@@ -164,20 +162,6 @@ class TGeoKDLoss(LossTerm):
         self.last_meta_loss = meta.detach()
         return [g.detach() if g is not None else torch.zeros_like(p)
                 for g, p in zip(torch.autograd.grad(meta, params, allow_unused=True), params)]
-
-    @torch.no_grad()
-    def _adam(self, params: list[nn.Parameter], grads: list[Tensor]) -> None:
-        """One Adam step (Kingma & Ba 2015) with bias correction, its moments in this term's buffers."""
-        self.meta_steps += 1
-        b1, b2 = self.betas
-        n = self.meta_steps.float()
-        for i, (p, g) in enumerate(zip(params, grads)):
-            m, v = getattr(self, f"adam_m{i}"), getattr(self, f"adam_v{i}")
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = m / (1 - b1 ** n)
-            v_hat = v / (1 - b2 ** n)
-            p.sub_(self.meta_lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
 __all__ = ["TGeoKDLoss"]
