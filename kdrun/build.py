@@ -178,12 +178,12 @@ def load_data(cfg: ExperimentConfig) -> Any:
             raise KdrunError(str(ex)) from None
     if d.subset is not None:
         splits = splits.subset(d.subset, d.subset_seed)
-    if d.meta_split is not None:
+    if getattr(d, "meta_split", None) is not None:
         if not hasattr(splits, "meta_split"):
             raise KdrunError(f"data.meta_split works with array data sets (CIFAR, digits, synthetic images); "
                              f"{d.name} is a {type(splits).__name__}")
         try:
-            splits = splits.meta_split(d.meta_split, d.meta_seed)
+            splits = splits.meta_split(d.meta_split, getattr(d, "meta_seed", 0))
         except ValueError as ex:
             raise KdrunError(str(ex)) from None
         log.info("data.meta_split=%d: %d training examples left, %d held out as the meta set (class-stratified, seeded)",

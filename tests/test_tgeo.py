@@ -180,6 +180,14 @@ def test_a_step_moves_the_fusion_network_by_its_outer_step_only(tmp_path):
     assert torch.equal(other._meta_batch()["index"], a)
 
 
+def test_a_meta_split_of_token_data_is_refused_by_name():
+    from kdrun.build import load_data
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(KdrunError, match="data.meta_split works with array data sets"):
+        load_data(compose_cfg(["data=synthetic_tokens", "data.meta_split=4"], recipe="synthetic_tokens_kd"))
+
+
 def test_tgeo_without_a_meta_split_is_refused_with_the_fix(tmp_path):
     from kdrun.engine import run
 
