@@ -97,7 +97,7 @@ def test_the_look_ahead_hypergradient_matches_finite_differences():
         inner = term.fused(s, t, y, term.ratio(s, t, y))
         gr = torch.autograd.grad(inner, list(theta.values()))
         ahead = {k: p - 0.5 * d for (k, p), d in zip(theta.items(), gr)}
-        return float(F.cross_entropy(functional_call(student, ahead, (xv,)), yv))
+        return float(F.cross_entropy(functional_call(student, ahead, (xv,)), yv).detach())
 
     params = list(term.fusion.parameters())
     for pi, idx in ((0, (1, 2)), (0, (4, 7)), (1, (3,)), (2, (0, 4)), (3, (0,))):
