@@ -188,6 +188,13 @@ def load_data(cfg: ExperimentConfig) -> Any:
             raise KdrunError(str(ex)) from None
         log.info("data.meta_split=%d: %d training examples left, %d held out as the meta set (class-stratified, seeded)",
                  d.meta_split, splits.num_train, splits.meta.num_train)
+    if getattr(d, "teacher_cache", None):
+        from kdrun.data.teacher_cache import open_cache
+
+        splits.cache = open_cache(str(d.teacher_cache), splits, cfg)
+        m = splits.cache.manifest
+        log.info("data.teacher_cache=%s: %s's top-%d over %d training tokens (%s)", d.teacher_cache, m["model"], m["k"],
+                 m["tokens"], m["dtype"])
     _check_labels(cfg, splits, sample.get("input"))
     cover = splits.class_coverage
     if d.subset is not None:

@@ -91,6 +91,9 @@ class DataConfig:
     # of components with an outer step (TGeo-KD's bilevel fusion ratio); array data sets only
     meta_split: Optional[int] = None
     meta_seed: int = 0
+    # a directory written by kdrun-cache: the training split's cached teacher top-k (batch.cache_ids, cache_logp,
+    # cache_tail; kdrun.data.teacher_cache), checked against the run; token data only
+    teacher_cache: Optional[str] = None
     batch_size: int = 64  # the global micro-batch (over all ranks); x accumulate_grad_batches per optimizer step
     eval_batch_size: int = 256
     drop_last: bool = False

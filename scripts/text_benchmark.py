@@ -21,7 +21,11 @@ chunked divergence against a naive full-vocabulary one. Prints tables (docs/text
    the case, on the CPU; ``torch.cuda.max_memory_allocated`` growth on a GPU. The logits themselves are
    allocated before the measurement starts.
 
-Usage: python scripts/text_benchmark.py [--steps 20 --rounds 5 --device cpu --only overhead|trl|memory]
+4. ``cache``: teacher outputs cached to disk (``kdrun-cache``): bytes per token and write time for each
+   ``--cache-k``, then the quickstart's distillation step with the live teacher (full vocabulary; top-K with a
+   tail bucket) against the cached top-K (no teacher forward), tokens/s in alternating rounds.
+
+Usage: python scripts/text_benchmark.py [--steps 20 --rounds 5 --device cpu --only overhead|trl|memory|cache]
 """
 from __future__ import annotations
 
@@ -218,6 +222,61 @@ def overhead(args: argparse.Namespace) -> None:
     print(f"\nkdrun / hand = {ratio:.3f} (target <= 1.05)")
 
 
+CACHED_KD = ("+loss.kd={_target_: kdrun.losses.CachedTokenDivergence, chunk_size: null, inputs: {student: student.logits, "
+             "ids: batch.cache_ids, logp: batch.cache_logp, tail: batch.cache_tail, mask: batch.token_mask}}")
+
+
+def cache(args: argparse.Namespace) -> None:
+    """Teacher outputs cached to disk: bytes per token and the write time per K, then training tokens/s of
+    the quickstart's distillation step with the live teacher (full vocabulary, and top-K with a tail) and
+    with the cache (no teacher forward), in alternating rounds."""
+    import tempfile
+
+    from kdrun.cache import write_cache
+    from kdrun.config import validate
+    from kdrun.registry import compose_config
+
+    root = Path(tempfile.mkdtemp(prefix="kdrun-cache-bench-"))
+    base = validate(compose_config([f"trainer.device={args.device}", "trainer.progress=off"], "text_quickstart"))
+    print(f"\n## cache: the text quickstart's teacher over its training split ({args.device}, float16 log-probabilities)\n")
+    print("| K | tokens | write s | bytes/token | size (MB) |")
+    print("|---|---|---|---|---|")
+    dirs = {}
+    for k in args.cache_k:
+        torch.manual_seed(0)
+        info = write_cache(base, "teacher", root / f"k{k}", k=k, dtype="float16")
+        dirs[k] = root / f"k{k}"
+        print(f"| {k} | {info['tokens']:,} | {info['seconds']:.1f} | {info['bytes'] / info['tokens']:.1f} | {info['bytes'] / 1e6:.1f} |")
+    k = max(args.cache_k)
+    sides = {"live, full vocabulary": [], f"live, top-{k} + tail": [f"+loss.kd.top_k={k}"],
+             f"cached, top-{k} + tail": [f"data.teacher_cache={dirs[k]}", "~loss.kd", CACHED_KD]}
+    runners, tokens = {}, None
+    for name, extra in sides.items():
+        cfg, trainer, _ = quickstart_trainer(args, extra)
+        runners[name] = trainer.stage_runner(0)
+        runners[name].set_modes()
+        tokens = args.batch_size * int(cfg.data.source.seq_len)
+    for w in range(args.warmup_rounds):
+        for runner in runners.values():
+            runner.train_epoch(w)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(args.rounds):
+        order = list(runners.items())
+        for name, runner in order[r % len(order):] + order[:r % len(order)]:
+            t0 = time.perf_counter()
+            runner.train_epoch(args.warmup_rounds + r)
+            if torch.cuda.is_available() and args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(1000 * (time.perf_counter() - t0) / args.steps)
+    print(f"\n## cache: training step, batch {args.batch_size} x {tokens // args.batch_size} tokens, {args.rounds} rounds of "
+          f"{args.steps} steps ({args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+    print("| teacher | ms/step (median) | tokens/s |")
+    print("|---|---|---|")
+    for name, t in times.items():
+        ms = statistics.median(t)
+        print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:.0f} |")
+
+
 def memory(args: argparse.Namespace) -> None:
     from kdrun.losses.tokens import TokenDivergence
 
@@ -244,7 +303,8 @@ def memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["overhead", "trl", "memory"])
+    p.add_argument("--only", choices=["overhead", "trl", "memory", "cache"])
+    p.add_argument("--cache-k", type=int, nargs="+", default=[8, 32])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
@@ -259,6 +319,8 @@ def main() -> None:
         trl_comparison(args)
     if args.only in (None, "memory"):
         memory(args)
+    if args.only in (None, "cache"):
+        cache(args)
 
 
 if __name__ == "__main__":

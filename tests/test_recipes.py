@@ -64,6 +64,25 @@ HF_STANDINS = {
 HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
 
 
+_CACHE_DIR: list[str] = []
+
+
+def _teacher_cache() -> str:
+    """A top-8 cache of text_quickstart's (random) teacher over its training split, for text_cached_kd."""
+    import tempfile
+    from pathlib import Path
+
+    from kdrun.cache import write_cache
+    from kdrun.config import validate
+
+    if not _CACHE_DIR:
+        out = Path(tempfile.mkdtemp(prefix="kdrun-cache-")) / "teacher"
+        torch.manual_seed(0)
+        write_cache(validate(compose_cfg(["trainer.device=cpu"], recipe="text_quickstart")), "teacher", out, k=8)
+        _CACHE_DIR.append(str(out))
+    return _CACHE_DIR[0]
+
+
 def smoke_overrides(recipe: str) -> list[str]:
     out = ["trainer.max_epochs=1", "trainer.max_steps_per_epoch=1", "trainer.progress=off", "trainer.tensorboard=false",
            "trainer.save_checkpoints=false", "trainer.device=cpu"]
@@ -74,6 +93,8 @@ def smoke_overrides(recipe: str) -> list[str]:
     if recipe.startswith("imagenet"):  # timm models at their 224-pixel input on a few synthetic images
         out += ["data=synthetic", "data.num_classes=10", "data.input_shape=[3,224,224]", "data.batch_size=4",
                 "data.eval_batch_size=4", "data.source.num_train=4", "data.source.num_test=4"]
+    if recipe == "text_cached_kd":
+        out += [f"data.teacher_cache={_teacher_cache()}"]
     if recipe in HF_STANDINS:
         out += ["teacher.net.path=null", TOKENIZER, "data.source.teacher_tokenizer=null", f"data.source.train={_text_file()}",
                 "data.batch_size=4", "trainer.accumulate_grad_batches=1", *HF_STANDINS[recipe]]

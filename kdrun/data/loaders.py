@@ -33,7 +33,8 @@ def make_loader(splits: Any, part: str, data: DataConfig, device: torch.device, 
         loader.channels_last = bool(channels_last)
         return loader
     if isinstance(splits, TensorSplits):
-        return TensorLoader(getattr(splits, part), trim_field=splits.trim_field, **common)
+        return TensorLoader(getattr(splits, part), trim_field=splits.trim_field,
+                            cache=splits.cache if part == "train" else None, **common)
     images, labels = (splits.train_images, splits.train_labels) if part == "train" else (splits.test_images, splits.test_labels)
     loader = ArrayLoader(images, labels, mean=data.mean, std=data.std, crop_padding=data.crop_padding, hflip=data.hflip,
                          **common)

@@ -38,6 +38,7 @@ class TensorSplits:
     test: dict[str, Tensor]
     trim_field: str | None = None  # right-padded (N, L) fields: each batch is cut to the longest non-zero run of this field
     tokenizer: Any = None  # text data: the tokenizer that made the token ids (generation decodes with it)
+    cache: Any = None  # a kdrun.data.teacher_cache.TeacherCache of the training split (data.teacher_cache)
 
     def __post_init__(self) -> None:
         _check(self.train, "train")
@@ -61,6 +62,9 @@ class TensorSplits:
         """The first ``k`` training samples as a batch, for the builder's shape trace."""
         out = {name: v[:k] for name, v in self.train.items()}
         out["index"] = torch.arange(min(k, self.num_train))
+        if self.cache is not None:
+            width = next(v for v in out.values() if v.dim() >= 2).shape[1]
+            out.update(self.cache.read(out["index"], int(width), "cpu"))
         return out
 
     def subset(self, n: int, seed: int = 0) -> TensorSplits:
@@ -98,8 +102,9 @@ class TensorLoader:
 
     def __init__(self, fields: Mapping[str, Tensor], *, batch_size: int, train: bool, device: torch.device,
                  seed: int = 0, drop_last: bool = False, max_batches: int | None = None, rank: int = 0,
-                 world_size: int = 1, trim_field: str | None = None) -> None:
+                 world_size: int = 1, trim_field: str | None = None, cache: Any = None) -> None:
         self.device = torch.device(device)
+        self.cache = cache  # a TeacherCache: its fields are read per batch by host sample indices
         self.fields = {k: v.to(self.device) for k, v in fields.items()}
         self.n = _check(self.fields, "data")
         # dynamic padding: per-sample lengths on the host, so cutting a batch reads no device tensor
@@ -127,17 +132,23 @@ class TensorLoader:
         gen.manual_seed(self.seed * 1_000_003 + self.epoch_key)
         order = (torch.randperm(self.n, generator=gen, device=self.device) if self.train
                  else torch.arange(self.n, device=self.device))
-        host_order = order.cpu() if self.lengths is not None else None  # once per epoch
+        host_order = order.cpu() if self.lengths is not None or self.cache is not None else None  # once per epoch
         start, self.start = self.start, 0
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             if self.world_size > 1:
                 idx = torch.tensor_split(idx, self.world_size)[self.rank]
             batch = {k: v[idx] for k, v in self.fields.items()}
-            if host_order is not None:  # every rank cuts at the global batch's longest sample
+            if self.lengths is not None:  # every rank cuts at the global batch's longest sample
                 width = int(self.lengths[host_order[i * self.batch_size:(i + 1) * self.batch_size]].max())
                 batch = {k: v[:, :width] if v.dim() >= 2 and v.shape[1] == self.width else v for k, v in batch.items()}
             batch["index"] = idx
+            if self.cache is not None:
+                hidx = host_order[i * self.batch_size:(i + 1) * self.batch_size]
+                if self.world_size > 1:
+                    hidx = torch.tensor_split(hidx, self.world_size)[self.rank]
+                width = next(v for v in batch.values() if v.dim() >= 2).shape[1]
+                batch.update(self.cache.read(hidx, int(width), self.device))
             yield batch
 
 

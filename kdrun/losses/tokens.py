@@ -239,6 +239,51 @@ class TokenDivergence(LossTerm):
         return self.scale * _token_mean(self.per_token, [student, teacher], mask, self.chunk_size)
 
 
+class CachedTokenDivergence(TokenDivergence):
+    """:class:`TokenDivergence` against a teacher cached on disk (``data.teacher_cache``, written by
+    ``kdrun-cache``): the teacher's top-K next tokens ``ids`` with their log-probabilities ``logp`` and the
+    log of the rest of its mass ``tail`` at each scored position, read from the cache with no teacher forward.
+
+    The student's distribution is restricted to the same support, ``log q`` at ``ids`` plus its own tail
+    ``log(1 - sum_k q_k)``, and ``D`` of that (K + 1)-bucket pair is averaged over the valid tokens: the
+    value of ``TokenDivergence(top_k=K)`` on the live teacher (equal to rounding with a float32 cache; at
+    K = V the full-vocabulary divergence). Temperature 1 only: the cache holds temperature-1 log-probabilities,
+    and its tail bucket has no tempered form.
+
+    Inputs: ``student`` (B, T, V) logits, ``ids`` (B, T, K) ``batch.cache_ids``, ``logp`` (B, T, K)
+    ``batch.cache_logp``, ``tail`` (B, T) ``batch.cache_tail``, ``mask`` (B, T). Args: ``kind`` and its
+    parameters as :class:`TokenDivergence`; ``chunk_size``.
+    """
+
+    def __init__(self, kind: str = "fkl", teacher_mix: float = 0.5, skew: float = 0.1, stop_grad_mixture: bool = False,
+                 t_squared: bool = False, chunk_size: int | None = 1024, temperature: float = 1.0) -> None:
+        if temperature != 1.0:
+            raise ValueError(f"cached token divergence: the cache holds temperature-1 log-probabilities; temperature must "
+                             f"be 1, got {temperature}")
+        super().__init__(kind=kind, temperature=1.0, teacher_mix=teacher_mix, skew=skew,
+                         stop_grad_mixture=stop_grad_mixture, t_squared=t_squared, chunk_size=chunk_size)
+
+    def check_shapes(self, student: torch.Size, ids: torch.Size, logp: torch.Size, tail: torch.Size,  # type: ignore[override]
+                     mask: torch.Size) -> None:
+        _check(f"cached token divergence ({self.kind})", student, mask)
+        if tuple(ids) != tuple(logp) or tuple(ids[:2]) != tuple(student[:2]) or tuple(tail) != tuple(student[:2]):
+            raise ValueError(f"cached token divergence: ids {tuple(ids)} and logp {tuple(logp)} must be (batch, positions, "
+                             f"K) and tail {tuple(tail)} (batch, positions) for logits {tuple(student)}; read them from "
+                             f"batch.cache_ids, batch.cache_logp, batch.cache_tail (data.teacher_cache)")
+
+    def per_cached_token(self, student: Tensor, ids: Tensor, logp: Tensor, tail: Tensor) -> Tensor:
+        """``D`` over the K + 1 buckets for rows of logits (..., V) and cached rows (..., K), (...)."""
+        log_s = log_probs(student, 1.0)
+        top_s = log_s.gather(-1, ids.long())
+        tail_s = _log1mexp(torch.logsumexp(top_s, dim=-1, keepdim=True))
+        log_s = torch.cat([top_s, tail_s], dim=-1).clamp_min(LOG_FLOOR)
+        log_t = torch.cat([to_float(logp), to_float(tail).unsqueeze(-1)], dim=-1).clamp_min(LOG_FLOOR)
+        return divergence(self.kind, log_s, log_t, self.teacher_mix, self.skew, self.stop_grad_mixture)
+
+    def forward(self, student: Tensor, ids: Tensor, logp: Tensor, tail: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        return self.scale * _token_mean(self.per_cached_token, [student, ids, logp, tail], mask, self.chunk_size)
+
+
 class TokenKLLoss(TokenDivergence):
     """Forward KL between the teacher's and the student's next-token distributions at temperature T,
     averaged over valid tokens and scaled by T^2 (Hinton et al. 2015, per position):
