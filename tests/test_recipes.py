@@ -62,6 +62,8 @@ HF_STANDINS = {
     "bert_sst2_kd": [f"+teacher.net.config={BERT}", f"student.net.config={BERT}", "data.source.max_length=16"],
 }
 HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
+HF_STANDINS["qwen25_gkd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["batch_transform.max_new_tokens=4",
+                                                                     "batch_transform.on_policy_prob=1.0"]
 
 
 _CACHE_DIR: list[str] = []

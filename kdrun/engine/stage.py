@@ -193,7 +193,12 @@ class StageRunner:
         self.scaler = grad_scaler(exp.device, precision)
         self.per_step_schedule = self.plan.cfg.scheduler_interval == "step"
         self.hooked = components({**{f"a.{a}": exp.adapters[a].module for a in self.plan.adapters},
-                                  **{f"l.{t}": exp.losses[t].module for t in self.plan.losses}})
+                                  **{f"l.{t}": exp.losses[t].module for t in self.plan.losses},
+                                  **({"transform": self.plan.batch_transform}
+                                     if isinstance(self.plan.batch_transform, Component) else {})})
+        if isinstance(self.plan.batch_transform, Component) and exp.sharded and hasattr(self.plan.batch_transform, "bind"):
+            raise KdrunError(f"stages.{self.plan.name}: {type(self.plan.batch_transform).__name__} runs a model inside the "
+                             f"batch transform, which the FSDP-sharded path does not support; run it without trainer.fsdp")
         self.meter = EpochMeter()
         self.outer = [c for c in self.hooked if c.wants_outer_step]
         self.batch_changers = [c for c in self.hooked if c.transforms_batch]

@@ -1,0 +1,183 @@
+"""On-policy and mixed data: completions sampled from a model for the batch's prompts, before the forward.
+
+``Rollout`` is a batch transform (``batch_transform:`` of the run or of a stage) for prompt/response data
+(:func:`kdrun.data.text.instructions`: ``input_ids``, ``attention_mask``, ``labels``, ``token_mask``,
+``prompt_length``). With probability ``on_policy_prob`` (per micro-batch) it replaces every example's
+response by a completion that ``source`` (the student by default) samples for its prompt, and rebuilds
+the batch so that the models and the loss terms score the sampled tokens (the closing EOS included):
+
+- ``on_policy_prob = 1``: on-policy distillation (MiniLLM's and GKD's student rollouts, Gu et al. ICLR
+  2024; Agarwal et al. ICLR 2024);
+- ``0 < on_policy_prob < 1``: GKD's mixture, lambda = ``on_policy_prob``, of student-generated and fixed
+  data;
+- ``source: teacher``: sequence-level KD (Kim & Rush, EMNLP 2016) on the teacher's samples.
+
+Sampling: Hugging Face ``generate`` on left-padded prompts, in eval mode without autograd (dropout off,
+as TRL's ``disable_dropout``), ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``. The choice and the
+sampling are seeded from (run seed, round, stage, step, micro-batch, rank), so a resumed run draws the
+same rollouts as an uninterrupted one, and the global generators are left as they were. Every
+micro-batch generates once for its own prompts; nothing is regenerated across gradient accumulation.
+Evaluation batches keep the data's responses.
+
+Generation reads host values (prompt lengths, completion lengths) and ``generate`` itself synchronises
+at every token; a rollout step is therefore not free of device synchronisation. Not built: DistiLLM's
+adaptive off-policy replay buffer, batched generation across the micro-batches of a step, and a faster
+backend (vLLM); under FSDP the sharded student cannot generate here (refused at build).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kdrun.component import BuildContext, Component, StageInfo
+from kdrun.data.mix import BatchTransform
+from kdrun.errors import KdrunError
+
+IGNORE_INDEX = -100
+
+
+def rebuild(batch: Mapping[str, Tensor], prompts: Tensor, prompt_len: Tensor, completions: Tensor, eos_id: int | None,
+            pad_id: int) -> dict[str, Tensor]:
+    """The batch with each example's response replaced by its completion.
+
+    ``prompts`` (B, P) left-padded prompt tokens (example i's prompt is its last ``prompt_len[i]``);
+    ``completions`` (B, M): what ``generate`` appended (padded after the first EOS). Example i becomes
+    ``prompt + completion[:c_i]``, ``c_i`` up to and including the first EOS (all M without one), right-padded;
+    ``labels`` are the next tokens at the completion's positions (``-100`` elsewhere), ``token_mask`` marks
+    them; every other field is kept.
+    """
+    b, p = prompts.shape
+    m = completions.shape[1]
+    dev = prompts.device
+    if eos_id is not None:
+        is_eos = completions == eos_id
+        first = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1), torch.full((b,), m, device=dev))
+        clen = torch.where(is_eos.any(dim=1), first + 1, first)
+    else:
+        clen = torch.full((b,), m, device=dev)
+    full = torch.cat([prompts, completions], dim=1)  # (B, P + M): pads | prompt | completion | after
+    shift = (p - prompt_len).view(-1, 1)
+    cols = torch.arange(p + m, device=dev).view(1, -1) + shift  # right-align: prompt starts at column 0
+    total = (prompt_len + clen).view(-1, 1)
+    valid = torch.arange(p + m, device=dev).view(1, -1) < total
+    seq = torch.where(valid, full.gather(1, cols.clamp_max(p + m - 1)), torch.full_like(full, pad_id))
+    width = int(total.max()) - 1  # inputs predict the next token: the last token is only a target
+    x, y = seq[:, :width], seq[:, 1:width + 1]
+    pos = torch.arange(width, device=dev).view(1, -1)
+    scored = (pos >= (prompt_len - 1).view(-1, 1)) & (pos < (total - 1))
+    out = {k: v for k, v in batch.items()}
+    inside = pos < (total - 1)
+    out["input_ids"] = torch.where(inside, x, torch.full_like(x, pad_id))
+    out["attention_mask"] = inside.long()
+    out["labels"] = torch.where(scored, y, torch.full_like(y, IGNORE_INDEX))
+    out["token_mask"] = scored
+    return out
+
+
+class Rollout(BatchTransform, Component):
+    """Completions sampled from ``source`` replace the responses of a micro-batch with probability
+    ``on_policy_prob`` (see the module docstring).
+
+    Args:
+        source: the model that samples (``student``, default; ``teacher`` for sequence-level KD).
+        on_policy_prob: lambda, the probability that a micro-batch is generated (1.0).
+        max_new_tokens: the completion budget (64). temperature (1.0), top_k (0: off), top_p (1.0): sampling.
+        eos_token_id, pad_token_id: default the data tokenizer's (read at build).
+    """
+
+    def __init__(self, source: str = "student", on_policy_prob: float = 1.0, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> None:
+        Component.__init__(self)
+        if not 0.0 <= on_policy_prob <= 1.0 or int(max_new_tokens) < 1 or temperature <= 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"rollout: need on_policy_prob in [0, 1], max_new_tokens >= 1, temperature > 0 and top_p in "
+                             f"(0, 1]; got {on_policy_prob}, {max_new_tokens}, {temperature}, {top_p}")
+        self.source, self.on_policy_prob = str(source), float(on_policy_prob)
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = int(max_new_tokens), float(temperature), int(top_k), float(top_p)
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.seed, self.stage, self.round, self.step, self.micro, self.rank = 0, 0, 0, 0, 0, 0
+        self.generated = 0  # micro-batches generated so far (logged by tests and benchmarks)
+        object.__setattr__(self, "_model", None)  # the source model, not a submodule (never saved with the transform)
+
+    def bind(self, ctx: BuildContext, tokenizer: Any = None) -> None:
+        """The source model and the token ids of EOS and padding (the builder calls this once)."""
+        if self.source not in ctx.models:
+            raise KdrunError(f"batch_transform (Rollout): no model '{self.source}' to sample from; this run builds "
+                             f"{', '.join(ctx.models)} (set source=student or teacher)")
+        model = ctx.models[self.source]
+        if not hasattr(model, "generate"):
+            raise KdrunError(f"batch_transform (Rollout): {self.source} ({type(model).__name__}) has no generate(); "
+                             f"rollouts need a Hugging Face causal LM")
+        object.__setattr__(self, "_model", model)
+        if tokenizer is not None:
+            if self.eos_token_id is None:
+                self.eos_token_id = tokenizer.eos_token_id
+            if self.pad_token_id is None:
+                self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise KdrunError("batch_transform (Rollout): no pad token id (the data has no tokenizer); set pad_token_id")
+        self.seed = int(ctx.seed)
+
+    # the engine's hooks: where the run stands, for the seeds
+    def on_stage_start(self, stage: StageInfo) -> None:
+        self.stage, self.round = int(stage.index), int(stage.round)
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.step, self.micro = int(step), 0
+
+    def on_batch(self, rank_sizes: tuple[int, ...], rank: int) -> None:
+        super().on_batch(rank_sizes, rank)
+        self.rank = int(rank)
+
+    def _key(self) -> int:
+        parts = (self.seed, self.round, self.stage, self.step, self.micro, self.rank)
+        key = 0
+        for v in parts:
+            key = (key * 1_000_003 + int(v)) % (2**63 - 1)
+        return key
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._model is None:
+            raise KdrunError("batch_transform (Rollout): not bound to a model (the builder binds it)")
+        key = self._key()
+        self.micro += 1
+        if "prompt_length" not in batch:
+            raise KdrunError("batch_transform (Rollout): the batch has no prompt_length; rollouts need prompt/response "
+                             "data (data=instructions)")
+        choose = torch.Generator().manual_seed(key)
+        if float(torch.rand((), generator=choose)) >= self.on_policy_prob:
+            return batch
+        return self.generate(batch, key)
+
+    @torch.no_grad()
+    def generate(self, batch: Mapping[str, Tensor], key: int) -> dict[str, Tensor]:
+        """Sample the completions (seeded by ``key``) and rebuild the batch."""
+        model, ids, plen = self._model, batch["input_ids"], batch["prompt_length"].long()
+        dev = ids.device
+        p = int(plen.max())
+        cols = torch.arange(p, device=dev).view(1, -1) - (p - plen).view(-1, 1)  # left-pad each prompt to width p
+        prompts = torch.where(cols >= 0, ids.gather(1, cols.clamp_min(0)), torch.full_like(cols, self.pad_token_id))
+        attention = (cols >= 0).long()
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                                  "top_k": self.top_k, "top_p": self.top_p, "pad_token_id": self.pad_token_id,
+                                  "eos_token_id": self.eos_token_id}
+        was_training = model.training
+        model.eval()
+        devices = [dev] if dev.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(key)
+                out = model.generate(input_ids=prompts, attention_mask=attention, **kwargs)
+        finally:
+            model.train(was_training)
+        self.generated += 1
+        return rebuild(batch, prompts, plen, out[:, p:], self.eos_token_id, int(self.pad_token_id))
+
+    def __repr__(self) -> str:
+        return (f"Rollout(source={self.source}, on_policy_prob={self.on_policy_prob}, max_new_tokens={self.max_new_tokens}, "
+                f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})")
+
+
+__all__ = ["Rollout", "rebuild"]

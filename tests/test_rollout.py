@@ -1,0 +1,139 @@
+"""On-policy and mixed data (kdrun.data.rollout.Rollout): the rebuilt batch against a hand-made one, the
+prompts a model is asked to complete, seeded rollouts (the same after a resume, the global generators
+untouched), GKD's mixing probability, and a run with a tiny Hugging Face student."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdrun.component import BuildContext, StageInfo
+from kdrun.data.rollout import Rollout, rebuild
+
+PAD, EOS = 0, 9
+
+
+def _batch():
+    # example 0: prompt [5, 6, 7], response [8, EOS]; example 1: prompt [4, 3], response [2, 2, 2, EOS]
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [4, 3, 2, 2, 2, 0]])
+    return {"input_ids": ids, "attention_mask": (torch.arange(6) < torch.tensor([[4], [5]])).long(),
+            "labels": torch.full((2, 6), -100), "token_mask": torch.zeros(2, 6, dtype=torch.bool),
+            "prompt_length": torch.tensor([3, 2]), "index": torch.tensor([10, 11])}
+
+
+def test_rebuild_puts_each_completion_after_its_prompt_and_scores_it():
+    batch = _batch()
+    prompts = torch.tensor([[5, 6, 7], [PAD, 4, 3]])  # left-padded to the longest prompt
+    completions = torch.tensor([[1, EOS, PAD, PAD], [2, 3, 4, 1]])  # example 1 has no EOS: all 4 tokens count
+    out = rebuild(batch, prompts, batch["prompt_length"], completions, EOS, PAD)
+    # sequences: [5 6 7 1 EOS] and [4 3 2 3 4 1]; inputs drop the last token, labels are the next tokens
+    assert out["input_ids"].tolist() == [[5, 6, 7, 1, PAD], [4, 3, 2, 3, 4]]
+    assert out["labels"].tolist() == [[-100, -100, 1, EOS, -100], [-100, 2, 3, 4, 1]]
+    assert out["token_mask"].tolist() == [[False, False, True, True, False], [False, True, True, True, True]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert torch.equal(out["index"], batch["index"]) and torch.equal(out["prompt_length"], batch["prompt_length"])
+
+
+class StubLM(torch.nn.Module):
+    """Appends ``n`` tokens drawn from the global generator (as HF sampling does) and records its prompts."""
+
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.n, self.seen = n, []
+        self.lin = torch.nn.Linear(1, 1)
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.seen.append((input_ids.clone(), attention_mask.clone(), kwargs))
+        new = torch.randint(1, 9, (input_ids.shape[0], self.n))
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _rollout(model, prob=1.0, seed=0):
+    r = Rollout(on_policy_prob=prob, max_new_tokens=3, temperature=0.9, eos_token_id=EOS, pad_token_id=PAD)
+    r.bind(BuildContext(shapes={}, num_train=4, models={"student": model}, seed=seed))
+    r.on_stage_start(StageInfo(name="distill", index=0, round=0, trained_models=("student",), frozen_models=(), epochs=1,
+                               max_steps=None))
+    return r
+
+
+def test_the_model_completes_left_padded_prompts_in_eval_mode_without_touching_the_global_generator():
+    model = StubLM()
+    model.train()
+    r = _rollout(model)
+    r.on_step(0, 10)
+    r.on_batch((2,), 0)
+    state = torch.get_rng_state()
+    out = r(_batch())
+    assert torch.equal(torch.get_rng_state(), state)
+    prompts, attention, kwargs = model.seen[0]
+    assert prompts.tolist() == [[5, 6, 7], [PAD, 4, 3]] and attention.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert kwargs["do_sample"] and kwargs["temperature"] == 0.9 and kwargs["max_new_tokens"] == 3
+    assert model.training  # its mode is restored
+    assert out["token_mask"].sum(1).tolist() == [3, 3] and r.generated == 1
+
+
+def test_rollouts_are_a_function_of_the_run_position():
+    def draw(step, micro_batches=1, rank=0):
+        r = _rollout(StubLM())
+        r.on_step(step, 10)
+        out = None
+        for _ in range(micro_batches):
+            r.on_batch((2,), rank)
+            out = r(_batch())
+        return out["input_ids"]
+
+    assert torch.equal(draw(3), draw(3))  # a resumed run at step 3 samples what the first run did
+    assert not torch.equal(draw(3), draw(4))
+    assert not torch.equal(draw(3, micro_batches=2), draw(3))  # each micro-batch of a step has its own draw
+    assert not torch.equal(draw(3, rank=1), draw(3))
+
+
+def test_gkd_mixing_generates_with_probability_lambda():
+    r = _rollout(StubLM(), prob=0.5)
+    for step in range(300):
+        r.on_step(step, 300)
+        r.on_batch((2,), 0)
+        r(_batch())
+    assert 110 < r.generated < 190
+    off = _rollout(StubLM(), prob=0.0)
+    off.on_step(0, 1)
+    off.on_batch((2,), 0)
+    assert off(_batch()) is not None and off.generated == 0
+
+
+def test_a_rollout_needs_a_generating_model_and_prompt_lengths():
+    from kdrun.errors import KdrunError
+
+    r = Rollout(pad_token_id=PAD)
+    with pytest.raises(KdrunError, match="has no generate"):
+        r.bind(BuildContext(shapes={}, num_train=1, models={"student": torch.nn.Linear(1, 1)}))
+    r = _rollout(StubLM())
+    batch = _batch()
+    del batch["prompt_length"]
+    with pytest.raises(KdrunError, match="prompt_length"):
+        r(batch)
+
+
+def test_a_run_distils_on_the_students_own_samples(tmp_path):
+    from kdrun.config import validate
+    from kdrun.engine.trainer import Trainer
+    from tests.conftest import compose_cfg
+    from tests.test_recipes import smoke_overrides
+
+    torch.manual_seed(0)
+    overrides = [o for o in smoke_overrides("qwen25_gkd") if not o.startswith("trainer.max_steps_per_epoch")]
+    trainer = Trainer(validate(compose_cfg(overrides, recipe="qwen25_gkd")), tmp_path)
+    trainer.prepare()
+    runner = trainer.stage_runner(0)
+    rollout = runner.plan.batch_transform
+    assert isinstance(rollout, Rollout) and rollout._model is trainer.experiment.models["student"]
+    seen = []
+    trainer.experiment.models["teacher"].register_forward_hook(lambda m, a, kw, out: seen.append(kw["input_ids"]),
+                                                               with_kwargs=True)
+    batch = next(iter(trainer.ctx.train_loader))
+    before = rollout.generated  # (the build's shape trace generated too)
+    for c in runner.hooked:
+        c.on_step(0, 1)
+    total, _ = runner.train_step(batch, runner.term_weights(0))
+    assert rollout.generated == before + 1 and torch.isfinite(total)
+    data_ids = batch["input_ids"]
+    assert seen and not (seen[-1].shape == data_ids.shape and torch.equal(seen[-1], data_ids))  # the teacher scored samples
