@@ -64,6 +64,7 @@ HF_STANDINS = {
 HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
 HF_STANDINS["qwen25_gkd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["batch_transform.max_new_tokens=4",
                                                                      "batch_transform.on_policy_prob=1.0"]
+HF_STANDINS["qwen25_onpolicy_rkl"] = HF_STANDINS["qwen25_gkd"]
 
 
 _CACHE_DIR: list[str] = []

@@ -137,3 +137,23 @@ def test_a_run_distils_on_the_students_own_samples(tmp_path):
     assert rollout.generated == before + 1 and torch.isfinite(total)
     data_ids = batch["input_ids"]
     assert seen and not (seen[-1].shape == data_ids.shape and torch.equal(seen[-1], data_ids))  # the teacher scored samples
+
+
+def test_sampled_token_estimators_against_their_formulas_and_the_reverse_kl():
+    from kdrun.losses import SampledTokenKL
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (2, 3), generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    r = (s.log_softmax(-1).gather(-1, y[..., None]) - t.log_softmax(-1).gather(-1, y[..., None])).squeeze(-1)
+    for est, per in (("k1", r), ("k2", 0.5 * r ** 2), ("k3", torch.exp(-r) - 1 + r)):
+        torch.testing.assert_close(SampledTokenKL(est)(s, t, y, mask), per[mask].mean())
+    # on-policy (y ~ q), k1 and k3 average to KL(q || p): a Monte Carlo check on one position
+    q, p = s[0, 0].log_softmax(-1), t[0, 0].log_softmax(-1)
+    kl = float((q.exp() * (q - p)).sum())
+    draws = torch.multinomial(q.exp(), 200_000, replacement=True, generator=g).view(1, -1)
+    big_s, big_t = s[0, 0].expand(1, draws.shape[1], 6), t[0, 0].expand(1, draws.shape[1], 6)
+    ones = torch.ones_like(draws, dtype=torch.bool)
+    for est in ("k1", "k3"):
+        assert float(SampledTokenKL(est)(big_s, big_t, draws, ones)) == pytest.approx(kl, rel=0.03)

@@ -20,13 +20,13 @@ from kdrun.losses.reviewkd import ReviewKDLoss
 from kdrun.losses.sinkhorn import SinkhornLoss
 from kdrun.losses.taid import TAIDClassifierLoss
 from kdrun.losses.tgeo import TGeoKDLoss
-from kdrun.losses.tokens import CachedTokenDivergence, TAIDLoss, TokenCrossEntropy, TokenDivergence, TokenHiddenLoss, TokenKLLoss
+from kdrun.losses.tokens import CachedTokenDivergence, SampledTokenKL, TAIDLoss, TokenCrossEntropy, TokenDivergence, TokenHiddenLoss, TokenKLLoss
 from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRGLocalLoss, TRGLoss
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
-    "KDLoss", "LossTerm", "MixtureOfTeachersKD", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "MixtureOfTeachersKD", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]

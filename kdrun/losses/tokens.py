@@ -284,6 +284,47 @@ class CachedTokenDivergence(TokenDivergence):
         return self.scale * _token_mean(self.per_cached_token, [student, ids, logp, tail], mask, self.chunk_size)
 
 
+class SampledTokenKL(LossTerm):
+    """The reverse KL ``KL(q || p)`` of student ``q`` to teacher ``p``, estimated at the sampled tokens ``y_t``
+    (on the student's own rollouts: :class:`kdrun.data.rollout.Rollout`), averaged over the valid tokens.
+    With ``r_t = log q(y_t) - log p(y_t)`` (Schulman's estimators, as KDRL, Xu et al. arXiv 2506.02208, uses them):
+
+    - ``k1 = r`` (unbiased for KL(q || p) when ``y ~ q``; its gradient through ``log q`` has mean zero on-policy);
+    - ``k2 = r^2 / 2`` (KDRL's preferred; biased, low variance; its gradient is that of the reverse KL on-policy);
+    - ``k3 = exp(-r) - 1 + r`` (unbiased and non-negative when ``y ~ q``).
+
+    The teacher carries no gradient. The estimates are valid for tokens sampled from the current student; on
+    fixed data they need importance weights (not applied). Inputs: ``student``, ``teacher`` (B, T, V) logits,
+    ``target`` (B, T) the sampled next tokens (``batch.labels``), ``mask`` (B, T). Args: estimator (``k2``).
+    """
+
+    mean_over = "tokens"
+    count_input = "mask"
+
+    def __init__(self, estimator: str = "k2") -> None:
+        super().__init__()
+        if estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"sampled-token KL: estimator must be k1, k2 or k3, got '{estimator}'")
+        self.estimator = estimator
+
+    def check_shapes(self, student: torch.Size, teacher: torch.Size, target: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
+        _check(f"sampled-token KL ({self.estimator})", student, mask, ("teacher", teacher))
+        if tuple(target) != tuple(mask):
+            raise ValueError(f"sampled-token KL: 'target' {tuple(target)} must be (batch, positions) = {tuple(mask)}")
+
+    def per_token(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        y = target.long().clamp_min(0).unsqueeze(-1)
+        r = (log_probs(student).gather(-1, y) - log_probs(teacher.detach()).gather(-1, y)).squeeze(-1)
+        if self.estimator == "k1":
+            return r
+        if self.estimator == "k2":
+            return 0.5 * r * r
+        return torch.expm1(-r) + r
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        return _token_mean(self.per_token, [student, teacher, target], mask, None)
+
+
 class TokenKLLoss(TokenDivergence):
     """Forward KL between the teacher's and the student's next-token distributions at temperature T,
     averaged over valid tokens and scaled by T^2 (Hinton et al. 2015, per position):
