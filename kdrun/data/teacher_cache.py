@@ -116,8 +116,9 @@ class TeacherCache:
             raise KdrunError(f"data.teacher_cache: the cache's {field} is {cached!r} but this run's is {run!r}: {fix} "
                              f"({self.path}/manifest.json)")
 
-        if m["dataset_sha256"] != fingerprint(data.train):
-            refuse("dataset_sha256", m["dataset_sha256"][:12], fingerprint(data.train)[:12],
+        run_sha = fingerprint(data.train)
+        if m["dataset_sha256"] != run_sha:
+            refuse("dataset_sha256", m["dataset_sha256"][:12], run_sha[:12],
                    "the training split differs (another data set, tokenizer, max length, subset or split seed); write "
                    "the cache with this run's data overrides")
         tok = tokenizer_digest(getattr(data, "tokenizer", None))

@@ -42,7 +42,7 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import Tensor
@@ -69,3 +69,16 @@ def require_same_shape(term: str, a_name: str, a: torch.Size, b_name: str, b: to
             f"{term}: inputs '{a_name}' {tuple(a)} and '{b_name}' {tuple(b)} must have the same shape "
             f"(add an adapter that maps one onto the other)"
         )
+
+
+def model_input_names(ctx: Any, term: str, args: tuple[str, ...] = ("student", "teacher", "target"),
+                      models: tuple[str, ...] = ("student", "teacher")) -> dict[str, str]:
+    """The tensor names of a term's inputs ``args`` (``ctx.inputs``), checking that those in ``models`` are a
+    model's tensors: terms that rerun models in an outer step (TGeo-KD, HARD) look them up by these names."""
+    from kdrun.names import owner_of
+
+    names = {arg: str(ctx.inputs[arg]) for arg in args}
+    for arg in models:
+        if owner_of(names[arg]) not in ctx.models:
+            raise ValueError(f"{term}: '{arg}' must be a model's logits (e.g. {arg}.logits), got {names[arg]}")
+    return names

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from kdrun.component import BuildContext, OuterStep
 from kdrun.losses.adam import adam_step, add_adam_state
-from kdrun.losses.base import LossTerm, require_same_shape
+from kdrun.losses.base import LossTerm, model_input_names, require_same_shape
 from kdrun.losses.features import to_float
+from kdrun.losses.logits import KDLoss
 from kdrun.names import owner_of
 
 
@@ -91,15 +92,13 @@ class HARDLoss(LossTerm):
         self.temperature, self.label_weight, self.fraction = float(temperature), float(label_weight), float(fraction)
         self.lr, self.betas, self.eps = float(augmentor_lr), tuple(betas), float(eps)
         self.augmentor = AffineAugmentor(in_channels, width, bound)
+        self._kd = KDLoss(self.temperature)
         add_adam_state(self, list(self.augmentor.parameters()))
         self.names: dict[str, str] = {}
         self.last_disagreement: Tensor | None = None
 
     def setup(self, ctx: BuildContext) -> None:
-        self.names = {arg: str(ctx.inputs[arg]) for arg in ("student", "teacher", "target")}
-        for arg in ("student", "teacher"):
-            if owner_of(self.names[arg]) not in ctx.models:
-                raise ValueError(f"HARD: '{arg}' must be a model's logits (e.g. {arg}.logits), got {self.names[arg]}")
+        self.names = model_input_names(ctx, "HARD")
 
     def check_shapes(self, student: torch.Size, teacher: torch.Size, target: torch.Size) -> None:  # type: ignore[override]
         require_same_shape("HARD", "student", student, "teacher", teacher)
@@ -110,11 +109,8 @@ class HARDLoss(LossTerm):
         return iter(())  # the augmentor learns in the outer step only, by ascent
 
     def kd(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """``T^2 / B sum_i KL(softmax(t_i / T) || softmax(s_i / T))``."""
-        temp = self.temperature
-        log_p_s = F.log_softmax(to_float(student) / temp, dim=1)
-        log_p_t = F.log_softmax(to_float(teacher) / temp, dim=1)
-        return temp * temp * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+        """``T^2 / B sum_i KL(softmax(t_i / T) || softmax(s_i / T))`` (:class:`kdrun.losses.KDLoss`)."""
+        return self._kd(student, teacher)
 
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         return self.kd(student, teacher.detach())

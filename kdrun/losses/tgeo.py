@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from kdrun.component import BuildContext, OuterStep
 from kdrun.losses.adam import adam_step, add_adam_state
-from kdrun.losses.base import LossTerm, require_same_shape
+from kdrun.losses.base import LossTerm, model_input_names, require_same_shape
 from kdrun.losses.features import to_float
 from kdrun.names import owner_of
 
@@ -80,10 +80,7 @@ class TGeoKDLoss(LossTerm):
 
     # ------------------------------------------------------------------ build and statistics
     def setup(self, ctx: BuildContext) -> None:
-        self.names = {arg: str(ctx.inputs[arg]) for arg in ("student", "teacher", "target")}
-        for arg in ("student", "teacher"):
-            if owner_of(self.names[arg]) not in ctx.models:
-                raise ValueError(f"tgeo-kd: '{arg}' must be a model's logits (e.g. {arg}.logits), got {self.names[arg]}")
+        self.names = model_input_names(ctx, "tgeo-kd")
 
     def check_shapes(self, student: torch.Size, teacher: torch.Size, target: torch.Size) -> None:  # type: ignore[override]
         require_same_shape("tgeo-kd", "student", student, "teacher", teacher)
