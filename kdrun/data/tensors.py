@@ -110,6 +110,9 @@ class TensorLoader:
         # dynamic padding: per-sample lengths on the host, so cutting a batch reads no device tensor
         self.lengths = None if trim_field is None else (fields[trim_field] != 0).sum(dim=1).cpu()
         self.width = None if trim_field is None else int(fields[trim_field].shape[1])
+        # a teacher with its own tokenizer (kdrun.data.alignment): its ``teacher_*`` fields are cut by its own lengths
+        own = None if trim_field is None else f"teacher_{trim_field}"
+        self.teacher_lengths = (fields[own] != 0).sum(dim=1).cpu() if own in fields else None
         self.batch_size, self.train = int(batch_size), train
         self.drop_last = drop_last and train
         self.seed, self.max_batches = int(seed), max_batches
@@ -140,8 +143,12 @@ class TensorLoader:
                 idx = torch.tensor_split(idx, self.world_size)[self.rank]
             batch = {k: v[idx] for k, v in self.fields.items()}
             if self.lengths is not None:  # every rank cuts at the global batch's longest sample
-                width = int(self.lengths[host_order[i * self.batch_size:(i + 1) * self.batch_size]].max())
-                batch = {k: v[:, :width] if v.dim() >= 2 and v.shape[1] == self.width else v for k, v in batch.items()}
+                rows = host_order[i * self.batch_size:(i + 1) * self.batch_size]
+                width = int(self.lengths[rows].max())
+                t_width = int(self.teacher_lengths[rows].max()) if self.teacher_lengths is not None else None
+                batch = {k: (v[:, :t_width] if t_width is not None and k.startswith("teacher_") and v.dim() >= 2 else
+                             v[:, :width] if v.dim() >= 2 and v.shape[1] == self.width and not k.startswith("teacher_") else v)
+                         for k, v in batch.items()}
             batch["index"] = idx
             if self.cache is not None:
                 hidx = host_order[i * self.batch_size:(i + 1) * self.batch_size]

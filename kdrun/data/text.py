@@ -281,12 +281,15 @@ def format_prompt(tok: Any, prompt: str, chat_template: str | None, prompt_forma
 
 
 def _examples(rows: list[dict[str, Any]], tok: Any, prompt_field: str, response_field: str, max_length: int,
-              chat_template: str | None, prompt_format: str, overflow: str, key: str) -> tuple[list[list[int]], list[list[int]], list[int]]:
+              chat_template: str | None, prompt_format: str, overflow: str,
+              key: str) -> tuple[list[list[int]], list[list[int]], list[int], list[tuple[int, int]]]:
+    """(inputs, targets, prompt lengths, kept): ``kept`` holds, per example kept, its row and how many tokens of
+    ``response + <eos>`` it scores (fewer than all when the response was cut)."""
     prompts = [format_prompt(tok, str(r[prompt_field]), chat_template, prompt_format) for r in rows]
     p_ids = tok(prompts, add_special_tokens=chat_template != "model")["input_ids"]
     r_ids = tok([str(r[response_field]) for r in rows], add_special_tokens=False)["input_ids"]
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    inputs, targets, prompt_lens = [], [], []
+    inputs, targets, prompt_lens, kept = [], [], [], []
     for i, (p, r) in enumerate(zip(p_ids, r_ids)):
         seq = p + r + eos
         if len(p) >= max_length:
@@ -307,16 +310,84 @@ def _examples(rows: list[dict[str, Any]], tok: Any, prompt_field: str, response_
         inputs.append(x)
         targets.append(y)
         prompt_lens.append(len(p))
+        kept.append((i, len(seq) - len(p)))
     if not inputs:
         raise KdrunError(f"{key}: no example fits data.source.max_length={max_length}")
-    return inputs, targets, prompt_lens
+    return inputs, targets, prompt_lens, kept
+
+
+def _teacher_view(rows: list[dict[str, Any]], kept: list[tuple[int, int]], prompt_lens: list[int], width: int, tok: Any,
+                  teacher_tok: Any, prompt_field: str, response_field: str, chat_template: str | None, prompt_format: str,
+                  alignment: str, stats: Any) -> dict[str, Tensor]:
+    """The teacher's own tokenisation of the examples the student kept (its chat template, its EOS; the response
+    cut where the student's was cut), and the alignment fields (:mod:`kdrun.data.alignment`)."""
+    from kdrun.data.alignment import position_groups, span_groups
+
+    responses = [str(rows[i][response_field]) for i, _ in kept]
+    s_enc = tok(responses, add_special_tokens=False, return_offsets_mapping=True)
+    prompts = [format_prompt(teacher_tok, str(rows[i][prompt_field]), chat_template, prompt_format) for i, _ in kept]
+    t_prompts = teacher_tok(prompts, add_special_tokens=chat_template != "model")["input_ids"]
+    s_eos, t_eos = tok.eos_token_id, teacher_tok.eos_token_id
+    t_inputs, t_targets, s_span, t_span = [], [], [], []
+    for k, ((_, n), text) in enumerate(zip(kept, responses)):
+        s_ids, s_off = s_enc["input_ids"][k], s_enc["offset_mapping"][k]
+        n_r = min(n, len(s_ids))  # response tokens the student scores; the one after them (if any) is its EOS
+        with_eos = s_eos is not None and n == len(s_ids) + 1
+        if n_r < len(s_ids):  # the student's response was cut: the teacher reads the same characters
+            text = text[:s_off[n_r - 1][1]] if n_r > 0 else ""
+        t_enc = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        t_ids = list(t_enc["input_ids"])
+        if alignment == "spans":
+            sg, tg = span_groups([e for _, e in s_off[:n_r]], [e for _, e in t_enc["offset_mapping"]])
+        else:
+            sg, tg = position_groups(n_r, len(t_ids))
+        if with_eos:  # EOS predicts the end on both sides: its own span when the teacher has one
+            last = max([g for g in sg if g >= 0], default=-1) + 1
+            sg.append(last if t_eos is not None else -1)
+            if t_eos is not None:
+                t_ids.append(t_eos)
+                tg.append(last)
+        stats.add(sg, tg)
+        p = t_prompts[k]
+        seq = p + t_ids
+        t_inputs.append(seq[:-1])
+        t_targets.append([IGNORE_INDEX if t < len(p) - 1 else v for t, v in enumerate(seq[1:])])
+        s_span.append([-1] * (prompt_lens[k] - 1) + sg)
+        t_span.append([-1] * (len(p) - 1) + tg)
+    t_width = max(len(x) for x in t_inputs)
+    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
+    f = {f"teacher_{k}": v for k, v in _fields(t_inputs, t_targets, t_width, pad).items()}
+    span = torch.full((len(kept), width), -1, dtype=torch.long)
+    t_span_t = torch.full((len(kept), t_width), -1, dtype=torch.long)
+    for k, (a, b) in enumerate(zip(s_span, t_span)):  # build time, once per example
+        span[k, :len(a)] = torch.tensor(a, dtype=torch.long)
+        t_span_t[k, :len(b)] = torch.tensor(b, dtype=torch.long)
+    prev = torch.cat([torch.full((len(kept), 1), -1, dtype=torch.long), span[:, :-1]], dim=1)
+    f.update(span=span, teacher_span=t_span_t, span_mask=(span >= 0) & (span != prev))
+    return f
+
+
+def _teacher_tokenizer(tok: Any, teacher_tokenizer: Any, alignment: str) -> Any:
+    """The teacher's tokenizer when it tokenises on its own (``alignment`` spans / positions), else None (after
+    checking an identical vocabulary)."""
+    from kdrun.data.alignment import ALIGNMENTS
+
+    if alignment not in ALIGNMENTS:
+        raise KdrunError(f"data.source.alignment must be one of {', '.join(ALIGNMENTS)}, got '{alignment}'")
+    if alignment == "identical":
+        _with_teacher_tokenizer(tok, teacher_tokenizer)
+        return None
+    if teacher_tokenizer is None:
+        raise KdrunError(f"data.source.alignment={alignment}: the teacher tokenises the text itself, so give its tokenizer "
+                         f"(data.source.teacher_tokenizer=<teacher dir>)")
+    return load_tokenizer(teacher_tokenizer, "data.source.teacher_tokenizer")
 
 
 def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_field: str = "prompt",
                  response_field: str = "response", max_length: int = 512, chat_template: str | None = None,
                  prompt_format: str = DEFAULT_PROMPT_FORMAT, overflow: str = "truncate", padding: str = "longest",
                  test_fraction: float = 0.1, seed: int = 0, max_examples: int | None = None,
-                 teacher_tokenizer: Any = None) -> TensorSplits:
+                 teacher_tokenizer: Any = None, alignment: str = "identical") -> TensorSplits:
     """Prompt/response examples (local files, :func:`read_records`): the loss is on response tokens only.
 
     Each example is ``prompt_tokens + response_tokens + <eos>``, the prompt formatted by the model's chat
@@ -331,16 +402,25 @@ def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_fie
         raise KdrunError(f"data.source.overflow must be truncate, drop or error, got '{overflow}'")
     _check_padding(padding)
     tok = load_tokenizer(tokenizer)
-    _with_teacher_tokenizer(tok, teacher_tokenizer)
+    teacher_tok = _teacher_tokenizer(tok, teacher_tokenizer, alignment)
     rows, test_rows = _record_splits(train, test, [prompt_field, response_field], test_fraction, seed)
     if max_examples is not None:
         rows = rows[:int(max_examples)]
     out = {}
     for split, split_rows in (("train", rows), ("test", test_rows)):
-        x, y, plen = _examples(split_rows, tok, prompt_field, response_field, max_length, chat_template,
-                               prompt_format, overflow, f"data.source.{split}")
+        x, y, plen, kept = _examples(split_rows, tok, prompt_field, response_field, max_length, chat_template,
+                                     prompt_format, overflow, f"data.source.{split}")
         f = _fields(x, y, max_length, tok.pad_token_id)
         f["prompt_length"] = torch.tensor(plen, dtype=torch.long)
+        if teacher_tok is not None:
+            from kdrun.data.alignment import SpanStats, tokenizer_map
+
+            stats = SpanStats()
+            f.update(_teacher_view(split_rows, kept, plen, max_length, tok, teacher_tok, prompt_field, response_field,
+                                   chat_template, prompt_format, alignment, stats))
+            log.info("alignment=%s, %s split: %s", alignment, split, stats.summary())
+            if split == "train":
+                log.info("vocabularies: %s", tokenizer_map(tok, teacher_tok).summary())
         out[split] = f
     return TensorSplits(out["train"], out["test"], trim_field="attention_mask" if padding == "longest" else None,
                         tokenizer=tok)

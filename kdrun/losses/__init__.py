@@ -5,6 +5,7 @@ trainable parts of their own (one module each). Every class follows the contract
 from kdrun.losses.ab import ABLoss
 from kdrun.losses.base import LossTerm
 from kdrun.losses.crd import CRDLoss
+from kdrun.losses.cross_tokenizer import CrossTokenizerDivergence
 from kdrun.losses.diswot import DisWOTRelationLoss, DisWOTSemanticLoss
 from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss, SmoothL1FeatureLoss
 from kdrun.losses.ft import FTLoss
@@ -25,7 +26,7 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
+    "ABLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DISTLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
     "KDLoss", "LossTerm", "MixtureOfTeachersKD", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
