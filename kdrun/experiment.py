@@ -101,6 +101,14 @@ class Experiment:
             return True  # token scores: next-token prediction over the model's own vocabulary (padded rows included)
         return shape is not None and len(shape) >= 2 and shape[-1] == int(self.cfg.data.num_classes)
 
+    def eval_fields(self, name: str) -> tuple[str | None, str]:
+        """(mask field, target field) that model ``name``'s evaluation reads: its own ``eval_mask`` / ``eval_target``,
+        else the data's."""
+        mcfg = self.cfg.models.get(name) if hasattr(self.cfg, "models") else None
+        d = self.cfg.data
+        mask = getattr(mcfg, "eval_mask", None) or d.eval_mask
+        return mask, getattr(mcfg, "eval_target", None) or d.eval_target
+
     @property
     def trained_models(self) -> list[str]:
         """Every model some stage trains, in order of first training."""

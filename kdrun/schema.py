@@ -63,6 +63,10 @@ class ModelConfig:
     init_from: Optional[str] = None  # start from another model's weights (after its checkpoint is loaded)
     init_noise: float = 0.0  # eps: w = (w_from + eps * w_fresh) / sqrt(1 + eps^2), w_fresh a new random init
     allow_random: bool = False  # a deliberately random frozen model (Random Teachers): no warning
+    # the batch fields this model's evaluation scores against (null: data.eval_target / data.eval_mask); a teacher
+    # with its own tokenizer reads teacher_labels / teacher_token_mask (data.source.alignment, docs/text.md)
+    eval_target: Optional[str] = None
+    eval_mask: Optional[str] = None
 
 
 @dataclass

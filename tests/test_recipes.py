@@ -65,6 +65,12 @@ HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
 HF_STANDINS["qwen25_gkd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["batch_transform.max_new_tokens=4",
                                                                      "batch_transform.on_policy_prob=1.0"]
 HF_STANDINS["qwen25_onpolicy_rkl"] = HF_STANDINS["qwen25_gkd"]
+# a teacher with its own tokenizer: trained here at another size (500 ids), the student's at 300
+HF_STANDINS["qwen25_cross_tokenizer"] = ["student.net.path=null", f"+teacher.net.config={QWEN.replace('300}', '500}')}",
+                                         f"+student.net.config={QWEN}", "data.source.max_length=32",
+                                         "data.source.chat_template=null",
+                                         "data.source.teacher_tokenizer={train: {corpus: pydoc_topics, vocab_size: 500}}",
+                                         "loss.kd.teacher_tokenizer=${data.source.teacher_tokenizer}"]
 
 
 _CACHE_DIR: list[str] = []
@@ -99,7 +105,9 @@ def smoke_overrides(recipe: str) -> list[str]:
     if recipe == "text_cached_kd":
         out += [f"data.teacher_cache={_teacher_cache()}"]
     if recipe in HF_STANDINS:
-        out += ["teacher.net.path=null", TOKENIZER, "data.source.teacher_tokenizer=null", f"data.source.train={_text_file()}",
+        keep_teacher_tok = any(o.startswith("data.source.teacher_tokenizer=") for o in HF_STANDINS[recipe])
+        out += ["teacher.net.path=null", TOKENIZER, *([] if keep_teacher_tok else ["data.source.teacher_tokenizer=null"]),
+                f"data.source.train={_text_file()}",
                 "data.batch_size=4", "trainer.accumulate_grad_batches=1", *HF_STANDINS[recipe]]
         if compose_cfg(out, recipe=recipe).get("generation") is not None:
             out += ["generation.max_new_tokens=3", "++generation.seeds=[1]", "generation.max_examples=2"]

@@ -21,7 +21,8 @@ Evaluation batches keep the data's responses.
 
 Generation reads host values (prompt lengths, completion lengths) and ``generate`` itself synchronises
 at every token; a rollout step is therefore not free of device synchronisation. Not built: DistiLLM's
-adaptive off-policy replay buffer, batched generation across the micro-batches of a step, and a faster
+adaptive off-policy replay buffer, re-tokenising completions for a teacher with its own tokenizer
+(refused), batched generation across the micro-batches of a step, and a faster
 backend (vLLM); under FSDP the sharded student cannot generate here (refused at build).
 """
 from __future__ import annotations
@@ -146,6 +147,10 @@ class Rollout(BatchTransform, Component):
         if "prompt_length" not in batch:
             raise KdrunError("batch_transform (Rollout): the batch has no prompt_length; rollouts need prompt/response "
                              "data (data=instructions)")
+        if "teacher_input_ids" in batch:
+            raise KdrunError("batch_transform (Rollout): the teacher tokenises the text itself (data.source.alignment="
+                             "spans/positions), and rollouts would need the completions re-tokenised for it, which is not "
+                             "built; use a teacher of the student's vocabulary (alignment=identical) for on-policy data")
         choose = torch.Generator().manual_seed(key)
         if float(torch.rand((), generator=choose)) >= self.on_policy_prob:
             return batch

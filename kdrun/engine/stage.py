@@ -830,9 +830,10 @@ class StageRunner:
         stats = self.record.stages[self.key.label]
         improved = False
         if plan.eval_model is not None and exp.has_class_head(plan.eval_model):
+            mask, target = exp.eval_fields(plan.eval_model)
             with self.autocast():
                 ev = evaluate(exp.models[plan.eval_model], ctx.test_loader, self.dist, ctx.class_groups, exp.io[plan.eval_model],
-                              exp.cfg.data.eval_mask, self.plan.eval_transform, exp.cfg.data.eval_target)
+                              mask, self.plan.eval_transform, target)
             if not math.isfinite(ev["loss"]):
                 raise KdrunError(f"evaluating {plan.eval_model} in stage '{plan.name}' after step {self.record.step}: the "
                                  f"test loss is {ev['loss']} (non-finite outputs: the weights diverged?); no checkpoint "
@@ -858,10 +859,10 @@ class StageRunner:
         for name in plan.trained_models:  # co-trained models (DML peers, online teachers)
             if name == plan.eval_model or not exp.has_class_head(name):
                 continue
+            mask, target = exp.eval_fields(name)
             with self.autocast():
                 other = evaluate(exp.models[name], ctx.test_loader, self.dist, io=exp.io[name],
-                                 mask_field=exp.cfg.data.eval_mask, prepare=self.plan.eval_transform,
-                                 target_field=exp.cfg.data.eval_target)["top1"]
+                                 mask_field=mask, prepare=self.plan.eval_transform, target_field=target)["top1"]
             row[f"top1/{name}"] = other
             m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
             m["last_top1"] = other
@@ -877,10 +878,10 @@ class StageRunner:
             key = self.key.of(name)
             if not exp.has_class_head(name) or key in self.record.frozen_top1 or name in later:
                 continue
+            mask, target = exp.eval_fields(name)
             with self.autocast():
                 ev = evaluate(exp.models[name], self.ctx.test_loader, self.dist, io=exp.io[name],
-                              mask_field=exp.cfg.data.eval_mask, prepare=self.plan.eval_transform,
-                              target_field=exp.cfg.data.eval_target)
+                              mask_field=mask, prepare=self.plan.eval_transform, target_field=target)
             self.record.frozen_top1[key] = ev["top1"]
             if "ppl" in ev:
                 self.record.frozen_ppl[key] = ev["ppl"]
