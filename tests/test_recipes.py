@@ -42,7 +42,8 @@ def _text_file() -> str:
     path = Path(_TEXT_DIR[0]) / "rows.jsonl"
     if not path.exists():
         rows = [{"instruction": f"Add {a} and {b}.", "prompt": f"Add {a} and {b}.", "response": f"{a + b}",
-                 "sentence": f"a {'good' if a > b else 'bad'} film {a}", "label": int(a > b)} for a in range(5) for b in range(5)]
+                 "sentence": f"a {'good' if a > b else 'bad'} film {a}", "label": int(a > b),
+                 "chosen": f"{a + b}", "rejected": f"{a + b + 1} or so"} for a in range(5) for b in range(5)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -65,6 +66,13 @@ HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
 HF_STANDINS["qwen25_gkd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["batch_transform.max_new_tokens=4",
                                                                      "batch_transform.on_policy_prob=1.0"]
 HF_STANDINS["qwen25_onpolicy_rkl"] = HF_STANDINS["qwen25_gkd"]
+MIXTRAL = ("{model_type: mixtral, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+           "num_key_value_heads: 1, num_local_experts: 4, num_experts_per_tok: 2, max_position_embeddings: 64, "
+           "vocab_size: 300, output_router_logits: true}")
+HF_STANDINS["qwen25_redi"] = ["student.net.path=null", f"+student.net.config={QWEN}", "data.source.max_length=32"]
+HF_STANDINS["qwen25_dckd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"]
+HF_STANDINS["llava_mod_text"] = ["student.net.path=null", f"+teacher.net.config={QWEN}", f"+student.net.config={MIXTRAL}",
+                                 "data.source.max_length=32", "data.source.chat_template=null"]
 # a teacher with its own tokenizer: trained here at another size (500 ids), the student's at 300
 HF_STANDINS["qwen25_cross_tokenizer"] = ["student.net.path=null", f"+teacher.net.config={QWEN.replace('300}', '500}')}",
                                          f"+student.net.config={QWEN}", "data.source.max_length=32",
@@ -106,7 +114,9 @@ def smoke_overrides(recipe: str) -> list[str]:
         out += [f"data.teacher_cache={_teacher_cache()}"]
     if recipe in HF_STANDINS:
         keep_teacher_tok = any(o.startswith("data.source.teacher_tokenizer=") for o in HF_STANDINS[recipe])
-        out += ["teacher.net.path=null", TOKENIZER, *([] if keep_teacher_tok else ["data.source.teacher_tokenizer=null"]),
+        has_teacher = compose_cfg(out, recipe=recipe).get("teacher") is not None
+        out += [*(["teacher.net.path=null"] if has_teacher else []), TOKENIZER,
+                *([] if keep_teacher_tok or not has_teacher else ["data.source.teacher_tokenizer=null"]),
                 f"data.source.train={_text_file()}",
                 "data.batch_size=4", "trainer.accumulate_grad_batches=1", *HF_STANDINS[recipe]]
         if compose_cfg(out, recipe=recipe).get("generation") is not None:

@@ -34,7 +34,7 @@ def make_loader(splits: Any, part: str, data: DataConfig, device: torch.device, 
         return loader
     if isinstance(splits, TensorSplits):
         return TensorLoader(getattr(splits, part), trim_field=splits.trim_field,
-                            cache=splits.cache if part == "train" else None, **common)
+                            cache=splits.cache if part == "train" else None, group=splits.group, **common)
     images, labels = (splits.train_images, splits.train_labels) if part == "train" else (splits.test_images, splits.test_labels)
     loader = ArrayLoader(images, labels, mean=data.mean, std=data.std, crop_padding=data.crop_padding, hflip=data.hflip,
                          **common)

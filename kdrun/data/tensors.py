@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kdrun.data.arrays import shard_sizes
 from kdrun.data.subsets import class_coverage, stratified_indices
+from kdrun.errors import KdrunError
 
 
 def _check(fields: Mapping[str, Tensor], split: str) -> int:
@@ -39,6 +40,7 @@ class TensorSplits:
     trim_field: str | None = None  # right-padded (N, L) fields: each batch is cut to the longest non-zero run of this field
     tokenizer: Any = None  # text data: the tokenizer that made the token ids (generation decodes with it)
     cache: Any = None  # a kdrun.data.teacher_cache.TeacherCache of the training split (data.teacher_cache)
+    group: int = 1  # rows that stay together (a preference pair's chosen and rejected rows: 2), in order
 
     def __post_init__(self) -> None:
         _check(self.train, "train")
@@ -47,6 +49,8 @@ class TensorSplits:
             raise ValueError(f"train fields {sorted(self.train)} and test fields {sorted(self.test)} differ")
         if self.trim_field is not None and self.trim_field not in self.train:
             raise ValueError(f"trim_field '{self.trim_field}' is not a field ({sorted(self.train)})")
+        if self.group > 1 and (self.num_train % self.group or _check(self.test, "test") % self.group):
+            raise ValueError(f"grouped rows: each split needs a multiple of {self.group} rows")
 
     @property
     def num_train(self) -> int:
@@ -67,9 +71,15 @@ class TensorSplits:
             out.update(self.cache.read(out["index"], int(width), "cpu"))
         return out
 
+    def _ungrouped(self, key: str) -> None:
+        if self.group > 1:
+            raise KdrunError(f"{key}: these data keep rows in groups of {self.group} (preference pairs); a choice of rows "
+                             f"would split them. Set {key}=null and cut the file itself (data.source.max_examples)")
+
     def subset(self, n: int, seed: int = 0) -> TensorSplits:
         """``n`` training samples and a proportional number of test samples, each a seeded choice,
         class-stratified when the ``target`` field holds class labels, kept in order."""
+        self._ungrouped("data.subset")
         n_train, n_test = self.num_train, _check(self.test, "test")
         n = min(int(n), n_train)
         m = max(1, math.ceil(n_test * n / n_train))
@@ -85,6 +95,7 @@ class TensorSplits:
 
     def validation_split(self, n: int, seed: int = 0) -> TensorSplits:
         """Hold out ``n`` training samples (a seeded choice) as the evaluation set."""
+        self._ungrouped("data.val_split")
         total = self.num_train
         if not 0 < n < total:
             raise ValueError(f"data.val_split must be between 1 and {total - 1}, got {n}")
@@ -102,7 +113,7 @@ class TensorLoader:
 
     def __init__(self, fields: Mapping[str, Tensor], *, batch_size: int, train: bool, device: torch.device,
                  seed: int = 0, drop_last: bool = False, max_batches: int | None = None, rank: int = 0,
-                 world_size: int = 1, trim_field: str | None = None, cache: Any = None) -> None:
+                 world_size: int = 1, trim_field: str | None = None, cache: Any = None, group: int = 1) -> None:
         self.device = torch.device(device)
         self.cache = cache  # a TeacherCache: its fields are read per batch by host sample indices
         self.fields = {k: v.to(self.device) for k, v in fields.items()}
@@ -118,6 +129,11 @@ class TensorLoader:
         self.seed, self.max_batches = int(seed), max_batches
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch_key, self.start = 0, 0
+        self.group = int(group)  # rows shuffled, batched and shared among ranks together (preference pairs: 2)
+        if self.batch_size % self.group:
+            raise KdrunError(f"a batch size of {self.batch_size} (data.batch_size / data.eval_batch_size) counts rows, and "
+                             f"these data keep them in groups of "
+                             f"{self.group} (preference pairs: a chosen and a rejected row): use a multiple of {self.group}")
 
     def __len__(self) -> int:
         batches = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
@@ -128,19 +144,28 @@ class TensorLoader:
         self.epoch_key, self.start = int(key), int(start)
 
     def rank_sizes(self, i: int) -> list[int]:
-        return shard_sizes(min(self.batch_size, self.n - i * self.batch_size), self.world_size)
+        g = self.group
+        return [g * k for k in shard_sizes(min(self.batch_size, self.n - i * self.batch_size) // g, self.world_size)]
+
+    def _share(self, idx: Tensor) -> Tensor:
+        """This rank's contiguous share of a global batch's rows, whole groups each."""
+        if self.world_size == 1:
+            return idx
+        return torch.tensor_split(idx.view(-1, self.group), self.world_size)[self.rank].reshape(-1)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + self.epoch_key)
-        order = (torch.randperm(self.n, generator=gen, device=self.device) if self.train
-                 else torch.arange(self.n, device=self.device))
+        units = self.n // self.group
+        order = (torch.randperm(units, generator=gen, device=self.device) if self.train
+                 else torch.arange(units, device=self.device))
+        if self.group > 1:
+            order = (order.view(-1, 1) * self.group + torch.arange(self.group, device=self.device)).view(-1)
         host_order = order.cpu() if self.lengths is not None or self.cache is not None else None  # once per epoch
         start, self.start = self.start, 0
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            if self.world_size > 1:
-                idx = torch.tensor_split(idx, self.world_size)[self.rank]
+            idx = self._share(idx)
             batch = {k: v[idx] for k, v in self.fields.items()}
             if self.lengths is not None:  # every rank cuts at the global batch's longest sample
                 rows = host_order[i * self.batch_size:(i + 1) * self.batch_size]
@@ -152,8 +177,7 @@ class TensorLoader:
             batch["index"] = idx
             if self.cache is not None:
                 hidx = host_order[i * self.batch_size:(i + 1) * self.batch_size]
-                if self.world_size > 1:
-                    hidx = torch.tensor_split(hidx, self.world_size)[self.rank]
+                hidx = self._share(hidx)
                 width = next(v for v in batch.values() if v.dim() >= 2).shape[1]
                 batch.update(self.cache.read(hidx, int(width), self.device))
             yield batch

@@ -426,6 +426,50 @@ def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_fie
                         tokenizer=tok)
 
 
+def preference_pairs(tokenizer: Any, train: str, test: str | None = None, prompt_field: str = "prompt",
+                     chosen_field: str = "chosen", rejected_field: str = "rejected", max_length: int = 512,
+                     chat_template: str | None = None, prompt_format: str = DEFAULT_PROMPT_FORMAT, overflow: str = "truncate",
+                     padding: str = "longest", test_fraction: float = 0.1, seed: int = 0, max_examples: int | None = None,
+                     teacher_tokenizer: Any = None) -> TensorSplits:
+    """Preference pairs (a prompt, a chosen and a rejected response; DPO's data, REDI's positive and negative
+    traces) from local files: each pair is two rows of :func:`instructions`' fields, the chosen one first, kept
+    together by every loader (shuffled, batched and shared among ranks as one). Extra fields: ``chosen`` (N,) bool,
+    which row of its pair a row is, and ``chosen_token_mask`` (N, L), ``token_mask`` on chosen rows only (the
+    cross-entropy of SFT on the positives, the perplexity evaluation). A pair is dropped (``overflow: drop``) when
+    either response is. ``data.batch_size`` counts rows: two per pair."""
+    if overflow not in ("truncate", "drop", "error"):
+        raise KdrunError(f"data.source.overflow must be truncate, drop or error, got '{overflow}'")
+    _check_padding(padding)
+    tok = load_tokenizer(tokenizer)
+    _with_teacher_tokenizer(tok, teacher_tokenizer)
+    rows, test_rows = _record_splits(train, test, [prompt_field, chosen_field, rejected_field], test_fraction, seed)
+    if max_examples is not None:
+        rows = rows[:int(max_examples)]
+    out = {}
+    for split, split_rows in (("train", rows), ("test", test_rows)):
+        key = f"data.source.{split}"
+        sides = [_examples(split_rows, tok, prompt_field, field, max_length, chat_template, prompt_format, overflow, key)
+                 for field in (chosen_field, rejected_field)]
+        at = [{row: j for j, (row, _) in enumerate(side[3])} for side in sides]
+        both = [row for row in at[0] if row in at[1]]
+        if not both:
+            raise KdrunError(f"{key}: no pair fits data.source.max_length={max_length}")
+        x, y, plen = [], [], []
+        for row in both:  # build time, once per pair: chosen row, then rejected row
+            for side, where in zip(sides, at):
+                j = where[row]
+                x.append(side[0][j])
+                y.append(side[1][j])
+                plen.append(side[2][j])
+        f = _fields(x, y, max_length, tok.pad_token_id)
+        f["prompt_length"] = torch.tensor(plen, dtype=torch.long)
+        f["chosen"] = (torch.arange(len(x)) % 2) == 0
+        f["chosen_token_mask"] = f["token_mask"] & f["chosen"].view(-1, 1)
+        out[split] = f
+    return TensorSplits(out["train"], out["test"], trim_field="attention_mask" if padding == "longest" else None,
+                        tokenizer=tok, group=2)
+
+
 def text_classification(tokenizer: Any, train: str, test: str | None = None, text_field: str = "sentence",
                         label_field: str = "label", text_pair_field: str | None = None, max_length: int = 128,
                         padding: str = "longest", test_fraction: float = 0.1, seed: int = 0,
@@ -464,6 +508,7 @@ __all__ = [
     "format_prompt",
     "instructions",
     "load_tokenizer",
+    "preference_pairs",
     "pydoc_topics",
     "read_documents",
     "read_records",

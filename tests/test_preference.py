@@ -1,0 +1,125 @@
+"""Preference pairs: the data keep each pair's two rows together; REDI, DPO (teacher reference) and the router
+term against their formulas."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdrun.data.tensors import TensorLoader
+from kdrun.data.text import preference_pairs
+from kdrun.errors import KdrunError
+from kdrun.losses import DPOLoss, ModelOutputLoss, REDILoss
+from kdrun.losses.preference import sequence_log_probs
+
+TOK = {"train": {"corpus": "pydoc_topics", "vocab_size": 300}}
+
+
+def _pairs(tmp_path, n=12):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"Perhaps {2 * i + 1}, or more."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_pairs_are_adjacent_rows_chosen_first(tmp_path):
+    splits = preference_pairs(TOK, _pairs(tmp_path), test_fraction=0.25)
+    f, tok = splits.train, splits.tokenizer
+    assert splits.group == 2 and f["input_ids"].shape[0] == 2 * 9
+    assert f["chosen"].tolist() == [True, False] * 9
+    for i in range(0, 6, 2):
+        c = tok.decode(f["labels"][i][f["token_mask"][i]].tolist())
+        r = tok.decode(f["labels"][i + 1][f["token_mask"][i + 1]].tolist())
+        assert c.startswith("It is") and r.startswith("Perhaps")
+        assert torch.equal(f["input_ids"][i][:int(f["prompt_length"][i])], f["input_ids"][i + 1][:int(f["prompt_length"][i + 1])])
+    assert not f["chosen_token_mask"][1::2].any() and torch.equal(f["chosen_token_mask"][0::2], f["token_mask"][0::2])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_loader_never_splits_a_pair(tmp_path, world):
+    f = preference_pairs(TOK, _pairs(tmp_path, 20), test_fraction=0.1).train
+    n = f["input_ids"].shape[0]
+    seen = []
+    for rank in range(world):
+        loader = TensorLoader(f, batch_size=6, train=True, device=torch.device("cpu"), seed=3, rank=rank, world_size=world,
+                              trim_field="attention_mask", group=2)
+        for i, batch in enumerate(loader):
+            idx = batch["index"]
+            assert idx.numel() == loader.rank_sizes(i)[rank]
+            assert (idx[0::2] % 2 == 0).all() and torch.equal(idx[1::2], idx[0::2] + 1)  # chosen, then its rejected
+            assert batch["chosen"].tolist() == [True, False] * (idx.numel() // 2)
+            seen += idx.tolist()
+    assert sorted(seen) == list(range(n))
+    with pytest.raises(KdrunError, match="multiple of 2"):
+        TensorLoader(f, batch_size=5, train=True, device=torch.device("cpu"), group=2)
+
+
+def test_a_choice_of_rows_is_refused(tmp_path):
+    splits = preference_pairs(TOK, _pairs(tmp_path))
+    with pytest.raises(KdrunError, match="data.subset"):
+        splits.subset(4)
+
+
+def _logp(z, y, m):
+    return (F.log_softmax(z.double(), -1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * m).sum(-1)
+
+
+def test_sequence_log_probs_sum_the_response_tokens():
+    torch.manual_seed(0)
+    z, y = torch.randn(5, 7, 11), torch.randint(0, 11, (5, 7))
+    m = torch.rand(5, 7) > 0.4
+    assert torch.allclose(sequence_log_probs(z, y, m, chunk_rows=2).double(), _logp(z, y, m), atol=1e-5)
+
+
+def _batch():
+    torch.manual_seed(1)
+    z = torch.randn(4, 6, 9, requires_grad=True)
+    ref = torch.randn(4, 6, 9)
+    y = torch.randint(0, 9, (4, 6))
+    m = torch.zeros(4, 6, dtype=torch.bool)
+    m[0, 2:5] = m[1, 1:6] = m[2, 3:4] = m[3, 2:6] = True
+    chosen = torch.tensor([True, False, True, False])
+    return z, ref, y, m, chosen
+
+
+def test_redi_is_the_length_normalised_asymmetric_objective():
+    z, _, y, m, chosen = _batch()
+    lp = _logp(z, y, m) / m.sum(-1)
+    want = ((-1.0 * lp[0] + 0.8 * lp[1]) + (-1.0 * lp[2] + 0.8 * lp[3])) / 2
+    got = REDILoss()(z, y, m, chosen)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    got.backward()
+    assert z.grad[0, 0].abs().sum() == 0 and z.grad[0, 2].abs().sum() > 0
+
+
+def test_dpo_with_a_teacher_reference_is_the_logistic_loss_of_the_margin():
+    z, ref, y, m, chosen = _batch()
+    pi, r = _logp(z, y, m), _logp(ref, y, m)
+    margins = torch.stack([(pi[0] - r[0]) - (pi[1] - r[1]), (pi[2] - r[2]) - (pi[3] - r[3])])
+    want = -F.logsigmoid(0.1 * margins).mean()
+    got = DPOLoss(beta=0.1)(z, ref, y, m, chosen)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    # at the reference itself the loss is log 2
+    assert torch.allclose(DPOLoss()(ref, ref, y, m, chosen), torch.tensor(0.6931472), atol=1e-5)
+
+
+def test_pair_terms_name_bad_shapes():
+    with pytest.raises(ValueError, match="even number of rows"):
+        REDILoss().check_shapes(logits=torch.Size([3, 4, 5]), target=torch.Size([3, 4]), mask=torch.Size([3, 4]),
+                                chosen=torch.Size([3]))
+    with pytest.raises(ValueError, match="'reference' logits"):
+        DPOLoss().check_shapes(logits=torch.Size([2, 4, 5]), reference=torch.Size([2, 4, 7]), target=torch.Size([2, 4]),
+                               mask=torch.Size([2, 4]), chosen=torch.Size([2]))
+
+
+def test_router_term_reads_the_models_own_aux_loss():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("mixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, vocab_size=50,
+                               output_router_logits=True)
+    out = AutoModelForCausalLM.from_config(cfg)(input_ids=torch.randint(0, 50, (2, 5)))
+    assert torch.equal(ModelOutputLoss()(out.aux_loss), out.aux_loss.float())
