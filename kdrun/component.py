@@ -28,6 +28,8 @@ derives from it, unconditionally, in this order:
 - ``transform_batch(batch)`` on every training micro-batch, after the stage's batch transform and before any
   model, for a component whose ``transforms_batch`` is True: the batch the models train on (HARD's learned
   augmentation; evaluation batches are never changed).
+- ``on_evaluation(metrics)`` after every evaluation of a stage, with the row it logs (``test_loss``, ``ppl``,
+  ``top1``, ...; the same on every rank): feedback from held-out data (DistiLLM's adaptive replay threshold).
 - ``on_batch(rank_sizes, rank)`` before every training micro-batch: how many samples of the global
   micro-batch each rank holds (in rank order; every rank holds a contiguous share), and this process's
   rank. Known on the host, so a component that must see the whole global batch (a memory bank) can
@@ -162,6 +164,9 @@ class Component(nn.Module):
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called before every optimizer step of a stage (0-based, counted from the stage's start)."""
+
+    def on_evaluation(self, metrics: Mapping[str, Any]) -> None:
+        """Called after every evaluation of a stage with its logged row (identical on every rank)."""
 
     def class_mean_inputs(self) -> tuple[str, ...]:
         """Forward arguments whose per-class training-set means the component still needs (default none)."""

@@ -87,11 +87,20 @@ class Experiment:
 
     def modules(self) -> nn.ModuleDict:
         """Every stateful module by kind, for checkpoints: models, adapters, loss terms."""
-        return nn.ModuleDict({
+        out = nn.ModuleDict({
             "models": self.models,
             "adapters": nn.ModuleDict({k: a.module for k, a in self.adapters.items()}),
             "losses": nn.ModuleDict({k: s.module for k, s in self.losses.items()}),
         })
+        # batch transforms with state (a replay buffer): the run's, then each stage's own
+        transforms = {"run": self.batch_transform} if isinstance(self.batch_transform, nn.Module) else {}
+        for plan in self.stages:
+            t = plan.batch_transform
+            if isinstance(t, nn.Module) and t is not self.batch_transform:
+                transforms[f"stage_{plan.name}"] = t
+        if any(getattr(t, "checkpointed", False) for t in transforms.values()):
+            out["transforms"] = nn.ModuleDict(transforms)
+        return out
 
     def has_class_head(self, name: str) -> bool:
         """Whether model ``name``'s output has one column per class, per sample or per position (a

@@ -157,3 +157,76 @@ def test_sampled_token_estimators_against_their_formulas_and_the_reverse_kl():
     ones = torch.ones_like(draws, dtype=torch.bool)
     for est in ("k1", "k3"):
         assert float(SampledTokenKL(est)(big_s, big_t, draws, ones)) == pytest.approx(kl, rel=0.03)
+
+
+def _replay(model, tau=1.0, capacity=4, seed=0):
+    from kdrun.data.rollout import AdaptiveReplay
+
+    r = AdaptiveReplay(capacity=capacity, init_threshold=tau, max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
+    r.bind(BuildContext(shapes={}, num_train=4, models={"student": model}, seed=seed))
+    r.on_stage_start(StageInfo(name="distill", index=0, round=0, trained_models=("student",), frozen_models=(), epochs=1,
+                               max_steps=None))
+    return r
+
+
+def _steps(r, steps, total, rank=0, start=0):
+    outs = []
+    for step in range(start, start + steps):
+        r.on_step(step, total)
+        r.on_batch((2,), rank)
+        outs.append(r(_batch())["input_ids"])
+    return outs
+
+
+def test_distillm_threshold_rises_when_the_held_out_loss_rises():
+    r = _replay(StubLM(), tau=0.0)
+    for loss, tau in ((2.0, 0.0), (2.05, 0.0), (2.2, 0.1), (1.0, 0.1), (1.1, 0.2)):
+        r.on_evaluation({"test_loss": loss})
+        assert r.tau == pytest.approx(tau)
+    r.tau = 0.95
+    r.on_evaluation({"test_loss": 5.0})
+    assert r.tau == 1.0  # capped
+    off = _replay(StubLM(), tau=0.0)
+    _steps(off, 5, 5)
+    assert off.generated == 0 and off.replayed == 0  # tau 0: the data's batches
+
+
+def test_distillm_fills_its_buffer_then_replays_more_as_the_stage_advances():
+    r = _replay(StubLM(), tau=1.0, capacity=4)
+    _steps(r, 2, 100)
+    assert r.generated == 2 and r._stored() == 4 and r.replayed == 0  # r < tau while the buffer has room: generate
+    _steps(r, 98, 100, start=2)
+    # full: fresh with probability 1 - step/total (about half over the stage), else replay; the oldest leave first
+    assert 30 < r.generated < 70 and r.replayed == 100 - r.generated and r._stored() == 4
+
+
+def test_distillm_decisions_agree_across_ranks_and_survive_a_checkpoint():
+    from kdrun.data.rollout import AdaptiveReplay
+
+    a, b = _replay(StubLM(), tau=0.7), _replay(StubLM(), tau=0.7)
+    _steps(a, 20, 40, rank=0)
+    _steps(b, 20, 40, rank=1)
+    assert (a.generated, a.replayed) == (b.generated, b.replayed)  # the same choices on every rank
+    state = a.get_extra_state()
+    path = __import__("tempfile").mkdtemp() + "/s.pt"
+    torch.save(state, path)
+    resumed = _replay(StubLM(), tau=0.0)
+    resumed.set_extra_state(torch.load(path, weights_only=True))
+    assert resumed.tau == 0.7 and len(resumed.buffer) == len(a.buffer)
+    later_a = _steps(a, 20, 40, start=20)
+    later_r = _steps(resumed, 20, 40, start=20)
+    assert all(torch.equal(x, y) for x, y in zip(later_a, later_r))  # what an uninterrupted run would have drawn
+    assert isinstance(resumed, AdaptiveReplay) and resumed.replayed == a.replayed
+
+
+def test_the_replay_buffer_is_part_of_the_checkpointed_modules():
+    from kdrun.config import validate
+    from kdrun.engine.trainer import Trainer
+    from tests.conftest import compose_cfg
+    from tests.test_recipes import smoke_overrides
+
+    trainer = Trainer(validate(compose_cfg(smoke_overrides("gpt2xl_gpt2_distillm"), recipe="gpt2xl_gpt2_distillm")),
+                      __import__("tempfile").mkdtemp())
+    trainer.prepare()
+    state = trainer.experiment.modules().state_dict()
+    assert "transforms.run._extra_state" in state and "tau" in state["transforms.run._extra_state"]

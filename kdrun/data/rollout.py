@@ -20,8 +20,8 @@ micro-batch generates once for its own prompts; nothing is regenerated across gr
 Evaluation batches keep the data's responses.
 
 Generation reads host values (prompt lengths, completion lengths) and ``generate`` itself synchronises
-at every token; a rollout step is therefore not free of device synchronisation. Not built: DistiLLM's
-adaptive off-policy replay buffer, re-tokenising completions for a teacher with its own tokenizer
+at every token; a rollout step is therefore not free of device synchronisation. :class:`AdaptiveReplay` is
+DistiLLM's adaptive off-policy schedule (a replay buffer of student generations). Not built: re-tokenising completions for a teacher with its own tokenizer
 (refused), batched generation across the micro-batches of a step, and a faster
 backend (vLLM); under FSDP the sharded student cannot generate here (refused at build).
 """
@@ -75,6 +75,14 @@ def rebuild(batch: Mapping[str, Tensor], prompts: Tensor, prompt_len: Tensor, co
     out["labels"] = torch.where(scored, y, torch.full_like(y, IGNORE_INDEX))
     out["token_mask"] = scored
     return out
+
+
+def _mix(parts: tuple[int, ...]) -> int:
+    """One seed from a tuple of integers (the same in every process)."""
+    key = 0
+    for v in parts:
+        key = (key * 1_000_003 + int(v)) % (2**63 - 1)
+    return key
 
 
 class Rollout(BatchTransform, Component):
@@ -133,11 +141,7 @@ class Rollout(BatchTransform, Component):
         self.rank = int(rank)
 
     def _key(self) -> int:
-        parts = (self.seed, self.round, self.stage, self.step, self.micro, self.rank)
-        key = 0
-        for v in parts:
-            key = (key * 1_000_003 + int(v)) % (2**63 - 1)
-        return key
+        return _mix((self.seed, self.round, self.stage, self.step, self.micro, self.rank))
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if self._model is None:
@@ -185,4 +189,111 @@ class Rollout(BatchTransform, Component):
                 f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})")
 
 
-__all__ = ["Rollout", "rebuild"]
+class AdaptiveReplay(Rollout):
+    """DistiLLM's adaptive off-policy schedule (Ko et al., "DistiLLM: Towards Streamlined Distillation for Large
+    Language Models", ICML 2024; the authors' ``finetune.py``): student generations kept in a replay buffer, used
+    more often when the held-out loss rises.
+
+    - **Threshold** ``tau`` starts at ``init_threshold`` (0.0). After every evaluation, if the test loss is at
+      least the previous evaluation's plus ``loss_eps`` (0.1), ``tau`` rises by ``threshold_step`` (0.1), capped
+      at 1.
+    - **Per micro-batch**, a draw ``r ~ U(0, 1)`` (the same on every rank):
+      - if ``r < tau (1 - step / total_steps)`` (the decreasing ratio), or ``r < tau`` while the buffer holds fewer
+        than ``capacity`` (1000) examples: the student generates the batch (:class:`Rollout`), which is stored;
+      - else, if ``r < tau``: a stored micro-batch (a seeded choice) is replayed;
+      - else: the data's batch.
+    - **The buffer** is first in, first out, and holds whole micro-batches. DistiLLM samples single examples from
+      its buffer; kdrun replays a stored micro-batch whole, so that no Python loop over examples runs in the step.
+
+    The buffer, ``tau`` and the last test loss are the transform's checkpointed state. Under data parallelism each
+    rank keeps its own generations (the decisions agree), and a checkpoint holds every rank's, so a resumed run
+    replays what an uninterrupted one would. ``on_policy_prob`` is unused (the schedule decides).
+    """
+
+    checkpointed = True
+
+    def __init__(self, capacity: int = 1000, init_threshold: float = 0.0, loss_eps: float = 0.1,
+                 threshold_step: float = 0.1, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None) -> None:
+        super().__init__("student", 1.0, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id)
+        if int(capacity) < 1 or not 0.0 <= init_threshold <= 1.0 or loss_eps < 0 or threshold_step < 0:
+            raise ValueError(f"adaptive replay: need capacity >= 1, init_threshold in [0, 1], loss_eps >= 0 and "
+                             f"threshold_step >= 0; got {capacity}, {init_threshold}, {loss_eps}, {threshold_step}")
+        self.capacity, self.loss_eps, self.threshold_step = int(capacity), float(loss_eps), float(threshold_step)
+        self.tau, self.last_loss = float(init_threshold), None
+        self.total_steps = 1
+        self.buffer: list[dict[str, Tensor]] = []
+        self.replayed = 0
+        self.live = False  # False during the build's shape trace: nothing is decided or stored
+
+    def on_stage_start(self, stage: StageInfo) -> None:
+        super().on_stage_start(stage)
+        self.live = True
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        super().on_step(step, total_steps)
+        self.total_steps = max(1, int(total_steps))
+
+    def on_evaluation(self, metrics: Mapping[str, Any]) -> None:
+        loss = metrics.get("test_loss")
+        if loss is None:
+            return
+        if self.last_loss is not None and float(loss) >= self.last_loss + self.loss_eps:
+            self.tau = min(1.0, self.tau + self.threshold_step)
+        self.last_loss = float(loss)
+
+    def _stored(self) -> int:
+        return sum(int(b["input_ids"].shape[0]) for b in self.buffer)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._model is None:
+            raise KdrunError("batch_transform (AdaptiveReplay): not bound to a model (the builder binds it)")
+        key = self._key()
+        self.micro += 1
+        if "prompt_length" not in batch:
+            raise KdrunError("batch_transform (AdaptiveReplay): the batch has no prompt_length; rollouts need "
+                             "prompt/response data (data=instructions)")
+        if not self.live:  # the build's shape trace: a generated batch, stored nowhere
+            return self.generate(batch, key)
+        # no rank in this seed: every rank takes the same decision, so the buffers grow alike
+        choose = torch.Generator().manual_seed(_mix((self.seed, self.round, self.stage, self.step, self.micro - 1)))
+        r = float(torch.rand((), generator=choose))
+        fresh = r < self.tau * (1.0 - self.step / self.total_steps) or (r < self.tau and self._stored() < self.capacity)
+        if fresh:
+            out = self.generate(batch, key)
+            self.buffer.append({k: v.detach() for k, v in out.items() if k != "index"})
+            while len(self.buffer) > 1 and self._stored() > self.capacity:
+                self.buffer.pop(0)
+            return out
+        if r < self.tau and self.buffer:
+            self.replayed += 1
+            pick = int(torch.randint(len(self.buffer), (), generator=choose))
+            return {**self.buffer[pick], "index": batch["index"]} if "index" in batch else dict(self.buffer[pick])
+        return batch
+
+    def get_extra_state(self) -> dict[str, Any]:
+        mine = {"buffer": [{k: v.cpu() for k, v in b.items()} for b in self.buffer]}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)  # every rank saves (checkpoint.py), rank 0 writes
+        return {"tau": self.tau, "last_loss": self.last_loss, "replayed": self.replayed, "generated": self.generated,
+                "ranks": ranks}
+
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.tau, self.last_loss = float(state["tau"]), state.get("last_loss")
+        self.replayed, self.generated = int(state.get("replayed", 0)), int(state.get("generated", 0))
+        ranks = state["ranks"]
+        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        if len(ranks) != world:
+            raise KdrunError(f"resume: the replay buffer (batch_transform AdaptiveReplay) was saved by {len(ranks)} ranks "
+                             f"and this run has {world}; resume with {len(ranks)}")
+        device = self._model.device if self._model is not None and hasattr(self._model, "device") else "cpu"
+        self.buffer = [{k: v.to(device) for k, v in b.items()} for b in ranks[self.rank]["buffer"]]
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveReplay(capacity={self.capacity}, tau={self.tau}, loss_eps={self.loss_eps}, "
+                f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature})")
+
+
+__all__ = ["AdaptiveReplay", "Rollout", "rebuild"]

@@ -867,6 +867,8 @@ class StageRunner:
             m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
             m["last_top1"] = other
             m["best_top1"] = other if m["best_top1"] is None else max(m["best_top1"], other)
+        for c in self.hooked:  # held-out feedback (DistiLLM's adaptive replay)
+            c.on_evaluation(dict(row))
         return improved
 
     def _measure_frozen(self) -> None:
