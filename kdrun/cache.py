@@ -23,15 +23,69 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from kdrun.errors import KdrunError
 
 
+TEMPERATURES = tuple(round(0.5 + 0.05 * i, 2) for i in range(51))  # the calibration grid: 0.5, 0.55, ..., 3.0
+
+
+def calibrate_top_k(logp: Tensor, right: Tensor, grid: tuple[float, ...] = TEMPERATURES) -> dict[str, Any]:
+    """FIRST's "trustworthy maximization" (Shum et al., EMNLP 2024): the temperature ``tau`` of the grid that
+    minimises the expected calibration error of the cached distribution, ``softmax(logp / tau)`` over its K
+    tokens (renormalised). ``logp`` (n, K) top-K log-probabilities in decreasing order at held-out positions,
+    ``right`` (n,) whether the top-1 token is the label. Tempering keeps the order, so only the confidence
+    ``softmax(logp / tau)_1`` moves. The grid and the renormalisation over K are kdrun's reading of the paper
+    (its exact search is not stated in what was read)."""
+    from kdrun.engine.evaluate import ECE_BINS
+
+    taus = torch.tensor(grid, dtype=torch.float64)
+    conf = torch.softmax(logp.double().unsqueeze(0) / taus.view(-1, 1, 1), dim=-1)[..., 0]  # (grid, n)
+    which = (conf * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
+    r = right.double().expand_as(conf)
+    n = torch.zeros(len(grid), ECE_BINS, dtype=torch.float64).scatter_add_(1, which, torch.ones_like(conf))
+    gap = (torch.zeros_like(n).scatter_add_(1, which, conf) - torch.zeros_like(n).scatter_add_(1, which, r)).abs()
+    ece = 100.0 * gap.sum(dim=1) / max(1, conf.shape[1])
+    best = int(ece.argmin())
+    one = grid.index(1.0) if 1.0 in grid else None
+    return {"temperature": float(grid[best]), "ece_after": float(ece[best]),
+            "ece_before": float(ece[one]) if one is not None else None, "tokens": int(conf.shape[1]),
+            "top1_accuracy": 100.0 * float(right.double().mean()) if right.numel() else None, "grid": [grid[0], grid[-1]]}
+
+
+@torch.no_grad()
+def held_out_top_k(exp: Any, cfg: Any, model: str, k: int, mask_field: str) -> tuple[Tensor, Tensor]:
+    """The model's top-``k`` log-probabilities (n, k) and whether its top-1 is the label (n,), at every scored
+    position of the evaluation split (``data.val_split`` when set, else the test split)."""
+    from kdrun.data.loaders import make_loader
+
+    net = exp.models[model]
+    target_field = cfg.data.eval_target
+    was_training = net.training
+    net.eval()
+    loader = make_loader(exp.data, "test", cfg.data, exp.device, train=False, seed=cfg.seed)
+    tops, rights = [], []
+    try:
+        for batch in loader:
+            ns: dict[str, Any] = {}
+            exp.io[model].run(net, batch, ns)
+            logits = ns[f"{model}.logits"]
+            mask = batch[mask_field][:, :logits.shape[1]] != 0
+            top = torch.log_softmax(logits[mask].float(), dim=-1).topk(int(k), dim=-1)
+            tops.append(top.values.cpu())
+            rights.append((top.indices[:, 0] == batch[target_field][:, :logits.shape[1]][mask]).cpu())
+    finally:
+        net.train(was_training)
+    return torch.cat(tops), torch.cat(rights)
+
+
 @torch.no_grad()
 def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str = "float16",
-                mask_field: str = "token_mask") -> dict[str, Any]:
+                mask_field: str = "token_mask", calibrate: bool = False) -> dict[str, Any]:
     """Write the cache of ``model`` (a model of the validated ``cfg``) to ``out``; returns its manifest
-    plus ``seconds`` and ``bytes``."""
+    plus ``seconds`` and ``bytes``. ``calibrate``: also fit FIRST's temperature on the evaluation split
+    (:func:`calibrate_top_k`) and store it in the manifest (``calibration``)."""
     from kdrun.build import build
     from kdrun.data.loaders import make_loader
     from kdrun.data.teacher_cache import manifest_of
@@ -97,6 +151,9 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
         arr.flush()
     del ids, logp, tail, positions
     manifest = manifest_of(exp.cfg, data, model, k, dtype, mask_field, counts)
+    if calibrate:
+        split = "validation (data.val_split)" if cfg.data.get("val_split") else "test"
+        manifest["calibration"] = {**calibrate_top_k(*held_out_top_k(exp, cfg, model, int(k), mask_field)), "split": split}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -116,19 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the cache directory (replaced when the write completes)")
     parser.add_argument("--dtype", default="float16", help="float16 (default) or float32 log-probabilities")
     parser.add_argument("--mask", default="token_mask", help="the batch field of scored positions (default token_mask)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit FIRST's temperature on the evaluation split and store it in the manifest")
     parser.add_argument("overrides", nargs="*", help="+recipe=NAME and overrides, as for kdrun")
     args = parser.parse_args(argv)
     recipe = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("+recipe=")), None)
     overrides = [o for o in args.overrides if not o.startswith("+recipe=")]
     try:
         cfg = validate(compose_config(overrides, recipe))
-        info = write_cache(cfg, args.model, args.out, args.top_k, args.dtype, args.mask)
+        info = write_cache(cfg, args.model, args.out, args.top_k, args.dtype, args.mask, args.calibrate)
     except KdrunError as ex:
         print(f"kdrun-cache: {ex}", file=sys.stderr)
         return 2
     print(f"kdrun-cache: {info['model']} ({info['model_name']}) top-{info['k']} over {info['tokens']} tokens of "
           f"{info['samples']} samples in {info['seconds']:.1f} s: {info['bytes'] / max(info['tokens'], 1):.1f} bytes per "
           f"token -> {args.out}")
+    cal = info.get("calibration")
+    if cal:
+        before = f"{cal['ece_before']:.2f}" if cal["ece_before"] is not None else "?"
+        print(f"kdrun-cache: calibrated on the {cal['split']} split ({cal['tokens']} tokens, top-1 {cal['top1_accuracy']:.2f}%): "
+              f"temperature {cal['temperature']:.2f}, top-{info['k']} ECE {before}% -> {cal['ece_after']:.2f}%")
     return 0
 
 

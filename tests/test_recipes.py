@@ -97,7 +97,7 @@ def _teacher_cache() -> str:
     if not _CACHE_DIR:
         out = Path(tempfile.mkdtemp(prefix="kdrun-cache-")) / "teacher"
         torch.manual_seed(0)
-        write_cache(validate(compose_cfg(["trainer.device=cpu"], recipe="text_quickstart")), "teacher", out, k=8)
+        write_cache(validate(compose_cfg(["trainer.device=cpu"], recipe="text_quickstart")), "teacher", out, k=8, calibrate=True)
         _CACHE_DIR.append(str(out))
     return _CACHE_DIR[0]
 
@@ -112,7 +112,7 @@ def smoke_overrides(recipe: str) -> list[str]:
     if recipe.startswith("imagenet"):  # timm models at their 224-pixel input on a few synthetic images
         out += ["data=synthetic", "data.num_classes=10", "data.input_shape=[3,224,224]", "data.batch_size=4",
                 "data.eval_batch_size=4", "data.source.num_train=4", "data.source.num_test=4"]
-    if recipe == "text_cached_kd":
+    if recipe in ("text_cached_kd", "text_first_kd"):
         out += [f"data.teacher_cache={_teacher_cache()}"]
     if recipe in HF_STANDINS:
         keep_teacher_tok = any(o.startswith("data.source.teacher_tokenizer=") for o in HF_STANDINS[recipe])

@@ -54,6 +54,7 @@ def evaluate_model(model: nn.Module, loader: Any, dist_info: DistInfo | None = N
     count = 0
     positions = torch.zeros((), dtype=torch.float64, device=device)  # counted positions of (B, T, C) scores
     per_class: Tensor | None = None  # rows: correct, seen
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)  # per confidence bin: count, confidence, correct
     per_position = False
     for batch in loader:
         if prepare is not None:
@@ -62,7 +63,9 @@ def evaluate_model(model: nn.Module, loader: Any, dist_info: DistInfo | None = N
         y = batch[target_field]
         if logits.dim() > 2:
             per_position = True
-            hits, loss, n = _score_positions(logits, y, batch[mask_field] if mask_field else None)
+            mask = batch[mask_field] if mask_field else None
+            hits, loss, n = _score_positions(logits, y, mask)
+            bins += calibration_bins(logits.flatten(0, -2), y.flatten(), None if mask is None else mask.flatten())
             correct += hits
             loss_sum += loss
             positions += n
@@ -73,6 +76,7 @@ def evaluate_model(model: nn.Module, loader: Any, dist_info: DistInfo | None = N
         correct += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         count += y.shape[0]
+        bins += calibration_bins(logits, y)
         if class_groups is not None:
             c = logits.shape[1]
             counts = torch.stack([torch.bincount(y, weights=hit[:, 0].double(), minlength=c),
@@ -82,14 +86,42 @@ def evaluate_model(model: nn.Module, loader: Any, dist_info: DistInfo | None = N
     totals = torch.cat([correct.double(), loss_sum.double()[None], (positions + float(count))[None]])
     if dist_info is not None:
         all_reduce_sum(totals, dist_info)
+    if dist_info is not None:
+        all_reduce_sum(bins, dist_info)
     hit1, hit5, loss, n = totals.tolist()
     n = max(n, 1.0)
-    out: dict[str, Any] = {"top1": 100.0 * hit1 / n, "top5": 100.0 * hit5 / n, "loss": loss / n}
+    out: dict[str, Any] = {"top1": 100.0 * hit1 / n, "top5": 100.0 * hit5 / n, "loss": loss / n, "ece": ece_of(bins)}
     if per_position:
         out["ppl"] = math.exp(min(loss / n, 700.0))
     if class_groups is not None:
         out["group_top1"] = _group_top1(per_class, class_groups, dist_info)
     return out
+
+
+ECE_BINS = 15  # equal-width confidence bins (Guo et al., ICML 2017)
+
+
+def calibration_bins(logits: Tensor, target: Tensor, mask: Tensor | None = None, bins: int = ECE_BINS) -> Tensor:
+    """(3, bins) float64 sums per equal-width bin of the top-1 confidence ``max softmax``: the number of
+    predictions, their confidences and how many are right (``mask``: which rows count)."""
+    z = logits.float()
+    conf, pred = z.softmax(dim=-1).max(dim=-1)
+    w = torch.ones_like(conf, dtype=torch.float64) if mask is None else (mask != 0).double()
+    right = (pred == target.clamp_min(0)).double() * w
+    which = (conf.double() * bins).long().clamp_(0, bins - 1)
+    out = torch.zeros(3, bins, dtype=torch.float64, device=z.device)
+    out[0].index_add_(0, which, w)
+    out[1].index_add_(0, which, conf.double() * w)
+    out[2].index_add_(0, which, right)
+    return out
+
+
+def ece_of(bins: Tensor) -> float:
+    """Expected calibration error in percent: ``sum_b (n_b / N) |acc_b - conf_b|`` (Naeini et al., AAAI 2015;
+    15 bins as Guo et al., ICML 2017), from :func:`calibration_bins`."""
+    n, conf, right = bins.double().cpu().unbind(0)
+    total = float(n.sum())
+    return 100.0 * float((conf - right).abs().sum()) / total if total > 0 else float("nan")
 
 
 def _group_top1(per_class: Tensor | None, class_groups: dict[str, Tensor], dist_info: DistInfo | None) -> dict[str, float]:

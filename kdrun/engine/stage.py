@@ -838,7 +838,8 @@ class StageRunner:
                 raise KdrunError(f"evaluating {plan.eval_model} in stage '{plan.name}' after step {self.record.step}: the "
                                  f"test loss is {ev['loss']} (non-finite outputs: the weights diverged?); no checkpoint "
                                  f"was written over the last good one. Lower the learning rate or the terms' weights.")
-            row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
+            row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"], "ece": ev["ece"]})
+            stats["last_ece"] = ev["ece"]
             if "ppl" in ev:  # a language model: lower perplexity is better, and decides the best checkpoint
                 row["ppl"] = ev["ppl"]
                 stats["last_ppl"] = ev["ppl"]

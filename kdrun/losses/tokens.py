@@ -250,18 +250,53 @@ class CachedTokenDivergence(TokenDivergence):
     K = V the full-vocabulary divergence). Temperature 1 only: the cache holds temperature-1 log-probabilities,
     and its tail bucket has no tempered form.
 
+    ``support: top_k`` drops the tail: both distributions renormalised over the K cached tokens, the teacher's
+    tempered by ``teacher_temperature`` first, ``p~ = softmax(logp / tau)`` over K. This is FIRST (Shum et al.,
+    EMNLP 2024): a top-5 cache, re-calibrated by a temperature fitted on held-out data to minimise the teacher's
+    ECE (``kdrun-cache --calibrate``; ``teacher_temperature: calibrated`` reads it from the manifest of ``cache``,
+    the cache directory). Whether FIRST renormalises the student over the same K tokens is not stated in what was
+    read; kdrun does, so that both sides of the divergence are distributions.
+
     Inputs: ``student`` (B, T, V) logits, ``ids`` (B, T, K) ``batch.cache_ids``, ``logp`` (B, T, K)
     ``batch.cache_logp``, ``tail`` (B, T) ``batch.cache_tail``, ``mask`` (B, T). Args: ``kind`` and its
-    parameters as :class:`TokenDivergence`; ``chunk_size``.
+    parameters as :class:`TokenDivergence`; ``chunk_size``; ``support`` (``tail``: default, or ``top_k``);
+    ``teacher_temperature`` (1.0, a number or ``calibrated``; ``top_k`` support only); ``cache``.
     """
 
     def __init__(self, kind: str = "fkl", teacher_mix: float = 0.5, skew: float = 0.1, stop_grad_mixture: bool = False,
-                 t_squared: bool = False, chunk_size: int | None = 1024, temperature: float = 1.0) -> None:
+                 t_squared: bool = False, chunk_size: int | None = 1024, temperature: float = 1.0, support: str = "tail",
+                 teacher_temperature: float | str = 1.0, cache: str | None = None) -> None:
         if temperature != 1.0:
             raise ValueError(f"cached token divergence: the cache holds temperature-1 log-probabilities; temperature must "
                              f"be 1, got {temperature}")
         super().__init__(kind=kind, temperature=1.0, teacher_mix=teacher_mix, skew=skew,
                          stop_grad_mixture=stop_grad_mixture, t_squared=t_squared, chunk_size=chunk_size)
+        if support not in ("tail", "top_k"):
+            raise ValueError(f"cached token divergence: support must be tail or top_k, got '{support}'")
+        self.support = support
+        self.teacher_temperature = self._teacher_temperature(teacher_temperature, cache)
+        if support == "tail" and self.teacher_temperature != 1.0:
+            raise ValueError("cached token divergence: a tempered teacher needs support=top_k (the tail bucket has no "
+                             "tempered form)")
+
+    @staticmethod
+    def _teacher_temperature(value: float | str, cache: str | None) -> float:
+        if value != "calibrated":
+            if float(value) <= 0:
+                raise ValueError(f"cached token divergence: teacher_temperature must be > 0, got {value}")
+            return float(value)
+        import json
+        from pathlib import Path
+
+        manifest = Path(str(cache)) / "manifest.json" if cache else None
+        if manifest is None or not manifest.is_file():
+            raise ValueError(f"cached token divergence: teacher_temperature=calibrated reads the temperature from the "
+                             f"cache's manifest: set cache=${{data.teacher_cache}} (got {cache!r})")
+        cal = json.loads(manifest.read_text()).get("calibration")
+        if not cal:
+            raise ValueError(f"cached token divergence: {manifest} holds no calibration; write the cache with "
+                             f"kdrun-cache --calibrate")
+        return float(cal["temperature"])
 
     def check_shapes(self, student: torch.Size, ids: torch.Size, logp: torch.Size, tail: torch.Size,  # type: ignore[override]
                      mask: torch.Size) -> None:
@@ -275,6 +310,11 @@ class CachedTokenDivergence(TokenDivergence):
         """``D`` over the K + 1 buckets for rows of logits (..., V) and cached rows (..., K), (...)."""
         log_s = log_probs(student, 1.0)
         top_s = log_s.gather(-1, ids.long())
+        if self.support == "top_k":
+            t = to_float(logp) / self.teacher_temperature
+            return divergence(self.kind, (top_s - torch.logsumexp(top_s, -1, keepdim=True)).clamp_min(LOG_FLOOR),
+                              (t - torch.logsumexp(t, -1, keepdim=True)).clamp_min(LOG_FLOOR), self.teacher_mix, self.skew,
+                              self.stop_grad_mixture)
         tail_s = _log1mexp(torch.logsumexp(top_s, dim=-1, keepdim=True))
         log_s = torch.cat([top_s, tail_s], dim=-1).clamp_min(LOG_FLOOR)
         log_t = torch.cat([to_float(logp), to_float(tail).unsqueeze(-1)], dim=-1).clamp_min(LOG_FLOOR)
