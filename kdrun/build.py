@@ -89,6 +89,7 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     loss_inputs = {n: expand_groups(ins, groups) for n, ins in loss_inputs.items()}
     adapter_inputs = {n: expand_groups(ins, groups) for n, ins in adapter_inputs.items()}
     stages, reads = plan_stages(cfg, list(models), loss_inputs, adapter_inputs)
+    reads |= {n for t in cfg.trainer.monitor for n in names_of(loss_inputs[t]) if not n.startswith("batch.")}
     io = hook_models(cfg, models, taps_of, reads)
     transform = build_batch_transform(cfg, reads)
     eval_transform = _eval_side(transform)
@@ -116,7 +117,7 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
         if s.name in own:
             check_eval_fields({m: io[m] for m in s.trained_models + s.frozen_models}, data, s.eval_transform)
     used_adapters = list(dict.fromkeys(a for s in stages for a in s.adapters))
-    used_terms = list(dict.fromkeys(t for s in stages for t in s.losses))
+    used_terms = list(dict.fromkeys([*(t for s in stages for t in s.losses), *cfg.trainer.monitor]))
     adapters = build_adapters(cfg, adapter_inputs, used_adapters, ns, device)
     ctx = dict(num_train=data.num_train, train_labels=getattr(data, "train_labels", None), device=device, models=models,
                seed=int(cfg.seed))

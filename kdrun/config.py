@@ -104,6 +104,15 @@ def _check_choices(cfg: DictConfig) -> None:
     for key in ("eval_every_steps", "save_every_steps"):
         if t.get(key) is not None and int(t[key]) < 1:
             raise KdrunError(f"trainer.{key} must be at least 1 (or null: only at epoch ends), got {t[key]}")
+    for term in t.get("monitor") or []:
+        if term not in (cfg.get("loss") or {}):
+            raise KdrunError(f"trainer.monitor: no loss term '{term}'.{did_you_mean(str(term), cfg.get('loss') or {})} "
+                             f"Monitors are terms defined under loss (evaluated, never trained).")
+        for arg, name in dict(cfg.loss[term].get("inputs") or {}).items():
+            for n in ([name] if isinstance(name, str) else list(name)):
+                if str(n).startswith("adapters."):
+                    raise KdrunError(f"trainer.monitor: loss.{term}.inputs.{arg} reads an adapter ({n}); monitors read "
+                                     f"models' tensors and batch fields only")
     if t.get("gradient_clip_norm") is not None and not float(t.gradient_clip_norm) > 0:
         raise KdrunError(f"trainer.gradient_clip_norm must be positive (or null: no clipping), got {t.gradient_clip_norm}")
     if cfg.get("published") is not None and cfg.published.get("metric") not in ("best", "last"):

@@ -53,8 +53,20 @@ def complete_recipe(recipe: DictConfig) -> DictConfig:
             fill_defaults(group, CoTrainConfig)
     for schema, section in ((LossTermConfig, "loss"), (AdapterConfig, "adapters"), (ModelConfig, "models")):
         for node in (recipe.get(section) or {}).values():
+            partial = section == "models" and isinstance(node, DictConfig) and not _defines_model(node)
+            before = set(node) if partial else set()
             fill_defaults(node, schema)
+            if partial:  # an override of a model from the defaults list (`/model@models.x`): its file's keys stay
+                for key in ("name", "inputs", "outputs", "taps"):
+                    if key not in before and key in node:
+                        del node[key]
     return recipe
+
+
+def _defines_model(node: object) -> bool:
+    """Whether a ``models.<name>`` node of a recipe is a whole model (its ``net`` has a ``_target_``)."""
+    net = node.get("net") if isinstance(node, DictConfig) else None
+    return isinstance(net, DictConfig) and "_target_" in net
 
 
 def model_node(name: str) -> DictConfig:

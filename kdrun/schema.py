@@ -141,6 +141,9 @@ class TrainerConfig:
     cudnn_benchmark: bool = False  # CUDA: let cuDNN pick the fastest convolution algorithms per shape (not with deterministic)
     tf32: bool = False  # CUDA: TensorFloat-32 matmuls and convolutions in float32 code (false: PyTorch's defaults)
     dist_timeout_s: float = 600.0  # DDP/FSDP: a rank that waits longer in one collective stops with an error naming it
+    # loss terms (names under `loss`) evaluated on the evaluation split at every evaluation and logged as
+    # monitor/<term>, never trained: e.g. the student's divergence to an oracle beside the proxy to its teacher
+    monitor: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -98,6 +98,53 @@ def evaluate_model(model: nn.Module, loader: Any, dist_info: DistInfo | None = N
     return out
 
 
+@torch.no_grad()
+def evaluate_terms(exp: Any, terms: list[str], loader: Any, dist_info: DistInfo | None = None, prepare: Any = None,
+                   autocast: Any = None) -> dict[str, float]:
+    """Loss terms ``terms`` (``trainer.monitor``) over ``loader``: every model they read runs in eval mode without
+    autograd, and each term's value is averaged over what it averages over (its tokens, or its samples) across
+    every batch and rank, as in training. Terms run in eval mode too (a term that updates state while training
+    does not here)."""
+    from contextlib import nullcontext
+
+    from kdrun.names import gather, names_of, owner_of
+
+    specs = [exp.losses[t] for t in terms]
+    needed = list(dict.fromkeys(owner_of(n) for spec in specs for n in names_of(spec.inputs)
+                                if owner_of(n) in exp.models))
+    modes = {m: exp.models[m].training for m in needed} | {f"loss.{s.name}": s.module.training for s in specs}
+    for m in needed:
+        exp.models[m].eval()
+    for spec in specs:
+        spec.module.eval()
+    sums = torch.zeros(2, len(specs), dtype=torch.float64, device=loader.device)  # value x units, units
+    try:
+        for batch in loader:
+            if prepare is not None:
+                batch = prepare(batch)
+            ns: dict[str, Any] = {f"batch.{k}": v for k, v in batch.items()}
+            with autocast() if autocast is not None else nullcontext():
+                for m in needed:
+                    exp.io[m].run(exp.models[m], batch, ns)
+                for i, spec in enumerate(specs):
+                    value = spec.module(**gather(ns, spec.inputs))
+                    if isinstance(value, dict):
+                        value = sum(value.values())
+                    units = ((batch[spec.count_field] != 0).sum() if spec.mean_over == "tokens"
+                             else torch.tensor(int(batch["index"].shape[0]), device=sums.device))
+                    sums[0, i] += value.double() * units.double()
+                    sums[1, i] += units.double()
+    finally:
+        for m in needed:
+            exp.models[m].train(modes[m])
+        for spec in specs:
+            spec.module.train(modes[f"loss.{spec.name}"])
+    if dist_info is not None:
+        all_reduce_sum(sums, dist_info)
+    values, units = sums.cpu().unbind(0)
+    return {t: float(v / u) if u > 0 else float("nan") for t, v, u in zip(terms, values.tolist(), units.tolist())}
+
+
 ECE_BINS = 15  # equal-width confidence bins (Guo et al., ICML 2017)
 
 

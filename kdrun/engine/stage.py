@@ -40,7 +40,7 @@ from kdrun.engine.accumulate import scaled, window_scales
 from kdrun.engine.accelerate import autocast, deterministic_failure, fused_kwargs, grad_scaler, model_callables
 from kdrun.engine.checkpoint import save_training_state
 from kdrun.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum
-from kdrun.engine.evaluate import evaluate
+from kdrun.engine.evaluate import evaluate, evaluate_terms
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.statistics import fill_class_means
 from kdrun.data.loaders import make_loader
@@ -868,6 +868,11 @@ class StageRunner:
             m = stats.setdefault("models", {}).setdefault(name, {"best_top1": None, "last_top1": None})
             m["last_top1"] = other
             m["best_top1"] = other if m["best_top1"] is None else max(m["best_top1"], other)
+        if exp.cfg.trainer.monitor:  # diagnostics: terms on the evaluation split, never trained (teacher hacking)
+            monitored = evaluate_terms(exp, list(exp.cfg.trainer.monitor), ctx.test_loader, self.dist,
+                                       self.plan.eval_transform, self.autocast)
+            row.update({f"monitor/{t}": v for t, v in monitored.items()})
+            stats.setdefault("monitor", {}).update(monitored)
         for c in self.hooked:  # held-out feedback (DistiLLM's adaptive replay)
             c.on_evaluation(dict(row))
         return improved
