@@ -112,6 +112,7 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
         if s.name in own:
             ns.update(trace_shapes(models, io, data, s.batch_transform, device, only=s.trained_models + s.frozen_models))
     check_model_reads(reads, ns, models, taps_of)
+    check_monitor_fields(cfg, loss_inputs, data)
     check_eval_fields({m: io[m] for m in shared}, data, eval_transform)
     for s in stages:
         if s.name in own:
@@ -447,6 +448,20 @@ def check_eval_fields(io: Mapping[str, ModelIO], data: Any, eval_transform: Any)
                                  f"{', '.join(f'batch.{f}' for f in sorted(fields))}): a batch transform that adds a field "
                                  f"a model reads must give it for evaluation too, with a for_eval(batch) method "
                                  f"(kdrun.data.mix.BatchTransform)")
+
+
+def check_monitor_fields(cfg: ExperimentConfig, loss_inputs: Mapping[str, Inputs], data: Any) -> None:
+    """Every batch field a monitor (``trainer.monitor``) reads must exist on evaluation batches, where it runs
+    (a teacher cache covers the training split only)."""
+    test = getattr(data, "test", None)
+    fields = (set(test) | {"index"}) if isinstance(test, Mapping) else set(data.sample_batch(1))
+    for term in cfg.trainer.monitor:
+        for n in names_of(loss_inputs[term]):
+            if n.startswith("batch.") and n[len("batch."):] not in fields:
+                cache = " (a teacher cache covers the training split only)" if n.startswith("batch.cache_") else ""
+                raise KdrunError(f"trainer.monitor: loss.{term} reads {n}, which evaluation batches lack{cache}; they "
+                                 f"have {', '.join(f'batch.{f}' for f in sorted(fields))}. Monitor a term that reads "
+                                 f"models and evaluation fields")
 
 
 def check_model_reads(reads: set[str], ns: Namespace, models: nn.ModuleDict, taps_of: Mapping[str, dict[str, str]]) -> None:

@@ -162,6 +162,51 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
     return {**manifest, "seconds": time.perf_counter() - start, "bytes": size}
 
 
+@torch.no_grad()
+def write_scores(cfg: Any, model: str, out: str | Path) -> dict[str, Any]:
+    """A score cache (:mod:`kdrun.data.teacher_cache`, ``kind: scores``): ``model``'s outputs (its logits, one row
+    per sample: a cross-encoder's relevance score) over the training split, in order, as float32 (N, C)."""
+    from kdrun.build import build
+    from kdrun.data.loaders import make_loader
+    from kdrun.data.teacher_cache import manifest_of
+
+    start = time.perf_counter()
+    exp = build(cfg)
+    if model not in exp.models:
+        raise KdrunError(f"kdrun-cache: the recipe's stages do not use a model '{model}' (they use "
+                         f"{', '.join(exp.models)}); name one with --model")
+    shape = exp.shapes.get(f"{model}.logits")
+    if shape is None or len(shape) != 2:
+        raise KdrunError(f"kdrun-cache --scores: {model}'s logits have shape {shape}; a score cache holds one row per "
+                         f"sample, (N, C) (token models: drop --scores for a top-k cache)")
+    data, net = exp.data, exp.models[model]
+    final, tmp = Path(out), Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    scores = np.lib.format.open_memmap(tmp / "scores.npy", mode="w+", dtype=np.float32,
+                                       shape=(int(data.num_train), int(shape[1])))
+    was_training = net.training
+    net.eval()
+    loader = make_loader(data, "train", cfg.data, exp.device, train=False, seed=cfg.seed)
+    loader.set_epoch(0)
+    try:
+        for batch in loader:
+            ns: dict[str, Any] = {}
+            exp.io[model].run(net, batch, ns)
+            scores[batch["index"].cpu().numpy()] = ns[f"{model}.logits"].float().cpu().numpy()
+    finally:
+        net.train(was_training)
+    scores.flush()
+    del scores
+    counts = np.ones(int(data.num_train), dtype=np.int64)
+    manifest = {**manifest_of(exp.cfg, data, model, int(shape[1]), "float32", None, counts), "kind": "scores"}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return {**manifest, "seconds": time.perf_counter() - start, "bytes": (final / "scores.npy").stat().st_size}
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdrun.config import validate
     from kdrun.registry import compose_config
@@ -173,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the cache directory (replaced when the write completes)")
     parser.add_argument("--dtype", default="float16", help="float16 (default) or float32 log-probabilities")
     parser.add_argument("--mask", default="token_mask", help="the batch field of scored positions (default token_mask)")
+    parser.add_argument("--scores", action="store_true",
+                        help="a score cache: the model's outputs, one row per sample (a cross-encoder's scores)")
     parser.add_argument("--calibrate", action="store_true",
                         help="fit FIRST's temperature on the evaluation split and store it in the manifest")
     parser.add_argument("overrides", nargs="*", help="+recipe=NAME and overrides, as for kdrun")
@@ -181,10 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [o for o in args.overrides if not o.startswith("+recipe=")]
     try:
         cfg = validate(compose_config(overrides, recipe))
-        info = write_cache(cfg, args.model, args.out, args.top_k, args.dtype, args.mask, args.calibrate)
+        if args.scores:
+            info = write_scores(cfg, args.model, args.out)
+        else:
+            info = write_cache(cfg, args.model, args.out, args.top_k, args.dtype, args.mask, args.calibrate)
     except KdrunError as ex:
         print(f"kdrun-cache: {ex}", file=sys.stderr)
         return 2
+    if args.scores:
+        print(f"kdrun-cache: {info['model']} ({info['model_name']}) scores of {info['samples']} samples ({info['k']} "
+              f"per sample) in {info['seconds']:.1f} s -> {args.out}")
+        return 0
     print(f"kdrun-cache: {info['model']} ({info['model_name']}) top-{info['k']} over {info['tokens']} tokens of "
           f"{info['samples']} samples in {info['seconds']:.1f} s: {info['bytes'] / max(info['tokens'], 1):.1f} bytes per "
           f"token -> {args.out}")

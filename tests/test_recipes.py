@@ -43,7 +43,9 @@ def _text_file() -> str:
     if not path.exists():
         rows = [{"instruction": f"Add {a} and {b}.", "prompt": f"Add {a} and {b}.", "response": f"{a + b}",
                  "sentence": f"a {'good' if a > b else 'bad'} film {a}", "label": int(a > b),
-                 "chosen": f"{a + b}", "rejected": f"{a + b + 1} or so"} for a in range(5) for b in range(5)]
+                 "chosen": f"{a + b}", "rejected": f"{a + b + 1} or so",
+                 "query": f"what is {a} plus {b}", "positive": f"{a} plus {b} is {a + b}", "negative": f"a film {b}",
+                 "pos_score": float(a + b), "neg_score": float(-a)} for a in range(5) for b in range(5)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -75,6 +77,9 @@ HF_STANDINS["qwen25_redi"] = ["student.net.path=null", f"+student.net.config={QW
 HF_STANDINS["qwen25_dckd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"]
 HF_STANDINS["llava_mod_text"] = ["student.net.path=null", f"+teacher.net.config={QWEN}", f"+student.net.config={MIXTRAL}",
                                  "data.source.max_length=32", "data.source.chat_template=null"]
+HF_STANDINS["msmarco_margin_mse"] = ["student.net.path=null", f"+teacher.net.config={BERT}", f"+student.net.config={BERT}",
+                                     "data.source.max_length=16", "data.source.query_max_length=8",
+                                     "data.source.passage_max_length=8"]
 # a teacher with its own tokenizer: trained here at another size (500 ids), the student's at 300
 HF_STANDINS["qwen25_cross_tokenizer"] = ["student.net.path=null", f"+teacher.net.config={QWEN.replace('300}', '500}')}",
                                          f"+student.net.config={QWEN}", "data.source.max_length=32",
@@ -170,8 +175,9 @@ def test_recipe_trains_a_step_with_its_default_models(recipe, tmp_path):
     cfg = validate(compose_cfg(smoke_overrides(recipe), recipe=recipe))
     summary = run(cfg, tmp_path)
     assert summary["steps"] >= 1
-    # a model without class scores (a projection head) is judged by its linear probe instead
-    assert summary["last_top1"] is not None or summary["probe_top1"] is not None
+    # a model without class scores is judged by its linear probe (a projection head) or its monitors (a ranker)
+    monitored = [st.get("monitor") for st in (summary.get("stages") or {}).values() if isinstance(st, dict)]
+    assert summary["last_top1"] is not None or summary.get("probe_top1") is not None or any(monitored)
     if cfg.get("published") is not None:
         assert summary["published"]["top1"] > 0
 

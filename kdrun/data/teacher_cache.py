@@ -19,6 +19,11 @@ the same tokenizer, the same mask field and token counts, and (when the run name
 same checkpoint. Training batches then carry ``batch.cache_ids`` (B, L, K) int64, ``batch.cache_logp``
 (B, L, K) and ``batch.cache_tail`` (B, L) float32, read from the memory maps by sample index on the host
 (no device synchronisation) and zero where nothing is stored; the teacher is not run.
+
+A **score cache** (``kdrun-cache --scores``; manifest ``kind: scores``) holds one row of the model's outputs per
+sample instead: ``scores.npy`` float32 (N, C), e.g. a cross-encoder's relevance score of every (query, passage)
+row for Margin-MSE. Training batches then carry ``batch.cache_scores`` (B, C); the same checks apply, except the
+token counts.
 """
 from __future__ import annotations
 
@@ -97,6 +102,14 @@ class TeacherCache:
         if self.manifest.get("format") != FORMAT:
             raise KdrunError(f"data.teacher_cache: {self.path} is cache format {self.manifest.get('format')}, this kdrun "
                              f"reads format {FORMAT}; write it again with kdrun-cache")
+        self.kind = str(self.manifest.get("kind", "top_k"))
+        self.mask_field = self.manifest.get("mask_field")
+        if self.kind == "scores":
+            file = self.path / "scores.npy"
+            if not file.is_file():
+                raise KdrunError(f"data.teacher_cache: {file} is missing (an interrupted write?); write the cache again")
+            self.scores = np.load(file, mmap_mode="r")
+            return
         arrays = {}
         for name in ("topk_ids", "topk_logp", "tail_logp", "positions", "offsets"):
             file = self.path / f"{name}.npy"
@@ -124,11 +137,15 @@ class TeacherCache:
         tok = tokenizer_digest(getattr(data, "tokenizer", None))
         if m.get("tokenizer_sha256") != tok:
             refuse("tokenizer_sha256", m.get("tokenizer_sha256"), tok, "the run tokenises with another tokenizer")
-        if self.mask_field not in data.train:
+        if self.kind == "scores":
+            if int(self.scores.shape[0]) != int(data.num_train):
+                refuse("samples", int(self.scores.shape[0]), int(data.num_train), "the training split has other samples")
+        elif self.mask_field not in data.train:
             refuse("mask_field", self.mask_field, sorted(data.train), "the run's data has no such field")
-        counts = (data.train[self.mask_field] != 0).sum(dim=1).cpu().numpy()
-        if len(counts) + 1 != len(self.offsets) or not np.array_equal(np.diff(self.offsets), counts):
-            refuse("tokens", int(self.offsets[-1]), int(counts.sum()), "the scored positions differ per sample")
+        else:
+            counts = (data.train[self.mask_field] != 0).sum(dim=1).cpu().numpy()
+            if len(counts) + 1 != len(self.offsets) or not np.array_equal(np.diff(self.offsets), counts):
+                refuse("tokens", int(self.offsets[-1]), int(counts.sum()), "the scored positions differ per sample")
         model = m["model"]
         models = getattr(cfg, "models", None) or {}
         mcfg = models[model] if model in models else (cfg.get(model) if model in ("teacher", "student") and
@@ -143,6 +160,8 @@ class TeacherCache:
     def read(self, index: Tensor, width: int, device: torch.device | str) -> dict[str, Tensor]:
         """``batch.cache_*`` for the samples ``index`` (host int64), ``width`` positions each."""
         idx = index.numpy() if index.device.type == "cpu" else index.cpu().numpy()
+        if self.kind == "scores":
+            return {"cache_scores": torch.from_numpy(np.asarray(self.scores[idx], dtype=np.float32)).to(device, non_blocking=True)}
         starts, counts = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
         total = int(counts.sum())
         base = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)

@@ -470,6 +470,50 @@ def preference_pairs(tokenizer: Any, train: str, test: str | None = None, prompt
                         tokenizer=tok, group=2)
 
 
+def ranking_pairs(tokenizer: Any, train: str, test: str | None = None, query_field: str = "query",
+                  positive_field: str = "positive", negative_field: str = "negative",
+                  score_fields: Sequence[str] | None = None, max_length: int = 256, query_max_length: int = 32,
+                  passage_max_length: int = 224, test_fraction: float = 0.1, seed: int = 0,
+                  max_examples: int | None = None, teacher_tokenizer: Any = None) -> TensorSplits:
+    """Ranking triples (a query, a relevant and a non-relevant passage; MS MARCO's training triples) from local
+    files: each triple is two rows, (query, positive) then (query, negative), kept together by every loader.
+
+    Fields per row: ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``): query and passage encoded together,
+    for cross-encoders, at most ``max_length``; ``query_input_ids`` / ``query_attention_mask`` and
+    ``passage_input_ids`` / ``passage_attention_mask``: each encoded alone, for bi-encoders
+    (:func:`kdrun.models.hf.dot_encoder`); ``positive`` (N,) bool; ``teacher_score`` (N,) float32 when
+    ``score_fields`` names the file's columns of teacher scores for the positive and the negative passage
+    (Hofstatter et al.'s teacher files: ``[pos_score, neg_score]``). A live cross-encoder teacher reads the
+    student's ids: ``teacher_tokenizer`` is checked to have the same vocabulary."""
+    fields = [query_field, positive_field, negative_field] + list(score_fields or [])
+    if score_fields is not None and len(score_fields) != 2:
+        raise KdrunError(f"data.source.score_fields: name two columns (the positive's and the negative's teacher score), "
+                         f"got {list(score_fields)}")
+    tok = load_tokenizer(tokenizer)
+    _with_teacher_tokenizer(tok, teacher_tokenizer)
+    rows, test_rows = _record_splits(train, test, fields, test_fraction, seed)
+    if max_examples is not None:
+        rows = rows[:int(max_examples)]
+    out = {}
+    for split, split_rows in (("train", rows), ("test", test_rows)):
+        queries = [str(r[query_field]) for r in split_rows for _ in range(2)]
+        passages = [str(r[f]) for r in split_rows for f in (positive_field, negative_field)]
+        pair = tok(queries, passages, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        q = tok(queries, truncation=True, max_length=query_max_length, padding="max_length", return_tensors="pt")
+        d = tok(passages, truncation=True, max_length=passage_max_length, padding="max_length", return_tensors="pt")
+        f = {k: pair[k].long() for k in ("input_ids", "attention_mask", "token_type_ids") if k in pair}
+        f.update(query_input_ids=q["input_ids"].long(), query_attention_mask=q["attention_mask"].long(),
+                 passage_input_ids=d["input_ids"].long(), passage_attention_mask=d["attention_mask"].long())
+        f["positive"] = (torch.arange(len(queries)) % 2) == 0
+        if score_fields is not None:
+            try:
+                f["teacher_score"] = torch.tensor([float(r[c]) for r in split_rows for c in score_fields], dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise KdrunError(f"data.source.{split}: the score columns {list(score_fields)} must hold numbers") from None
+        out[split] = f
+    return TensorSplits(out["train"], out["test"], tokenizer=tok, group=2)
+
+
 def text_classification(tokenizer: Any, train: str, test: str | None = None, text_field: str = "sentence",
                         label_field: str = "label", text_pair_field: str | None = None, max_length: int = 128,
                         padding: str = "longest", test_fraction: float = 0.1, seed: int = 0,
@@ -509,6 +553,7 @@ __all__ = [
     "instructions",
     "load_tokenizer",
     "preference_pairs",
+    "ranking_pairs",
     "pydoc_topics",
     "read_documents",
     "read_records",

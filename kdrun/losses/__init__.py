@@ -17,6 +17,7 @@ from kdrun.losses.nd import NDLoss
 from kdrun.losses.ofa import OFALoss
 from kdrun.losses.outputs import ModelOutputLoss
 from kdrun.losses.preference import DPOLoss, REDILoss
+from kdrun.losses.ranking import MarginMSELoss, PairwiseRankingAccuracy
 from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
@@ -29,7 +30,7 @@ from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
-    "KDLoss", "LossTerm", "MixtureOfTeachersKD", "ModelOutputLoss", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PKTLoss", "REDILoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "MarginMSELoss", "MixtureOfTeachersKD", "ModelOutputLoss", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PairwiseRankingAccuracy", "PKTLoss", "REDILoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]

@@ -257,6 +257,37 @@ def encoder(path: str | None = None, config: dict[str, Any] | None = None, num_c
                   attn_implementation, revision, trust_remote_code, config_overrides, "vocab_size")
 
 
+class DotProductScorer(nn.Module):
+    """A bi-encoder ranker (BERT_DOT: Hofstatter et al. 2020; Karpukhin et al. 2020): query and passage encoded
+    separately by one shared encoder, the score the dot product of their first-token (``[CLS]``) vectors,
+    returned as ``logits`` (N, 1). Taps: the encoder's, under ``encoder.``."""
+
+    def __init__(self, encoder_model: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder_model
+        self.taps = {k: f"encoder.{v}" for k, v in getattr(encoder_model, "taps", {}).items()}
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+
+    def forward(self, query_input_ids: torch.Tensor, query_attention_mask: torch.Tensor, passage_input_ids: torch.Tensor,
+                passage_attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        q = self.embed(query_input_ids, query_attention_mask)
+        d = self.embed(passage_input_ids, passage_attention_mask)
+        return {"logits": (q * d).sum(dim=-1, keepdim=True)}
+
+
+def dot_encoder(path: str | None = None, config: dict[str, Any] | None = None, num_classes: int | None = None,
+                dtype: str | None = None, gradient_checkpointing: bool = False, attn_implementation: str | None = None,
+                revision: str | None = None, trust_remote_code: bool = False,
+                config_overrides: dict[str, Any] | None = None) -> nn.Module:
+    """:class:`DotProductScorer` over a ``transformers`` encoder (:func:`encoder`'s arguments); it reads
+    ``batch.query_input_ids``, ``query_attention_mask``, ``passage_input_ids``, ``passage_attention_mask``
+    (:func:`kdrun.data.text.ranking_pairs`)."""
+    return DotProductScorer(encoder(path, config, num_classes, dtype, gradient_checkpointing, attn_implementation,
+                                    revision, trust_remote_code, config_overrides))
+
+
 def peft_model(model: nn.Module) -> bool:
     """Whether ``model`` is wrapped by ``peft`` (its export is the adapter)."""
     return hasattr(model, "peft_config") and hasattr(model, "save_pretrained")
@@ -266,5 +297,5 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "save_pretrained") and hasattr(model, "config")
 
 
-__all__ = ["causal_lm", "encoder", "is_hf_model", "load_pretrained", "missing_message", "peft_model",
+__all__ = ["DotProductScorer", "causal_lm", "dot_encoder", "encoder", "is_hf_model", "load_pretrained", "missing_message", "peft_model",
            "sequence_classifier", "standard_taps"]
