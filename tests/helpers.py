@@ -122,3 +122,15 @@ class MixupThenSignal(BatchTransform):
         if self.calls == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
         return self.mix(batch)
+
+
+class ShortenMask(BatchTransform):
+    """A batch transform that keeps only the first ``1 + input_ids[:, 0] % width`` positions of ``batch.loss_mask``
+    of every row: a per-row function of the row, so one batch and its micro-batches see the same masks, but the
+    transformed token counts differ from the data's (as after a rollout)."""
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        mask = batch["loss_mask"]
+        keep = 1 + batch["input_ids"][:, :1] % mask.shape[1]
+        cols = torch.arange(mask.shape[1], device=mask.device).view(1, -1)
+        return {**batch, "loss_mask": mask & (cols < keep)}

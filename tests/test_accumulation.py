@@ -76,3 +76,12 @@ def test_two_ranks_with_four_micro_batches_train_the_weights_of_one_batch(tmp_pa
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert max_difference(one, student(two)) < 1e-10
+
+
+def test_token_means_count_the_tokens_of_the_transformed_batches(tmp_path):
+    """A transform that changes the scored tokens (a rollout does): the micro-batches are weighted by the tokens
+    the terms see, not by the data's, so four micro-batches still train the weights of one batch."""
+    extra = ["+batch_transform={_target_: tests.helpers.ShortenMask}"]
+    one = train(tmp_path, "one", ONE_BATCH + extra)
+    four = train(tmp_path, "four", FOUR_MICRO + extra)
+    assert max_difference(one, four) < 1e-10

@@ -558,7 +558,6 @@ class StageRunner:
         """The step itself (see :meth:`train_step`)."""
         window = [batches] if isinstance(batches, Mapping) else list(batches)
         sizes = rank_sizes or [[int(b["index"].shape[0])] * self.dist.world_size for b in window]
-        scales = window_scales(window, sizes, self.exp.losses, self.plan.losses, self.dist)
         for g in self.groups:
             g.optimizer.zero_grad(set_to_none=True)
         total: Tensor | None = None
@@ -569,6 +568,7 @@ class StageRunner:
                 c.on_batch(tuple(sizes[0]), self.dist.rank)
             first = window[0] if self.plan.batch_transform is None else self.plan.batch_transform(window[0])
             self._outer_steps(first)
+        seen = []  # the micro-batches as the models see them: the token means count their tokens (rollouts change them)
         for k, batch in enumerate(window):
             if k > 0 or first is None:
                 for c in self.hooked:
@@ -579,6 +579,12 @@ class StageRunner:
                 batch = self.plan.batch_transform(batch)
             for c in self.batch_changers:  # components' own changes of the training batch (HARD's learned augmentation)
                 batch = c.transform_batch(batch)
+            seen.append(batch)
+        scales = window_scales(seen, sizes, self.exp.losses, self.plan.losses, self.dist)
+        for k, batch in enumerate(seen):
+            if len(seen) > 1:  # the layout of the micro-batch the terms now see (memory banks read it)
+                for c in self.hooked:
+                    c.on_batch(tuple(sizes[k]), self.dist.rank)
             with self._no_sync(k < len(window) - 1):
                 with self.autocast():
                     t, v, weighted = self.forward(batch, weights, scales[k])
