@@ -70,6 +70,7 @@ HF_STANDINS["gpt2xl_gpt2_distillm"] = HF_STANDINS["gpt2xl_gpt2_dolly"] + ["batch
 HF_STANDINS["qwen25_gkd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["batch_transform.max_new_tokens=4",
                                                                      "batch_transform.on_policy_prob=1.0"]
 HF_STANDINS["qwen25_onpolicy_rkl"] = HF_STANDINS["qwen25_gkd"]
+HF_STANDINS["qwen25_kdrl"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["batch_transform.max_new_tokens=4"]
 MIXTRAL = ("{model_type: mixtral, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
            "num_key_value_heads: 1, num_local_experts: 4, num_experts_per_tok: 2, max_position_embeddings: 64, "
            "vocab_size: 300, output_router_logits: true}")

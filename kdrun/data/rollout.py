@@ -85,6 +85,29 @@ def _mix(parts: tuple[int, ...]) -> int:
     return key
 
 
+def scored_tokens(labels: Tensor, token_mask: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+    """The scored tokens of each row, left-aligned: (B, W) ids and a boolean mask, for rows whose scored positions
+    are one contiguous run starting at ``start`` (B,) (a response after its prompt)."""
+    width = labels.shape[1]
+    cols = torch.arange(width, device=labels.device).view(1, -1) + start.view(-1, 1)
+    inside = cols < width
+    ids = labels.gather(1, cols.clamp_max(width - 1))
+    mask = token_mask.gather(1, cols.clamp_max(width - 1)) & inside
+    return torch.where(mask, ids, torch.zeros_like(ids)), mask
+
+
+def _resolve(reward: Any) -> Any:
+    if reward is None or callable(reward):
+        return reward
+    from hydra.utils import get_method
+
+    try:
+        return get_method(str(reward))
+    except Exception:  # noqa: BLE001 - any failure to import it is the same user error
+        raise KdrunError(f"batch_transform.reward: cannot import '{reward}'; give a dotted path to a function, e.g. "
+                         f"kdrun.rewards.final_number_match") from None
+
+
 class Rollout(BatchTransform, Component):
     """Completions sampled from ``source`` replace the responses of a micro-batch with probability
     ``on_policy_prob`` (see the module docstring).
@@ -98,8 +121,14 @@ class Rollout(BatchTransform, Component):
 
     def __init__(self, source: str = "student", on_policy_prob: float = 1.0, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None) -> None:
+                 pad_token_id: int | None = None, samples_per_prompt: int = 1, reward: Any = None) -> None:
         Component.__init__(self)
+        if int(samples_per_prompt) < 1 or (int(samples_per_prompt) > 1 and on_policy_prob != 1.0):
+            raise ValueError(f"rollout: samples_per_prompt must be >= 1, and a group of samples per prompt needs "
+                             f"on_policy_prob=1; got {samples_per_prompt}, {on_policy_prob}")
+        self.samples_per_prompt = int(samples_per_prompt)
+        object.__setattr__(self, "_reward", _resolve(reward))
+        object.__setattr__(self, "_tokenizer", None)
         if not 0.0 <= on_policy_prob <= 1.0 or int(max_new_tokens) < 1 or temperature <= 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"rollout: need on_policy_prob in [0, 1], max_new_tokens >= 1, temperature > 0 and top_p in "
                              f"(0, 1]; got {on_policy_prob}, {max_new_tokens}, {temperature}, {top_p}")
@@ -120,6 +149,7 @@ class Rollout(BatchTransform, Component):
             raise KdrunError(f"batch_transform (Rollout): {self.source} ({type(model).__name__}) has no generate(); "
                              f"rollouts need a Hugging Face causal LM")
         object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_tokenizer", tokenizer)
         if tokenizer is not None:
             if self.eos_token_id is None:
                 self.eos_token_id = tokenizer.eos_token_id
@@ -163,6 +193,11 @@ class Rollout(BatchTransform, Component):
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Tensor], key: int) -> dict[str, Tensor]:
         """Sample the completions (seeded by ``key``) and rebuild the batch."""
+        g = self.samples_per_prompt
+        if g > 1:  # GRPO: G samples of every prompt, adjacent rows; `group` numbers the prompts of the micro-batch
+            batch = {k: v.repeat_interleave(g, dim=0) if isinstance(v, Tensor) and v.dim() >= 1 else v
+                     for k, v in batch.items()}
+            batch["group"] = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) // g
         model, ids, plen = self._model, batch["input_ids"], batch["prompt_length"].long()
         dev = ids.device
         p = int(plen.max())
@@ -182,11 +217,21 @@ class Rollout(BatchTransform, Component):
         finally:
             model.train(was_training)
         self.generated += 1
-        return rebuild(batch, prompts, plen, out[:, p:], self.eos_token_id, int(self.pad_token_id))
+        rebuilt = rebuild(batch, prompts, plen, out[:, p:], self.eos_token_id, int(self.pad_token_id))
+        if self._reward is not None:
+            start = plen - 1
+            completion, c_mask = scored_tokens(rebuilt["labels"], rebuilt["token_mask"], start)
+            reference, r_mask = scored_tokens(batch["labels"], batch["token_mask"] != 0, start)
+            reward = self._reward(completion, c_mask, reference, r_mask, self._tokenizer).to(dev).float()
+            rebuilt["reward"] = reward
+            # KDRL's reward-guided masking: the distillation term on the responses that earned no reward only
+            rebuilt["unrewarded_token_mask"] = rebuilt["token_mask"] & (reward <= 0).view(-1, 1)
+        return rebuilt
 
     def __repr__(self) -> str:
         return (f"Rollout(source={self.source}, on_policy_prob={self.on_policy_prob}, max_new_tokens={self.max_new_tokens}, "
-                f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})")
+                f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, "
+                f"samples_per_prompt={self.samples_per_prompt})")
 
 
 class AdaptiveReplay(Rollout):
@@ -296,4 +341,4 @@ class AdaptiveReplay(Rollout):
                 f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature})")
 
 
-__all__ = ["AdaptiveReplay", "Rollout", "rebuild"]
+__all__ = ["AdaptiveReplay", "Rollout", "rebuild", "scored_tokens"]

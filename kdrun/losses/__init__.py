@@ -9,6 +9,7 @@ from kdrun.losses.cross_tokenizer import CrossTokenizerDivergence
 from kdrun.losses.diswot import DisWOTRelationLoss, DisWOTSemanticLoss
 from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss, SmoothL1FeatureLoss
 from kdrun.losses.ft import FTLoss
+from kdrun.losses.grpo import GRPOLoss
 from kdrun.losses.hard import HARDLoss
 from kdrun.losses.logits import (BalancedKLLoss, BinaryKLLoss, CrossEntropy, DISTLoss, DKDLoss, HardDistillationLoss, KDLoss,
                                  ReverseKLLoss, standardize_logits)
@@ -29,7 +30,7 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
+    "ABLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "GRPOLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
     "KDLoss", "LossTerm", "MarginMSELoss", "MixtureOfTeachersKD", "ModelOutputLoss", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PairwiseRankingAccuracy", "PKTLoss", "REDILoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
