@@ -65,6 +65,7 @@ HF_STANDINS = {
     "bert_sst2_kd": [f"+teacher.net.config={BERT}", f"student.net.config={BERT}", "data.source.max_length=16"],
 }
 HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
+HF_STANDINS["gpt2xl_gpt2_minillm"] = HF_STANDINS["gpt2xl_gpt2_dolly"] + ["batch_transform.max_new_tokens=4"]
 HF_STANDINS["gpt2xl_gpt2_distillm"] = HF_STANDINS["gpt2xl_gpt2_dolly"] + ["batch_transform.max_new_tokens=4",
                                                                          "batch_transform.init_threshold=1.0"]
 HF_STANDINS["qwen25_gkd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["batch_transform.max_new_tokens=4",

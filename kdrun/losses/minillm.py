@@ -1,0 +1,89 @@
+"""MiniLLM's sequence-level reverse KL on the student's own samples (Gu et al., "MiniLLM: Knowledge Distillation of
+Large Language Models", ICLR 2024), as a policy gradient with its single-step term.
+
+On a rollout ``y ~ q`` (:class:`kdrun.data.rollout.Rollout`), with the per-token reward ``r_t = log p(y_t | y_<t) -
+log q(y_t | y_<t)`` (teacher ``p``, student ``q``; no gradient):
+
+- **single-step term**: ``KL(q_t || p_t)`` at every position, exactly over the vocabulary (the gradient of the
+  expected immediate reward, the paper's variance reduction);
+- **long-term term**: ``-sg(R_{t+1}) log q(y_t)``, ``R_{t+1} = sum_{t' > t} gamma^(t' - t - 1) r_t'`` the discounted
+  return of the tokens after t, divided by their number when ``length_norm`` (MiniLLM's ``--length-norm``).
+
+The value is the mean over the scored tokens of the sum of both. Defaults from the authors' GPT-2 scripts and
+arguments: ``gamma`` 0.95, ``length_norm`` true. Not built: teacher-mixed sampling (sampling from
+``alpha p + (1 - alpha) q`` with importance weights, alpha 0.2), PPO's clipped ratio over 4 inner epochs per
+rollout (one update per rollout here: the ratio is 1), and the language-modelling loss on pre-training text.
+
+Memory: the returns are one (L, L) matrix product per micro-batch; the per-position terms run in chunks like
+:class:`~kdrun.losses.tokens.TokenDivergence`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdrun.losses.base import LossTerm
+from kdrun.losses.tokens import _check, _check_chunk, _token_mean, kl, log_probs
+
+
+def discounted_returns(r: Tensor, mask: Tensor, gamma: float, length_norm: bool) -> Tensor:
+    """(B, L) ``R_{t+1} = sum_{t' > t} gamma^(t' - t - 1) m_t' r_t'`` (divided by ``sum_{t' > t} m_t'`` when
+    ``length_norm``; 0 where no scored token follows)."""
+    length = r.shape[1]
+    t = torch.arange(length, device=r.device)
+    gap = t.view(-1, 1) - t.view(1, -1) - 1  # [t', t]: t' - t - 1
+    later = gap >= 0
+    weights = torch.where(later, torch.full(gap.shape, gamma, dtype=r.dtype, device=r.device) ** gap.clamp_min(0),
+                          torch.zeros((), dtype=r.dtype, device=r.device))
+    m = (mask != 0).to(r.dtype)
+    returns = (r * m) @ weights
+    if length_norm:
+        returns = returns / (m @ later.to(r.dtype)).clamp_min(1.0)
+    return returns
+
+
+class MiniLLMLoss(LossTerm):
+    """MiniLLM's policy gradient for the sequence-level reverse KL (see the module docstring).
+
+    Inputs: ``student``, ``teacher`` (B, T, V) logits, ``target`` (B, T) the sampled tokens (``batch.labels``),
+    ``mask`` (B, T). Args: ``gamma`` (0.95), ``length_norm`` (true), ``chunk_size``.
+    """
+
+    mean_over = "tokens"
+    count_input = "mask"
+
+    def __init__(self, gamma: float = 0.95, length_norm: bool = True, chunk_size: int | None = 1024) -> None:
+        super().__init__()
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"MiniLLM: gamma must be in [0, 1], got {gamma}")
+        self.gamma, self.length_norm = float(gamma), bool(length_norm)
+        self.chunk_size = _check_chunk(chunk_size)
+
+    def check_shapes(self, student: torch.Size, teacher: torch.Size, target: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
+        _check("MiniLLM", student, mask, ("teacher", teacher))
+        if tuple(target) != tuple(student[:2]):
+            raise ValueError(f"MiniLLM: 'target' {tuple(target)} must be the sampled tokens (batch, positions) of logits "
+                             f"{tuple(student)} (batch.labels of Rollout batches)")
+
+    @torch.no_grad()
+    def rewards(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        """(B, T) ``log p(y_t) - log q(y_t)`` at the sampled tokens."""
+        def logp(z: Tensor) -> Tensor:
+            z = z.float()
+            return z.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+        return logp(teacher) - logp(student)
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        teacher = teacher.detach()
+        r = self.rewards(student, teacher, target)
+        future = discounted_returns(r, mask, self.gamma, self.length_norm)
+
+        def per_token(zs: Tensor, zt: Tensor, y: Tensor, ret: Tensor) -> Tensor:
+            log_s = log_probs(zs)
+            return kl(log_s, log_probs(zt)) - ret * log_s.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+        return _token_mean(per_token, [student, teacher, target, future], mask, self.chunk_size)
+
+
+__all__ = ["MiniLLMLoss", "discounted_returns"]
