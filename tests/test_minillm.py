@@ -30,7 +30,7 @@ def test_loss_and_gradient_against_the_formula():
             if not m[i, t]:
                 continue
             later = [u for u in range(t + 1, length) if m[i, u]]
-            ret = sum(gamma ** (u - t - 1) * float(lt[i, u, y[i, u]] - ls[i, u, y[i, u]]) for u in later)
+            ret = sum(gamma ** (u - t - 1) * (lt[i, u, y[i, u]] - ls[i, u, y[i, u]]).item() for u in later)
             ret = ret / max(1, len(later))
             single = (ls[i, t].exp() * (ls[i, t] - lt[i, t])).sum()
             total = total + single - ret * ls[i, t, y[i, t]]

@@ -36,6 +36,8 @@ def test_pairs_are_adjacent_rows_chosen_first(tmp_path):
         assert c.startswith("It is") and r.startswith("Perhaps")
         assert torch.equal(f["input_ids"][i][:int(f["prompt_length"][i])], f["input_ids"][i + 1][:int(f["prompt_length"][i + 1])])
     assert not f["chosen_token_mask"][1::2].any() and torch.equal(f["chosen_token_mask"][0::2], f["token_mask"][0::2])
+    assert torch.equal(f["rejected_token_mask"] | f["chosen_token_mask"], f["token_mask"])
+    assert not (f["rejected_token_mask"] & f["chosen_token_mask"]).any()
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -434,8 +434,8 @@ def preference_pairs(tokenizer: Any, train: str, test: str | None = None, prompt
     """Preference pairs (a prompt, a chosen and a rejected response; DPO's data, REDI's positive and negative
     traces) from local files: each pair is two rows of :func:`instructions`' fields, the chosen one first, kept
     together by every loader (shuffled, batched and shared among ranks as one). Extra fields: ``chosen`` (N,) bool,
-    which row of its pair a row is, and ``chosen_token_mask`` (N, L), ``token_mask`` on chosen rows only (the
-    cross-entropy of SFT on the positives, the perplexity evaluation). A pair is dropped (``overflow: drop``) when
+    which row of its pair a row is, ``chosen_token_mask`` (N, L), ``token_mask`` on chosen rows only (the
+    cross-entropy of SFT on the positives, the perplexity evaluation), and ``rejected_token_mask``. A pair is dropped (``overflow: drop``) when
     either response is. ``data.batch_size`` counts rows: two per pair."""
     if overflow not in ("truncate", "drop", "error"):
         raise KdrunError(f"data.source.overflow must be truncate, drop or error, got '{overflow}'")
@@ -465,6 +465,7 @@ def preference_pairs(tokenizer: Any, train: str, test: str | None = None, prompt
         f["prompt_length"] = torch.tensor(plen, dtype=torch.long)
         f["chosen"] = (torch.arange(len(x)) % 2) == 0
         f["chosen_token_mask"] = f["token_mask"] & f["chosen"].view(-1, 1)
+        f["rejected_token_mask"] = f["token_mask"] & ~f["chosen"].view(-1, 1)
         out[split] = f
     return TensorSplits(out["train"], out["test"], trim_field="attention_mask" if padding == "longest" else None,
                         tokenizer=tok, group=2)
