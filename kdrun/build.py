@@ -184,6 +184,12 @@ def load_data(cfg: ExperimentConfig) -> Any:
             raise KdrunError(str(ex)) from None
     if d.subset is not None:
         splits = splits.subset(d.subset, d.subset_seed)
+    if getattr(d, "selection", None):
+        from kdrun.select import open_selection
+
+        before = splits.num_train if hasattr(splits, "num_train") else None
+        splits = open_selection(str(d.selection), splits)
+        log.info("data.selection=%s: %d of %d training examples kept", d.selection, splits.num_train, before)
     if getattr(d, "meta_split", None) is not None:
         if not hasattr(splits, "meta_split"):
             raise KdrunError(f"data.meta_split works with array data sets (CIFAR, digits, synthetic images); "

@@ -98,6 +98,9 @@ class DataConfig:
     # a directory written by kdrun-cache: the training split's cached teacher top-k (batch.cache_ids, cache_logp,
     # cache_tail; kdrun.data.teacher_cache), checked against the run; token data only
     teacher_cache: Optional[str] = None
+    # a kdrun-select directory: train on the training examples it kept (MiniPLM's difference sampling), checked
+    # against the run's training split; token data only
+    selection: Optional[str] = None
     batch_size: int = 64  # the global micro-batch (over all ranks); x accumulate_grad_batches per optimizer step
     eval_batch_size: int = 256
     drop_last: bool = False

@@ -71,6 +71,12 @@ class TensorSplits:
             out.update(self.cache.read(out["index"], int(width), "cpu"))
         return out
 
+    def select(self, kept: Tensor) -> TensorSplits:
+        """The training rows ``kept`` (indices, in the split's order), the test split as it is."""
+        self._ungrouped("data.selection")
+        kept = kept.long().sort().values
+        return TensorSplits({k: v[kept] for k, v in self.train.items()}, self.test, self.trim_field, self.tokenizer)
+
     def _ungrouped(self, key: str) -> None:
         if self.group > 1:
             raise KdrunError(f"{key}: these data keep rows in groups of {self.group} (preference pairs); a choice of rows "
