@@ -203,3 +203,23 @@ def test_positions_alignment_pairs_the_kth_tokens(tmp_path):
         # every span is one token on each side; the longer side's tail (before EOS) is unscored, EOS pairs with EOS
         assert int(f["span_mask"][i].sum()) == min(n_s, n_t)
         assert (f["span"][i] >= 0).sum() == (f["teacher_span"][i] >= 0).sum() == min(n_s, n_t)
+
+
+def test_classifiers_read_the_same_sentences_through_their_own_tokenizers(tmp_path):
+    from kdrun.data.text import text_classification
+
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"sentence": f"a résumé of film number {i} " * (1 + i % 3), "label": i % 2}) + "\n"
+                            for i in range(12)))
+    splits = text_classification(SMALL, str(path), model_tokenizers={"teacher2": LARGE}, max_length=128, padding="longest")
+    f = splits.train
+    large = train_tokenizer(vocab_size=700)
+    for i in range(3):
+        own = f["teacher2_input_ids"][i][f["teacher2_attention_mask"][i].bool()].tolist()
+        mine = f["input_ids"][i][f["attention_mask"][i].bool()].tolist()
+        assert large.decode(own) == splits.tokenizer.decode(mine) and len(own) < len(mine)
+    batch = next(iter(TensorLoader(f, batch_size=4, train=False, device=torch.device("cpu"), trim_field="attention_mask")))
+    assert batch["teacher2_input_ids"].shape[1] == int(batch["teacher2_attention_mask"].sum(1).max())
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
+    with pytest.raises(KdrunError, match="must be a model name"):
+        text_classification(SMALL, str(path), model_tokenizers={"bad-name": LARGE})

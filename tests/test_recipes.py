@@ -65,6 +65,12 @@ HF_STANDINS = {
     "bert_sst2_kd": [f"+teacher.net.config={BERT}", f"student.net.config={BERT}", "data.source.max_length=16"],
 }
 HF_STANDINS["bert_sst2_sinkd"] = HF_STANDINS["bert_sst2_kd"]
+# three tokenizers: the student's (300 ids) and each teacher's own (400, 500)
+HF_STANDINS["bert_multiteacher_tokenizers"] = [
+    "student.net.path=null", "models.teacher2.net.path=null", f"+teacher.net.config={BERT.replace('300}', '400}')}",
+    f"+models.teacher2.net.config={BERT.replace('300}', '500}')}", f"+student.net.config={BERT}", "data.source.max_length=16",
+    "data.source.model_tokenizers={teacher: {train: {corpus: pydoc_topics, vocab_size: 400}}, "
+    "teacher2: {train: {corpus: pydoc_topics, vocab_size: 500}}}", "models.teacher2.checkpoint=null"]
 HF_STANDINS["gpt2xl_gpt2_minillm"] = HF_STANDINS["gpt2xl_gpt2_dolly"] + ["batch_transform.max_new_tokens=4"]
 HF_STANDINS["gpt2xl_gpt2_distillm"] = HF_STANDINS["gpt2xl_gpt2_dolly"] + ["batch_transform.max_new_tokens=4",
                                                                          "batch_transform.init_threshold=1.0"]

@@ -127,9 +127,11 @@ class TensorLoader:
         # dynamic padding: per-sample lengths on the host, so cutting a batch reads no device tensor
         self.lengths = None if trim_field is None else (fields[trim_field] != 0).sum(dim=1).cpu()
         self.width = None if trim_field is None else int(fields[trim_field].shape[1])
-        # a teacher with its own tokenizer (kdrun.data.alignment): its ``teacher_*`` fields are cut by its own lengths
-        own = None if trim_field is None else f"teacher_{trim_field}"
-        self.teacher_lengths = (fields[own] != 0).sum(dim=1).cpu() if own in fields else None
+        # a model with its own tokenisation of the text (a teacher with another tokenizer, kdrun.data.alignment):
+        # the fields ``<prefix>_*`` beside a ``<prefix>_<trim_field>`` are cut by that field's lengths
+        suffix = None if trim_field is None else f"_{trim_field}"
+        self.own_lengths = {k[:-len(trim_field)]: (v != 0).sum(dim=1).cpu() for k, v in fields.items()
+                            if suffix is not None and k.endswith(suffix)}
         self.batch_size, self.train = int(batch_size), train
         self.drop_last = drop_last and train
         self.seed, self.max_batches = int(seed), max_batches
@@ -148,6 +150,15 @@ class TensorLoader:
     def set_epoch(self, key: int, start: int = 0) -> None:
         """Select the epoch whose order the next iteration serves, from its batch ``start`` on."""
         self.epoch_key, self.start = int(key), int(start)
+
+    def _cut(self, name: str, v: Tensor, width: int, own: Mapping[str, int]) -> Tensor:
+        """A field cut to its batch's longest example: its own tokenisation's length for ``<prefix>_*`` fields."""
+        if v.dim() < 2:
+            return v
+        for prefix, w in own.items():
+            if name.startswith(prefix):
+                return v[:, :w]
+        return v[:, :width] if v.shape[1] == self.width else v
 
     def rank_sizes(self, i: int) -> list[int]:
         g = self.group
@@ -176,10 +187,8 @@ class TensorLoader:
             if self.lengths is not None:  # every rank cuts at the global batch's longest sample
                 rows = host_order[i * self.batch_size:(i + 1) * self.batch_size]
                 width = int(self.lengths[rows].max())
-                t_width = int(self.teacher_lengths[rows].max()) if self.teacher_lengths is not None else None
-                batch = {k: (v[:, :t_width] if t_width is not None and k.startswith("teacher_") and v.dim() >= 2 else
-                             v[:, :width] if v.dim() >= 2 and v.shape[1] == self.width and not k.startswith("teacher_") else v)
-                         for k, v in batch.items()}
+                own = {p: int(n[rows].max()) for p, n in self.own_lengths.items()}
+                batch = {k: self._cut(k, v, width, own) for k, v in batch.items()}
             batch["index"] = idx
             if self.cache is not None:
                 hidx = host_order[i * self.batch_size:(i + 1) * self.batch_size]

@@ -518,14 +518,25 @@ def ranking_pairs(tokenizer: Any, train: str, test: str | None = None, query_fie
 def text_classification(tokenizer: Any, train: str, test: str | None = None, text_field: str = "sentence",
                         label_field: str = "label", text_pair_field: str | None = None, max_length: int = 128,
                         padding: str = "longest", test_fraction: float = 0.1, seed: int = 0,
-                        teacher_tokenizer: Any = None) -> TensorSplits:
+                        teacher_tokenizer: Any = None, model_tokenizers: Mapping[str, Any] | None = None) -> TensorSplits:
     """Labelled texts (GLUE-style: SST-2's ``sentence``/``label``; MNLI with ``text_pair_field``) from local
     files (:func:`read_records`): fields ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
     tokenizer makes them) truncated to ``max_length``, and ``target``, the class id, so evaluation reports
-    accuracy (top-1) as for images. ``padding`` as in :func:`instructions`."""
+    accuracy (top-1) as for images. ``padding`` as in :func:`instructions`.
+
+    ``model_tokenizers: {name: tokenizer}``: models that read the same texts through their own tokenizers (teachers
+    of other vocabularies: the class scores they give are comparable whatever the tokens). Each adds the fields
+    ``<name>_input_ids``, ``<name>_attention_mask`` (and ``<name>_token_type_ids``), each truncated at
+    ``max_length`` of its own tokens (so a long text may be cut at other characters for each model) and cut per
+    batch by its own lengths, for ``<name>.inputs``."""
     _check_padding(padding)
     tok = load_tokenizer(tokenizer)
     _with_teacher_tokenizer(tok, teacher_tokenizer)
+    own = {}
+    for name, spec in dict(model_tokenizers or {}).items():
+        if not str(name).isidentifier():
+            raise KdrunError(f"data.source.model_tokenizers: '{name}' must be a model name (letters, digits, _)")
+        own[str(name)] = load_tokenizer(spec, f"data.source.model_tokenizers.{name}")
     fields = [text_field, label_field] + ([text_pair_field] if text_pair_field else [])
     rows, test_rows = _record_splits(train, test, fields, test_fraction, seed)
     out = {}
@@ -541,6 +552,9 @@ def text_classification(tokenizer: Any, train: str, test: str | None = None, tex
         pairs = [str(r[text_pair_field]) for r in split_rows] if text_pair_field else None
         enc = tok(texts, pairs, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
         f = {k: enc[k].long() for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        for name, other in own.items():  # the same texts, each such model's own tokens
+            e = other(texts, pairs, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+            f.update({f"{name}_{k}": e[k].long() for k in ("input_ids", "attention_mask", "token_type_ids") if k in e})
         f["target"] = labels
         out[split] = f
     return TensorSplits(out["train"], out["test"], trim_field="attention_mask" if padding == "longest" else None,
