@@ -125,3 +125,18 @@ def test_router_term_reads_the_models_own_aux_loss():
                                output_router_logits=True)
     out = AutoModelForCausalLM.from_config(cfg)(input_ids=torch.randint(0, 50, (2, 5)))
     assert torch.equal(ModelOutputLoss()(out.aux_loss), out.aux_loss.float())
+
+
+def test_adpa_is_the_expected_advantage_of_the_aligned_over_the_reference_teacher():
+    from kdrun.losses import AdvantageDistillationLoss
+
+    torch.manual_seed(3)
+    zs, za, zr = torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    m = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    adv = F.log_softmax(za, -1) - F.log_softmax(zr, -1)
+    per = -(F.softmax(zs, -1) * adv).sum(-1)
+    want = (per * m).sum() / m.sum()
+    got = AdvantageDistillationLoss(chunk_size=3)(zs, za, zr, m)
+    assert torch.allclose(got, want, atol=1e-6)
+    # the same teacher as aligned and reference: no advantage, no signal
+    assert AdvantageDistillationLoss()(zs, za, za, m).abs().item() < 1e-6

@@ -84,6 +84,8 @@ MIXTRAL = ("{model_type: mixtral, hidden_size: 16, intermediate_size: 32, num_hi
 HF_STANDINS["qwen25_redi"] = ["student.net.path=null", f"+student.net.config={QWEN}", "data.source.max_length=32"]
 HF_STANDINS["qwen25_dckd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"]
 HF_STANDINS["qwen25_distillm2"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"]
+HF_STANDINS["qwen25_adpa"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["models.reference.net.path=null",
+                                                                        f"+models.reference.net.config={QWEN}"]
 HF_STANDINS["llava_mod_text"] = ["student.net.path=null", f"+teacher.net.config={QWEN}", f"+student.net.config={MIXTRAL}",
                                  "data.source.max_length=32", "data.source.chat_template=null"]
 HF_STANDINS["msmarco_margin_mse"] = ["student.net.path=null", f"+teacher.net.config={BERT}", f"+student.net.config={BERT}",
