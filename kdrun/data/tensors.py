@@ -137,6 +137,11 @@ class TensorLoader:
         self.seed, self.max_batches = int(seed), max_batches
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch_key, self.start = 0, 0
+        # a domain-weighted sampler (DDK): a callable giving the mixture over the ``domain`` field's values; each
+        # training batch is then drawn with replacement, a sample of domain d with probability w_d / n_d, seeded by
+        # (seed, epoch, batch) on the host, so every rank draws the same global batch and a resume the same batches
+        self.domain_weights: Any = None
+        self.domains = fields["domain"].long().cpu() if "domain" in fields else None
         self.group = int(group)  # rows shuffled, batched and shared among ranks together (preference pairs: 2)
         if self.batch_size % self.group:
             raise KdrunError(f"a batch size of {self.batch_size} (data.batch_size / data.eval_batch_size) counts rows, and "
@@ -150,6 +155,19 @@ class TensorLoader:
     def set_epoch(self, key: int, start: int = 0) -> None:
         """Select the epoch whose order the next iteration serves, from its batch ``start`` on."""
         self.epoch_key, self.start = int(key), int(start)
+
+    def _sample_probabilities(self) -> Tensor | None:
+        """(N,) per-sample probabilities from the domain mixture, or None without a domain-weighted sampler."""
+        if self.domain_weights is None:
+            return None
+        if self.domains is None:
+            raise KdrunError("a domain-weighted sampler (DDK) needs a 'domain' field: data.source.domains")
+        w = self.domain_weights().double()
+        if int(self.domains.max()) >= w.numel():
+            raise KdrunError(f"the data has {int(self.domains.max()) + 1} domains but the sampler weighs {w.numel()}: set "
+                             f"the term's num_domains to the number of data.source.domains")
+        counts = torch.bincount(self.domains, minlength=w.numel()).double()
+        return w[self.domains] / counts[self.domains].clamp_min(1)
 
     def _cut(self, name: str, v: Tensor, width: int, own: Mapping[str, int]) -> Tensor:
         """A field cut to its batch's longest example: its own tokenisation's length for ``<prefix>_*`` fields."""
@@ -180,19 +198,26 @@ class TensorLoader:
             order = (order.view(-1, 1) * self.group + torch.arange(self.group, device=self.device)).view(-1)
         host_order = order.cpu() if self.lengths is not None or self.cache is not None else None  # once per epoch
         start, self.start = self.start, 0
+        weighted = self.train and self.domain_weights is not None
+        if weighted and self.group > 1:
+            raise KdrunError("a domain-weighted sampler (DDK) draws single samples; these data keep rows in groups")
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            span = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[span]
+            host = host_order[span] if host_order is not None else None
+            if weighted:  # this batch's domain-weighted draw, from the weights as they are now
+                draw = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch_key) * 1_000_003 + i)
+                host = torch.multinomial(self._sample_probabilities(), idx.numel(), replacement=True, generator=draw)
+                idx = host.to(self.device)
             idx = self._share(idx)
             batch = {k: v[idx] for k, v in self.fields.items()}
             if self.lengths is not None:  # every rank cuts at the global batch's longest sample
-                rows = host_order[i * self.batch_size:(i + 1) * self.batch_size]
-                width = int(self.lengths[rows].max())
-                own = {p: int(n[rows].max()) for p, n in self.own_lengths.items()}
+                width = int(self.lengths[host].max())
+                own = {p: int(n[host].max()) for p, n in self.own_lengths.items()}
                 batch = {k: self._cut(k, v, width, own) for k, v in batch.items()}
             batch["index"] = idx
             if self.cache is not None:
-                hidx = host_order[i * self.batch_size:(i + 1) * self.batch_size]
-                hidx = self._share(hidx)
+                hidx = self._share(host)
                 width = next(v for v in batch.values() if v.dim() >= 2).shape[1]
                 batch.update(self.cache.read(hidx, int(width), self.device))
             yield batch

@@ -58,6 +58,14 @@ def read_documents(source: str | Sequence[str], field: str = "text") -> list[str
         return [d for s in source for d in read_documents(s, field)]
     if source == "pydoc_topics":
         return pydoc_topics()
+    if source.startswith("pydoc_topics@"):  # pydoc_topics@i/k: the topics i, i + k, i + 2k, ... (a share, as a domain)
+        try:
+            i, k = (int(x) for x in source.split("@", 1)[1].split("/"))
+        except ValueError:
+            raise KdrunError(f"data.source: '{source}' must read pydoc_topics@i/k, e.g. pydoc_topics@0/3") from None
+        if not 0 <= i < k:
+            raise KdrunError(f"data.source: '{source}': need 0 <= i < k")
+        return pydoc_topics()[i::k]
     path = Path(source).expanduser()
     if path.suffix == ".txt":
         if not path.is_file():
@@ -258,12 +266,28 @@ def _with_teacher_tokenizer(tok: Any, teacher_tokenizer: Any) -> None:
 def text_corpus(tokenizer: Any, text: str | Sequence[str] = "pydoc_topics", seq_len: int = 128,
                 test_fraction: float = 0.1, seed: int = 0, text_field: str = "text",
                 max_train_blocks: int | None = None, max_test_blocks: int | None = None,
-                teacher_tokenizer: Any = None) -> TensorSplits:
+                teacher_tokenizer: Any = None, domains: Mapping[str, Any] | None = None) -> TensorSplits:
     """Language-model data: documents held out whole for the test split (a seeded ``test_fraction`` of
     them), each split's documents tokenised, joined with ``<eos>`` and packed into blocks of ``seq_len``
-    tokens (GPT-2 / nanoGPT style packing: every position is scored, no padding)."""
+    tokens (GPT-2 / nanoGPT style packing: every position is scored, no padding).
+
+    ``domains: {name: source}`` (instead of ``text``): a corpus of several domains (DDK's setting), each source read,
+    held out and packed on its own, so that every block belongs to one domain; the field ``domain`` (N,) holds its
+    index, in the order given (``max_*_blocks`` apply per domain)."""
     tok = load_tokenizer(tokenizer)
     _with_teacher_tokenizer(tok, teacher_tokenizer)
+    if domains:
+        parts = {"train": [], "test": []}
+        for d, (name, src) in enumerate(dict(domains).items()):
+            train_d, test_d = _split_documents(read_documents(src, text_field), test_fraction, seed)
+            for split, docs, cap in (("train", train_d, max_train_blocks), ("test", test_d, max_test_blocks)):
+                f = _pack(docs, tok, seq_len, cap)
+                f["domain"] = torch.full((f["input_ids"].shape[0],), d, dtype=torch.long)
+                parts[split].append(f)
+            log.info("data.source.domains: domain %d '%s': %d training and %d test blocks", d, name,
+                     parts["train"][-1]["input_ids"].shape[0], parts["test"][-1]["input_ids"].shape[0])
+        cat = {split: {k: torch.cat([f[k] for f in fs]) for k in fs[0]} for split, fs in parts.items()}
+        return TensorSplits(cat["train"], cat["test"], tokenizer=tok)
     train_docs, test_docs = _split_documents(read_documents(text, text_field), test_fraction, seed)
     return TensorSplits(_pack(train_docs, tok, seq_len, max_train_blocks), _pack(test_docs, tok, seq_len, max_test_blocks),
                         tokenizer=tok)

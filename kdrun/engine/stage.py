@@ -200,6 +200,12 @@ class StageRunner:
             raise KdrunError(f"stages.{self.plan.name}: {type(self.plan.batch_transform).__name__} runs a model inside the "
                              f"batch transform, which the FSDP-sharded path does not support; run it without trainer.fsdp")
         self.meter = EpochMeter()
+        weighers = [c for c in self.hooked if callable(getattr(c, "domain_weights", None))]  # DDK: a domain-weighted sampler
+        if weighers and not hasattr(ctx.train_loader, "domain_weights"):
+            raise KdrunError(f"stages.{self.plan.name}: {type(weighers[0]).__name__} weighs the training domains, which "
+                             f"works with token data sets (data.source.domains); {type(ctx.train_loader).__name__} has none")
+        if hasattr(ctx.train_loader, "domain_weights"):
+            ctx.train_loader.domain_weights = weighers[0].domain_weights if weighers else None
         self.outer = [c for c in self.hooked if c.wants_outer_step]
         self.batch_changers = [c for c in self.hooked if c.transforms_batch]
         self.meta_loader: Any = None

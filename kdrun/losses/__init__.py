@@ -7,6 +7,7 @@ from kdrun.losses.advantage import AdvantageDistillationLoss
 from kdrun.losses.base import LossTerm
 from kdrun.losses.crd import CRDLoss
 from kdrun.losses.cross_tokenizer import CrossTokenizerDivergence
+from kdrun.losses.ddk import DDKLoss
 from kdrun.losses.diswot import DisWOTRelationLoss, DisWOTSemanticLoss
 from kdrun.losses.features import ATLoss, FSPLoss, HintLoss, NSTLoss, SmoothL1FeatureLoss
 from kdrun.losses.ft import FTLoss
@@ -32,7 +33,7 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "AdvantageDistillationLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "GRPOLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
+    "ABLoss", "AdvantageDistillationLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DDKLoss", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "GRPOLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
     "KDLoss", "LossTerm", "MarginMSELoss", "MiniLLMLoss", "MixtureOfTeachersKD", "ModelOutputLoss", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PairwiseRankingAccuracy", "PKTLoss", "REDILoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
