@@ -198,3 +198,19 @@ def test_a_model_trained_in_two_stages_is_wrapped_in_ddp_once(tmp_path):
     for rank in (0, 1):
         made = torch.load(tmp_path / f"made.{rank}", weights_only=False)
         assert len(made) == 1 and made[0]["broadcast_buffers"] is True  # no SyncBatchNorm: rank 0's BN statistics
+
+
+def test_ddk_domain_weights_agree_across_two_ranks_and_one_process(tmp_path):
+    """DDK's sampler draws one global batch and its weights come from all-reduced per-domain sums: two ranks and one
+    process train alike and end with the same weights."""
+    args = ["+recipe=text_ddk", "trainer.device=cpu", "trainer.progress=off", "trainer.tensorboard=false",
+            "trainer.deterministic=true", "data.batch_size=8", "data.source.max_train_blocks=40",
+            "data.source.max_test_blocks=4", "stages.teacher.max_steps=10", "stages.distill.max_steps=30",
+            "loss.ddk.interval=10", "trainer.eval_every_steps=null"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
+         f"hydra.run.dir={two}"], tmp_path)
+    w = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["modules"]["losses.ddk.weights"] for d in (one, two)]
+    assert not torch.allclose(w[0], torch.full_like(w[0], 1 / 3))  # the weights moved
+    torch.testing.assert_close(w[0], w[1], rtol=1e-4, atol=1e-5)
