@@ -266,14 +266,19 @@ def _with_teacher_tokenizer(tok: Any, teacher_tokenizer: Any) -> None:
 def text_corpus(tokenizer: Any, text: str | Sequence[str] = "pydoc_topics", seq_len: int = 128,
                 test_fraction: float = 0.1, seed: int = 0, text_field: str = "text",
                 max_train_blocks: int | None = None, max_test_blocks: int | None = None,
-                teacher_tokenizer: Any = None, domains: Mapping[str, Any] | None = None) -> TensorSplits:
+                teacher_tokenizer: Any = None, domains: Mapping[str, Any] | None = None,
+                canaries: Sequence[Mapping[str, Any]] | None = None) -> TensorSplits:
     """Language-model data: documents held out whole for the test split (a seeded ``test_fraction`` of
     them), each split's documents tokenised, joined with ``<eos>`` and packed into blocks of ``seq_len``
     tokens (GPT-2 / nanoGPT style packing: every position is scored, no padding).
 
     ``domains: {name: source}`` (instead of ``text``): a corpus of several domains (DDK's setting), each source read,
     held out and packed on its own, so that every block belongs to one domain; the field ``domain`` (N,) holds its
-    index, in the order given (``max_*_blocks`` apply per domain)."""
+    index, in the order given (``max_*_blocks`` apply per domain).
+
+    ``canaries: [{text, repeats}]``: secrets inserted into the *training* documents ``repeats`` times each, at seeded
+    places (Carlini et al., USENIX Security 2019), for ``kdrun-exposure`` to measure how much of them a model
+    memorised."""
     tok = load_tokenizer(tokenizer)
     _with_teacher_tokenizer(tok, teacher_tokenizer)
     if domains:
@@ -289,8 +294,22 @@ def text_corpus(tokenizer: Any, text: str | Sequence[str] = "pydoc_topics", seq_
         cat = {split: {k: torch.cat([f[k] for f in fs]) for k in fs[0]} for split, fs in parts.items()}
         return TensorSplits(cat["train"], cat["test"], tokenizer=tok)
     train_docs, test_docs = _split_documents(read_documents(text, text_field), test_fraction, seed)
+    if canaries:
+        train_docs = _with_canaries(train_docs, canaries, seed)
     return TensorSplits(_pack(train_docs, tok, seq_len, max_train_blocks), _pack(test_docs, tok, seq_len, max_test_blocks),
                         tokenizer=tok)
+
+
+def _with_canaries(docs: list[str], canaries: Sequence[Mapping[str, Any]], seed: int) -> list[str]:
+    """``docs`` with each canary's text inserted as ``repeats`` documents of its own, at seeded places."""
+    out = list(docs)
+    gen = torch.Generator().manual_seed(seed + 7)
+    for c in canaries:
+        if "text" not in c:
+            raise KdrunError("data.source.canaries: every canary needs a text (and repeats, default 1)")
+        for _ in range(int(c.get("repeats", 1))):
+            out.insert(int(torch.randint(len(out) + 1, (), generator=gen)), str(c["text"]))
+    return out
 
 
 def format_prompt(tok: Any, prompt: str, chat_template: str | None, prompt_format: str) -> str:

@@ -26,6 +26,7 @@ from kdrun.losses.ofd import OFDLoss
 from kdrun.losses.relations import CCLoss, PKTLoss, RKDLoss, SPLoss
 from kdrun.losses.reviewkd import ReviewKDLoss
 from kdrun.losses.sinkhorn import SinkhornLoss
+from kdrun.losses.swing import PrivacyScores, SwingDistillationLoss
 from kdrun.losses.taid import TAIDClassifierLoss
 from kdrun.losses.tgeo import TGeoKDLoss
 from kdrun.losses.tokens import CachedTokenDivergence, SampledTokenKL, TAIDLoss, TokenCrossEntropy, TokenDivergence, TokenHiddenLoss, TokenKLLoss
@@ -34,7 +35,7 @@ from kdrun.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "AdvantageDistillationLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DDKLoss", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "GRPOLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
-    "KDLoss", "LossTerm", "MarginMSELoss", "MiniLLMLoss", "MixtureOfTeachersKD", "ModelOutputLoss", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PairwiseRankingAccuracy", "PKTLoss", "REDILoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "SPLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
+    "KDLoss", "LossTerm", "MarginMSELoss", "MiniLLMLoss", "MixtureOfTeachersKD", "ModelOutputLoss", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PairwiseRankingAccuracy", "PKTLoss", "REDILoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "PrivacyScores", "SPLoss", "SwingDistillationLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
 ]
