@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,26 @@ import torch
 from torch import Tensor
 
 from kdrun.errors import KdrunError
+
+
+def model_outputs(exp: Any, cfg: Any, model: str, part: str = "train") -> Iterator[tuple[dict[str, Any], Tensor]]:
+    """``(batch, logits)`` of ``model`` over the ``part`` split in order, without augmentation, in eval mode and
+    without autograd (its mode restored afterwards): the pass of every offline tool (caches, selections)."""
+    from kdrun.data.loaders import make_loader
+
+    net = exp.models[model]
+    was_training = net.training
+    net.eval()
+    loader = make_loader(exp.data, part, cfg.data, exp.device, train=False, seed=cfg.seed)
+    loader.set_epoch(0)
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                ns: dict[str, Any] = {}
+                exp.io[model].run(net, batch, ns)
+                yield batch, ns[f"{model}.logits"]
+    finally:
+        net.train(was_training)
 
 
 TEMPERATURES = tuple(round(0.5 + 0.05 * i, 2) for i in range(51))  # the calibration grid: 0.5, 0.55, ..., 3.0
@@ -58,25 +79,13 @@ def calibrate_top_k(logp: Tensor, right: Tensor, grid: tuple[float, ...] = TEMPE
 def held_out_top_k(exp: Any, cfg: Any, model: str, k: int, mask_field: str) -> tuple[Tensor, Tensor]:
     """The model's top-``k`` log-probabilities (n, k) and whether its top-1 is the label (n,), at every scored
     position of the evaluation split (``data.val_split`` when set, else the test split)."""
-    from kdrun.data.loaders import make_loader
-
-    net = exp.models[model]
     target_field = cfg.data.eval_target
-    was_training = net.training
-    net.eval()
-    loader = make_loader(exp.data, "test", cfg.data, exp.device, train=False, seed=cfg.seed)
     tops, rights = [], []
-    try:
-        for batch in loader:
-            ns: dict[str, Any] = {}
-            exp.io[model].run(net, batch, ns)
-            logits = ns[f"{model}.logits"]
-            mask = batch[mask_field][:, :logits.shape[1]] != 0
-            top = torch.log_softmax(logits[mask].float(), dim=-1).topk(int(k), dim=-1)
-            tops.append(top.values.cpu())
-            rights.append((top.indices[:, 0] == batch[target_field][:, :logits.shape[1]][mask]).cpu())
-    finally:
-        net.train(was_training)
+    for batch, logits in model_outputs(exp, cfg, model, "test"):
+        mask = batch[mask_field][:, :logits.shape[1]] != 0
+        top = torch.log_softmax(logits[mask].float(), dim=-1).topk(int(k), dim=-1)
+        tops.append(top.values.cpu())
+        rights.append((top.indices[:, 0] == batch[target_field][:, :logits.shape[1]][mask]).cpu())
     return torch.cat(tops), torch.cat(rights)
 
 
@@ -87,7 +96,6 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
     plus ``seconds`` and ``bytes``. ``calibrate``: also fit FIRST's temperature on the evaluation split
     (:func:`calibrate_top_k`) and store it in the manifest (``calibration``)."""
     from kdrun.build import build
-    from kdrun.data.loaders import make_loader
     from kdrun.data.teacher_cache import manifest_of
     from kdrun.losses.tokens import _log1mexp
 
@@ -108,7 +116,6 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(offsets[-1])
     width = int(data.train[mask_field].shape[1])
-    net = exp.models[model]
     vocab = exp.shapes.get(f"{model}.logits", (0, 0, 0))[-1]
     if int(k) > int(vocab):
         raise KdrunError(f"kdrun-cache: --top-k {k} exceeds {model}'s vocabulary ({vocab})")
@@ -122,29 +129,19 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
     pos_dtype = np.int16 if width <= np.iinfo(np.int16).max else np.int32
     positions = np.lib.format.open_memmap(tmp / "positions.npy", mode="w+", dtype=pos_dtype, shape=(total,))
     np.save(tmp / "offsets.npy", offsets)
-    was_training = net.training
-    net.eval()
-    loader = make_loader(data, "train", cfg.data, exp.device, train=False, seed=cfg.seed)
-    loader.set_epoch(0)
     row = 0
-    try:
-        for batch in loader:
-            ns: dict[str, Any] = {}
-            exp.io[model].run(net, batch, ns)
-            logits = ns[f"{model}.logits"]
-            mask = batch[mask_field][:, :logits.shape[1]] != 0
-            where = mask.nonzero()  # (n, 2): sample-major, positions ascending: the order of the offsets
-            lp = torch.log_softmax(logits[mask].float(), dim=-1)
-            top = lp.topk(int(k), dim=-1)
-            rest = _log1mexp(torch.logsumexp(top.values, dim=-1))
-            n = int(where.shape[0])
-            ids[row:row + n] = top.indices.cpu().numpy().astype(np.int32)
-            logp[row:row + n] = top.values.cpu().numpy().astype(store)
-            tail[row:row + n] = rest.cpu().numpy().astype(store)
-            positions[row:row + n] = where[:, 1].cpu().numpy().astype(pos_dtype)
-            row += n
-    finally:
-        net.train(was_training)
+    for batch, logits in model_outputs(exp, cfg, model):
+        mask = batch[mask_field][:, :logits.shape[1]] != 0
+        where = mask.nonzero()  # (n, 2): sample-major, positions ascending: the order of the offsets
+        lp = torch.log_softmax(logits[mask].float(), dim=-1)
+        top = lp.topk(int(k), dim=-1)
+        rest = _log1mexp(torch.logsumexp(top.values, dim=-1))
+        n = int(where.shape[0])
+        ids[row:row + n] = top.indices.cpu().numpy().astype(np.int32)
+        logp[row:row + n] = top.values.cpu().numpy().astype(store)
+        tail[row:row + n] = rest.cpu().numpy().astype(store)
+        positions[row:row + n] = where[:, 1].cpu().numpy().astype(pos_dtype)
+        row += n
     if row != total:
         raise KdrunError(f"kdrun-cache: wrote {row} tokens, expected {total} (the loader served another split?)")
     for arr in (ids, logp, tail, positions):
@@ -167,7 +164,6 @@ def write_scores(cfg: Any, model: str, out: str | Path) -> dict[str, Any]:
     """A score cache (:mod:`kdrun.data.teacher_cache`, ``kind: scores``): ``model``'s outputs (its logits, one row
     per sample: a cross-encoder's relevance score) over the training split, in order, as float32 (N, C)."""
     from kdrun.build import build
-    from kdrun.data.loaders import make_loader
     from kdrun.data.teacher_cache import manifest_of
 
     start = time.perf_counter()
@@ -179,23 +175,14 @@ def write_scores(cfg: Any, model: str, out: str | Path) -> dict[str, Any]:
     if shape is None or len(shape) != 2:
         raise KdrunError(f"kdrun-cache --scores: {model}'s logits have shape {shape}; a score cache holds one row per "
                          f"sample, (N, C) (token models: drop --scores for a top-k cache)")
-    data, net = exp.data, exp.models[model]
+    data = exp.data
     final, tmp = Path(out), Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     scores = np.lib.format.open_memmap(tmp / "scores.npy", mode="w+", dtype=np.float32,
                                        shape=(int(data.num_train), int(shape[1])))
-    was_training = net.training
-    net.eval()
-    loader = make_loader(data, "train", cfg.data, exp.device, train=False, seed=cfg.seed)
-    loader.set_epoch(0)
-    try:
-        for batch in loader:
-            ns: dict[str, Any] = {}
-            exp.io[model].run(net, batch, ns)
-            scores[batch["index"].cpu().numpy()] = ns[f"{model}.logits"].float().cpu().numpy()
-    finally:
-        net.train(was_training)
+    for batch, logits in model_outputs(exp, cfg, model):
+        scores[batch["index"].cpu().numpy()] = logits.float().cpu().numpy()
     scores.flush()
     del scores
     counts = np.ones(int(data.num_train), dtype=np.int64)
@@ -208,8 +195,7 @@ def write_scores(cfg: Any, model: str, out: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdrun.config import validate
-    from kdrun.registry import compose_config
+    from kdrun.config import tool_config
 
     parser = argparse.ArgumentParser(prog="kdrun-cache", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,10 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fit FIRST's temperature on the evaluation split and store it in the manifest")
     parser.add_argument("overrides", nargs="*", help="+recipe=NAME and overrides, as for kdrun")
     args = parser.parse_args(argv)
-    recipe = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("+recipe=")), None)
-    overrides = [o for o in args.overrides if not o.startswith("+recipe=")]
     try:
-        cfg = validate(compose_config(overrides, recipe))
+        cfg = tool_config(args.overrides)
         if args.scores:
             info = write_scores(cfg, args.model, args.out)
         else:

@@ -29,7 +29,7 @@ from kdrun.schema import (ADAPTER_KEYS, DTYPES, LOSS_KEYS, OBJECTIVES, TOP_LEVEL
 
 model_configs = model_entries  # all configured models by name (kdrun.schema.model_entries)
 
-__all__ = ["validate", "model_configs", "model_key", "import_target", "ADAPTER_KEYS", "LOSS_KEYS"]
+__all__ = ["tool_config", "validate", "model_configs", "model_key", "import_target", "ADAPTER_KEYS", "LOSS_KEYS"]
 
 # ------------------------------------------------------------------------------------- validation
 
@@ -479,3 +479,12 @@ def _check_rounds(cfg: ExperimentConfig) -> None:
         if not isinstance(value, list) or len(value) != rounds.count \
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise KdrunError(f"rounds.weights.{term} must list one number per round ({rounds.count}), got {value!r}")
+
+
+def tool_config(args: list[str]) -> DictConfig:
+    """The validated config of a kdrun tool's command line (``kdrun-cache``, ``kdrun-select``, ``kdrun-exposure``):
+    ``+recipe=NAME`` and overrides, composed as ``kdrun`` would."""
+    from kdrun.registry import compose_config
+
+    recipe = next((a.split("=", 1)[1] for a in args if a.startswith("+recipe=")), None)
+    return validate(compose_config([a for a in args if not a.startswith("+recipe=")], recipe))

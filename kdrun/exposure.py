@@ -68,8 +68,7 @@ def exposure(model: Any, tokenizer: Any, template: str, secret: str, device: tor
 
 def main(argv: list[str] | None = None) -> int:
     from kdrun.build import build
-    from kdrun.config import validate
-    from kdrun.registry import compose_config
+    from kdrun.config import tool_config
 
     parser = argparse.ArgumentParser(prog="kdrun-exposure", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret", required=True, help="the inserted secret (digits)")
     parser.add_argument("overrides", nargs="*", help="+recipe=NAME and overrides (the model's checkpoint), as for kdrun")
     args = parser.parse_args(argv)
-    recipe = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("+recipe=")), None)
-    overrides = [o for o in args.overrides if not o.startswith("+recipe=")]
     try:
-        exp = build(validate(compose_config(overrides, recipe)))
+        exp = build(tool_config(args.overrides))
         if args.model not in exp.models:
             raise KdrunError(f"kdrun-exposure: the recipe builds no model '{args.model}' (it builds {', '.join(exp.models)})")
         tok = getattr(exp.data, "tokenizer", None)

@@ -34,28 +34,18 @@ from kdrun.errors import KdrunError
 @torch.no_grad()
 def mean_nll(exp: Any, cfg: Any, model: str, mask_field: str = "token_mask", target_field: str = "labels") -> Tensor:
     """(N,) every training example's mean token negative log-likelihood under ``model``, in the split's order."""
-    from kdrun.data.loaders import make_loader
+    from kdrun.cache import model_outputs
 
     if model not in exp.models:
         raise KdrunError(f"kdrun-select: the recipe builds no model '{model}' (it builds {', '.join(exp.models)}); "
                          f"name one with --teacher / --reference")
-    net, data = exp.models[model], exp.data
-    out = torch.zeros(data.num_train, dtype=torch.float64)
-    was_training = net.training
-    net.eval()
-    loader = make_loader(data, "train", cfg.data, exp.device, train=False, seed=cfg.seed)
-    loader.set_epoch(0)
-    try:
-        for batch in loader:
-            ns: dict[str, Any] = {}
-            exp.io[model].run(net, batch, ns)
-            z = ns[f"{model}.logits"].float()
-            y = batch[target_field][:, :z.shape[1]]
-            m = (batch[mask_field][:, :z.shape[1]] != 0).double()
-            nll = (torch.logsumexp(z, -1) - z.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)).double()
-            out[batch["index"].cpu()] = ((nll * m).sum(1) / m.sum(1).clamp_min(1)).cpu()
-    finally:
-        net.train(was_training)
+    out = torch.zeros(exp.data.num_train, dtype=torch.float64)
+    for batch, logits in model_outputs(exp, cfg, model):
+        z = logits.float()
+        y = batch[target_field][:, :z.shape[1]]
+        m = (batch[mask_field][:, :z.shape[1]] != 0).double()
+        nll = (torch.logsumexp(z, -1) - z.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)).double()
+        out[batch["index"].cpu()] = ((nll * m).sum(1) / m.sum(1).clamp_min(1)).cpu()
     return out
 
 
@@ -123,8 +113,7 @@ def open_selection(path: str, splits: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdrun.config import validate
-    from kdrun.registry import compose_config
+    from kdrun.config import tool_config
 
     parser = argparse.ArgumentParser(prog="kdrun-select", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the selection directory (replaced when the write completes)")
     parser.add_argument("overrides", nargs="*", help="+recipe=NAME and overrides, as for kdrun")
     args = parser.parse_args(argv)
-    recipe = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("+recipe=")), None)
-    overrides = [o for o in args.overrides if not o.startswith("+recipe=")]
     try:
-        cfg = validate(compose_config(overrides, recipe))
+        cfg = tool_config(args.overrides)
         info = write_selection(cfg, args.teacher, args.reference, args.out, args.keep)
     except KdrunError as ex:
         print(f"kdrun-select: {ex}", file=sys.stderr)
