@@ -574,23 +574,38 @@ class StageRunner:
                 c.on_batch(tuple(sizes[0]), self.dist.rank)
             first = window[0] if self.plan.batch_transform is None else self.plan.batch_transform(window[0])
             self._outer_steps(first)
-        seen = []  # the micro-batches as the models see them: the token means count their tokens (rollouts change them)
-        for k, batch in enumerate(window):
+        def prepare(k: int) -> Mapping[str, Tensor]:
+            """Micro-batch k as the models see it: the stage's transform, then components' own changes."""
             if k > 0 or first is None:
                 for c in self.hooked:
                     c.on_batch(tuple(sizes[k]), self.dist.rank)
-            if k == 0 and first is not None:
-                batch = first
-            elif self.plan.batch_transform is not None:
+            batch = first if k == 0 and first is not None else window[k]
+            if not (k == 0 and first is not None) and self.plan.batch_transform is not None:
                 batch = self.plan.batch_transform(batch)
             for c in self.batch_changers:  # components' own changes of the training batch (HARD's learned augmentation)
                 batch = c.transform_batch(batch)
-            seen.append(batch)
-        scales = window_scales(seen, sizes, self.exp.losses, self.plan.losses, self.dist)
-        for k, batch in enumerate(seen):
-            if len(seen) > 1:  # the layout of the micro-batch the terms now see (memory banks read it)
-                for c in self.hooked:
-                    c.on_batch(tuple(sizes[k]), self.dist.rank)
+            return batch
+
+        # token means count the tokens the terms see, which a transform may change (a rollout does): then every
+        # micro-batch is transformed before the scales are computed; otherwise one at a time (less memory held)
+        changes = self.plan.batch_transform is not None or bool(self.batch_changers)
+        eager = (changes and (len(window) > 1 or self.dist.world_size > 1)
+                 and any(self.exp.losses[t].mean_over == "tokens" for t in self.plan.losses))
+        seen: list[Mapping[str, Tensor] | None] = [None] * len(window)
+        if eager:
+            for k in range(len(window)):
+                seen[k] = prepare(k)
+                window[k] = None  # type: ignore[call-overload]  # the raw batch is no longer needed
+        scales = window_scales(seen if eager else window, sizes, self.exp.losses, self.plan.losses, self.dist)
+        for k in range(len(window)):
+            if eager:
+                batch = seen[k]
+                seen[k] = None
+                if len(window) > 1:  # the layout of the micro-batch the terms now see (memory banks read it)
+                    for c in self.hooked:
+                        c.on_batch(tuple(sizes[k]), self.dist.rank)
+            else:
+                batch = prepare(k)
             with self._no_sync(k < len(window) - 1):
                 with self.autocast():
                     t, v, weighted = self.forward(batch, weights, scales[k])
