@@ -589,8 +589,7 @@ class StageRunner:
         # token means count the tokens the terms see, which a transform may change (a rollout does): then every
         # micro-batch is transformed before the scales are computed; otherwise one at a time (less memory held)
         changes = self.plan.batch_transform is not None or bool(self.batch_changers)
-        eager = (changes and (len(window) > 1 or self.dist.world_size > 1)
-                 and any(self.exp.losses[t].mean_over == "tokens" for t in self.plan.losses))
+        eager = changes and any(self.exp.losses[t].mean_over == "tokens" for t in self.plan.losses)
         seen: list[Mapping[str, Tensor] | None] = [None] * len(window)
         if eager:
             for k in range(len(window)):
