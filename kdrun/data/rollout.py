@@ -173,18 +173,24 @@ class Rollout(BatchTransform, Component):
     def _key(self) -> int:
         return _mix((self.seed, self.round, self.stage, self.step, self.micro, self.rank))
 
-    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _begin(self, batch: Mapping[str, Tensor]) -> int:
+        """The checks every rollout micro-batch passes, and its seed (the position counted once)."""
+        name = type(self).__name__
         if self._model is None:
-            raise KdrunError("batch_transform (Rollout): not bound to a model (the builder binds it)")
+            raise KdrunError(f"batch_transform ({name}): not bound to a model (the builder binds it)")
         key = self._key()
         self.micro += 1
         if "prompt_length" not in batch:
-            raise KdrunError("batch_transform (Rollout): the batch has no prompt_length; rollouts need prompt/response "
-                             "data (data=instructions)")
+            raise KdrunError(f"batch_transform ({name}): the batch has no prompt_length; rollouts need prompt/response "
+                             f"data (data=instructions)")
         if "teacher_input_ids" in batch:
-            raise KdrunError("batch_transform (Rollout): the teacher tokenises the text itself (data.source.alignment="
-                             "spans/positions), and rollouts would need the completions re-tokenised for it, which is not "
-                             "built; use a teacher of the student's vocabulary (alignment=identical) for on-policy data")
+            raise KdrunError(f"batch_transform ({name}): the teacher tokenises the text itself (data.source.alignment="
+                             f"spans/positions), and rollouts would need the completions re-tokenised for it, which is not "
+                             f"built; use a teacher of the student's vocabulary (alignment=identical) for on-policy data")
+        return key
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        key = self._begin(batch)
         choose = torch.Generator().manual_seed(key)
         if float(torch.rand((), generator=choose)) >= self.on_policy_prob:
             return batch
@@ -291,13 +297,7 @@ class AdaptiveReplay(Rollout):
         return sum(int(b["input_ids"].shape[0]) for b in self.buffer)
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self._model is None:
-            raise KdrunError("batch_transform (AdaptiveReplay): not bound to a model (the builder binds it)")
-        key = self._key()
-        self.micro += 1
-        if "prompt_length" not in batch:
-            raise KdrunError("batch_transform (AdaptiveReplay): the batch has no prompt_length; rollouts need "
-                             "prompt/response data (data=instructions)")
+        key = self._begin(batch)
         if not self.live:  # the build's shape trace: a generated batch, stored nowhere
             return self.generate(batch, key)
         # no rank in this seed: every rank takes the same decision, so the buffers grow alike

@@ -142,6 +142,7 @@ class TensorLoader:
         # (seed, epoch, batch) on the host, so every rank draws the same global batch and a resume the same batches
         self.domain_weights: Any = None
         self.domains = fields["domain"].long().cpu() if "domain" in fields else None
+        self.domain_counts = torch.bincount(self.domains).double() if self.domains is not None else None  # once
         self.group = int(group)  # rows shuffled, batched and shared among ranks together (preference pairs: 2)
         if self.batch_size % self.group:
             raise KdrunError(f"a batch size of {self.batch_size} (data.batch_size / data.eval_batch_size) counts rows, and "
@@ -166,8 +167,7 @@ class TensorLoader:
         if int(self.domains.max()) >= w.numel():
             raise KdrunError(f"the data has {int(self.domains.max()) + 1} domains but the sampler weighs {w.numel()}: set "
                              f"the term's num_domains to the number of data.source.domains")
-        counts = torch.bincount(self.domains, minlength=w.numel()).double()
-        return w[self.domains] / counts[self.domains].clamp_min(1)
+        return w[self.domains] / self.domain_counts[self.domains].clamp_min(1)
 
     def _cut(self, name: str, v: Tensor, width: int, own: Mapping[str, int]) -> Tensor:
         """A field cut to its batch's longest example: its own tokenisation's length for ``<prefix>_*`` fields."""
