@@ -87,6 +87,60 @@ def test_rollouts_are_a_function_of_the_run_position():
     assert not torch.equal(draw(3, rank=1), draw(3))
 
 
+def _batch2():
+    """Another micro-batch: three examples, prompts of 1, 4 and 2 tokens, wider than _batch's."""
+    ids = torch.tensor([[3, 8, 8, 0, 0, 0, 0], [1, 2, 3, 4, 5, EOS, 0], [7, 7, 1, EOS, 0, 0, 0]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.full((3, 7), -100),
+            "token_mask": torch.zeros(3, 7, dtype=torch.bool), "prompt_length": torch.tensor([1, 4, 2]),
+            "index": torch.tensor([12, 13, 14])}
+
+
+def test_one_generate_per_step_serves_every_micro_batch_and_matches_per_micro_batch_with_one():
+    model = StubLM()
+    r = Rollout(max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD, generate_per="step")
+    r.bind(BuildContext(shapes={}, num_train=4, models={"student": model}, seed=0))
+    assert r.per_step
+    r.on_step(2, 10)
+    r.on_batch((2,), 0)
+    out = r.window([_batch(), _batch2()])
+    assert r.generated == 1 and len(model.seen) == 1
+    prompts, attention, _ = model.seen[0]  # all five prompts, left-padded to the longest of the step (4 tokens)
+    assert prompts.tolist() == [[PAD, 5, 6, 7], [PAD, PAD, 4, 3], [PAD, PAD, PAD, 3], [1, 2, 3, 4], [PAD, PAD, 7, 7]]
+    assert attention.tolist() == (prompts != PAD).long().tolist()
+    assert [o["input_ids"].shape[0] for o in out] == [2, 3]
+    for o, plen in zip(out, ([3, 2], [1, 4, 2])):  # each micro-batch its own rows: prompt first, then 3 sampled tokens
+        assert o["token_mask"].sum(1).tolist() == [3] * len(plen)
+        assert o["attention_mask"].sum(1).tolist() == [p + 2 for p in plen]
+    assert out[1]["input_ids"][1, :4].tolist() == [1, 2, 3, 4] and torch.equal(out[1]["index"], _batch2()["index"])
+    # with one micro-batch per step, the same rollouts as one generate per micro-batch
+    single = _rollout(StubLM())
+    single.on_step(2, 10)
+    single.on_batch((2,), 0)
+    stepwise = Rollout(max_new_tokens=3, temperature=0.9, eos_token_id=EOS, pad_token_id=PAD, generate_per="step")
+    stepwise.bind(BuildContext(shapes={}, num_train=4, models={"student": StubLM()}, seed=0))
+    stepwise.on_step(2, 10)
+    stepwise.on_batch((2,), 0)
+    a, (b,) = single(_batch()), stepwise.window([_batch()])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="generate_per"):
+        Rollout(generate_per="epoch")
+
+
+def test_every_rank_takes_the_same_mixing_decision_and_draws_its_own_samples():
+    ranks = [_rollout(StubLM(), prob=0.5) for _ in range(2)]
+    outs = [[], []]
+    for step in range(40):
+        for rank, r in enumerate(ranks):
+            r.on_step(step, 40)
+            r.on_batch((2,), rank)
+            outs[rank].append(r(_batch()))
+    assert ranks[0].generated == ranks[1].generated and 8 < ranks[0].generated < 32
+    generated = [bool(x["token_mask"].any()) for x in outs[0]]  # the data's batch scores nothing here
+    assert generated == [bool(y["token_mask"].any()) for y in outs[1]]  # step by step, the same decision
+    pairs = [(x, y) for x, y, g in zip(outs[0], outs[1], generated) if g]
+    assert pairs and all(not torch.equal(x["input_ids"], y["input_ids"]) for x, y in pairs)
+
+
 def test_gkd_mixing_generates_with_probability_lambda():
     r = _rollout(StubLM(), prob=0.5)
     for step in range(300):
@@ -230,3 +284,32 @@ def test_the_replay_buffer_is_part_of_the_checkpointed_modules():
     trainer.prepare()
     state = trainer.experiment.modules().state_dict()
     assert "transforms.run._extra_state" in state and "tau" in state["transforms.run._extra_state"]
+
+
+@pytest.mark.parametrize("per, calls", [("micro_batch", 2), ("step", 1)])
+def test_a_step_of_two_micro_batches_generates_once_per_step_or_once_per_micro_batch(tmp_path, per, calls):
+    from kdrun.config import validate
+    from kdrun.engine.trainer import Trainer
+    from tests.conftest import compose_cfg
+    from tests.test_recipes import smoke_overrides
+
+    torch.manual_seed(0)
+    overrides = [o for o in smoke_overrides("qwen25_gkd") if not o.startswith("trainer.max_steps_per_epoch")]
+    trainer = Trainer(validate(compose_cfg([*overrides, "batch_transform.on_policy_prob=1.0",
+                                            f"batch_transform.generate_per={per}", "trainer.accumulate_grad_batches=2"],
+                                           recipe="qwen25_gkd")), tmp_path)
+    trainer.prepare()
+    runner = trainer.stage_runner(0)
+    rollout = runner.plan.batch_transform
+    seen = []
+    trainer.experiment.models["teacher"].register_forward_hook(lambda m, a, kw, out: seen.append(kw["input_ids"]),
+                                                               with_kwargs=True)
+    loader = iter(trainer.ctx.train_loader)
+    window = [next(loader), next(loader)]
+    before = rollout.generated
+    for c in runner.hooked:
+        c.on_step(0, 1)
+    total, _ = runner.train_step(window, runner.term_weights(0))
+    assert rollout.generated == before + calls and torch.isfinite(total)
+    assert len(seen) == 2  # the teacher scored each micro-batch once, rolled out
+    assert [s.shape[0] for s in seen] == [b["input_ids"].shape[0] for b in window]

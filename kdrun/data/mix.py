@@ -22,10 +22,19 @@ class BatchTransform:
     """Base of batch transforms: ``__call__(batch) -> batch`` on every training micro-batch, before any
     model; ``for_eval(batch) -> batch`` on evaluation batches (default: unchanged). A transform that
     adds a field some model reads (``inputs: {x: batch.<field>}``) must give that field on evaluation
-    batches too, e.g. the clean image where training sees an augmented one."""
+    batches too, e.g. the clean image where training sees an augmented one.
+
+    A transform whose ``per_step`` is true is called once per optimizer step instead, as
+    ``window(micro_batches) -> micro_batches`` (a rollout that generates for the whole step at once)."""
+
+    per_step = False
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def window(self, batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """The micro-batches of one optimizer step (used when ``per_step``): each transformed alone by default."""
+        return [self(b) for b in batches]
 
     def for_eval(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return batch

@@ -13,20 +13,37 @@ the batch so that the models and the loss terms score the sampled tokens (the cl
 - ``source: teacher``: sequence-level KD (Kim & Rush, EMNLP 2016) on the teacher's samples.
 
 Sampling: Hugging Face ``generate`` on left-padded prompts, in eval mode without autograd (dropout off,
-as TRL's ``disable_dropout``), ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``. The choice and the
-sampling are seeded from (run seed, round, stage, step, micro-batch, rank), so a resumed run draws the
-same rollouts as an uninterrupted one, and the global generators are left as they were. Every
-micro-batch generates once for its own prompts; nothing is regenerated across gradient accumulation.
-Evaluation batches keep the data's responses.
+as TRL's ``disable_dropout``), ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``. The mixing decision
+is seeded from (run seed, round, stage, step, micro-batch), the same on every rank, so all ranks of a
+step are on-policy or all are not; the sampling key adds the rank, so each rank draws its own samples.
+A resumed run draws the same rollouts as an uninterrupted one, and the global generators are left as
+they were. Evaluation batches keep the data's responses.
+
+``generate_per`` chooses how often ``generate`` runs under gradient accumulation:
+
+- ``micro_batch`` (default): every micro-batch decides and generates for its own prompts (TRL's GKD
+  trainer samples per micro-batch);
+- ``step``: one decision and one ``generate`` call over the prompts of all micro-batches of the optimizer
+  step (concatenated, left-padded to one width), whose completions are split back and rebuilt per
+  micro-batch; the accumulation loop then runs no further transform. With one micro-batch per step the
+  two modes draw the same tokens.
+
+Sharded students (FSDP2): before sampling, every ``FSDPModule`` of the model is unsharded and kept
+unsharded for the whole ``generate`` call (``gather_sharded: true``, default: one all-gather per unit, full
+parameters in memory while sampling, resharded afterwards); with ``gather_sharded: false`` the units stay
+sharded and ``generate(synced_gpus=True)`` keeps the ranks' forwards in step until the longest rank is
+done (less memory, one all-gather per unit per token).
 
 Generation reads host values (prompt lengths, completion lengths) and ``generate`` itself synchronises
 at every token; a rollout step is therefore not free of device synchronisation. :class:`AdaptiveReplay` is
-DistiLLM's adaptive off-policy schedule (a replay buffer of student generations). Not built: re-tokenising completions for a teacher with its own tokenizer
-(refused), batched generation across the micro-batches of a step, and a faster
-backend (vLLM); under FSDP the sharded student cannot generate here (refused at build).
+DistiLLM's adaptive off-policy schedule (a replay buffer of student generations). Not built:
+re-tokenising completions for a teacher with its own tokenizer (refused at build), and a faster backend
+(vLLM) behind the same interface.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Mapping
 
 import torch
@@ -96,6 +113,45 @@ def scored_tokens(labels: Tensor, token_mask: Tensor, start: Tensor) -> tuple[Te
     return torch.where(mask, ids, torch.zeros_like(ids)), mask
 
 
+def _left_padded(ids: Tensor, prompt_len: Tensor, width: int, pad_id: int) -> Tensor:
+    """(B, width) prompts: example i's first ``prompt_len[i]`` tokens of ``ids``, left-padded with ``pad_id``."""
+    cols = torch.arange(width, device=ids.device).view(1, -1) - (width - prompt_len).view(-1, 1)
+    return torch.where(cols >= 0, ids.gather(1, cols.clamp(0, ids.shape[1] - 1)), torch.full_like(cols, pad_id))
+
+
+def _fsdp_units(model: Any) -> list[Any]:
+    """The FSDP2 units of ``model`` (``fully_shard``-ed modules), none when it is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, FSDPModule) else []
+
+
+@contextlib.contextmanager
+def _gathered(units: Sequence[Any]) -> Iterator[None]:
+    """Every FSDP unit's full parameters gathered once, kept through the forwards of a generation (no
+    collective per token, so ranks may stop at different lengths), then sharded again. A collective: every
+    rank enters it together. Memory: the whole model on every rank while inside."""
+    if not units:
+        yield
+        return
+    units[0]._get_fsdp_state()._lazy_init()  # the root's own settings are fixed on its first forward
+    groups = [g for u in units for g in u._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for g in groups:
+        g.post_forward_mesh_info = None  # no reshard after each forward
+    try:
+        for u in units:
+            u.unshard()
+        yield
+    finally:
+        for g, info in zip(groups, saved):
+            g.post_forward_mesh_info = info
+        for u in units:
+            u.reshard()
+
+
 def _resolve(reward: Any) -> Any:
     if reward is None or callable(reward):
         return reward
@@ -114,15 +170,31 @@ class Rollout(BatchTransform, Component):
 
     Args:
         source: the model that samples (``student``, default; ``teacher`` for sequence-level KD).
-        on_policy_prob: lambda, the probability that a micro-batch is generated (1.0).
+        on_policy_prob: lambda, the probability that a micro-batch (or a step, below) is generated (1.0).
         max_new_tokens: the completion budget (64). temperature (1.0), top_k (0: off), top_p (1.0): sampling.
         eos_token_id, pad_token_id: default the data tokenizer's (read at build).
+        samples_per_prompt: G completions of every prompt, adjacent rows numbered by ``group`` (1; GRPO: > 1).
+        reward: a dotted path to ``f(completion, mask, reference, reference_mask, tokenizer) -> (B,)`` (none).
+        generate_per: ``micro_batch`` (default: one ``generate`` per micro-batch, TRL's GKD) or ``step``: one
+            batched ``generate`` for the prompts of all the optimizer step's micro-batches (one draw of lambda
+            per step), whose completions are split back into the micro-batches (TRL's GRPO generation batch).
+            The same rollouts either way when a step has one micro-batch.
+        gather_sharded: under FSDP, gather the sharded source's full weights once per generation (default; the
+            whole model on every rank meanwhile, as TRL's ``ds3_gather_for_generation``) or, false, keep them
+            sharded and let every rank run forwards until all ranks are done (HF's ``synced_gpus``: one
+            all-gather per layer per token, memory of one layer).
     """
+
+    shard_safe = True  # runs under FSDP: generation gathers the sharded source or keeps the ranks in step
 
     def __init__(self, source: str = "student", on_policy_prob: float = 1.0, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None, samples_per_prompt: int = 1, reward: Any = None) -> None:
+                 pad_token_id: int | None = None, samples_per_prompt: int = 1, reward: Any = None,
+                 generate_per: str = "micro_batch", gather_sharded: bool = True) -> None:
         Component.__init__(self)
+        if generate_per not in ("micro_batch", "step"):
+            raise ValueError(f"rollout: generate_per must be micro_batch or step, got '{generate_per}'")
+        self.generate_per, self.gather_sharded = str(generate_per), bool(gather_sharded)
         if int(samples_per_prompt) < 1 or (int(samples_per_prompt) > 1 and on_policy_prob != 1.0):
             raise ValueError(f"rollout: samples_per_prompt must be >= 1, and a group of samples per prompt needs "
                              f"on_policy_prob=1; got {samples_per_prompt}, {on_policy_prob}")
@@ -189,55 +261,104 @@ class Rollout(BatchTransform, Component):
                              f"built; use a teacher of the student's vocabulary (alignment=identical) for on-policy data")
         return key
 
+    def _draw(self) -> float:
+        """The uniform draw that decides the micro-batch just begun: no rank in its seed, so every rank decides
+        alike (a sharded source generates on all ranks or none; no rank waits for another's rollouts)."""
+        choose = torch.Generator().manual_seed(_mix((self.seed, self.round, self.stage, self.step, self.micro - 1)))
+        return float(torch.rand((), generator=choose))
+
+    @property
+    def per_step(self) -> bool:
+        """True: the engine hands the transform a whole optimizer step's micro-batches (:meth:`window`)."""
+        return self.generate_per == "step"
+
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         key = self._begin(batch)
-        choose = torch.Generator().manual_seed(key)
-        if float(torch.rand((), generator=choose)) >= self.on_policy_prob:
+        if self._draw() >= self.on_policy_prob:
             return batch
         return self.generate(batch, key)
 
+    def window(self, batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """A step's micro-batches, all generated by one ``generate`` call (with probability lambda) or all kept."""
+        keys = [self._begin(b) for b in batches]
+        self.micro = 1
+        decide = self._draw()
+        self.micro = len(batches)
+        if decide >= self.on_policy_prob:
+            return list(batches)
+        return self.generate_window(batches, keys[0])
+
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Tensor], key: int) -> dict[str, Tensor]:
-        """Sample the completions (seeded by ``key``) and rebuild the batch."""
+        """Sample the completions of one micro-batch (seeded by ``key``) and rebuild it."""
+        return self.generate_window([batch], key)[0]
+
+    @torch.no_grad()
+    def generate_window(self, window: Sequence[Mapping[str, Tensor]], key: int) -> list[dict[str, Tensor]]:
+        """One ``generate`` call (seeded by ``key``) for the prompts of every micro-batch of ``window``; each
+        micro-batch is rebuilt from its own rows, to its own width."""
         g = self.samples_per_prompt
-        if g > 1:  # GRPO: G samples of every prompt, adjacent rows; `group` numbers the prompts of the micro-batch
-            batch = {k: v.repeat_interleave(g, dim=0) if isinstance(v, Tensor) and v.dim() >= 1 else v
-                     for k, v in batch.items()}
-            batch["group"] = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) // g
-        model, ids, plen = self._model, batch["input_ids"], batch["prompt_length"].long()
-        dev = ids.device
-        p = int(plen.max())
-        cols = torch.arange(p, device=dev).view(1, -1) - (p - plen).view(-1, 1)  # left-pad each prompt to width p
-        prompts = torch.where(cols >= 0, ids.gather(1, cols.clamp_min(0)), torch.full_like(cols, self.pad_token_id))
-        attention = (cols >= 0).long()
+        grown = []
+        for batch in window:
+            if g > 1:  # GRPO: G samples of every prompt, adjacent rows; `group` numbers the prompts of the micro-batch
+                batch = {k: v.repeat_interleave(g, dim=0) if isinstance(v, Tensor) and v.dim() >= 1 else v
+                         for k, v in batch.items()}
+                batch["group"] = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) // g
+            grown.append(batch)
+        plens = [b["prompt_length"].long() for b in grown]
+        p = max(int(pl.max()) for pl in plens)
+        prompts = torch.cat([_left_padded(b["input_ids"], pl, p, int(self.pad_token_id)) for b, pl in zip(grown, plens)])
+        plen = torch.cat(plens)
+        cols = torch.arange(p, device=prompts.device).view(1, -1)
+        attention = (cols >= (p - plen).view(-1, 1)).long()
+        out = self._sample(prompts, attention, key)
+        self.generated += 1
+        rows, start = [], 0
+        for batch, pl in zip(grown, plens):
+            n = pl.shape[0]
+            rebuilt = rebuild(batch, prompts[start:start + n], pl, out[start:start + n, p:], self.eos_token_id,
+                              int(self.pad_token_id))
+            start += n
+            if self._reward is not None:
+                self._score(rebuilt, batch, pl)
+            rows.append(rebuilt)
+        return rows
+
+    def _sample(self, prompts: Tensor, attention: Tensor, key: int) -> Tensor:
+        """``generate`` on left-padded prompts in eval mode, seeded by ``key``, the global generators restored.
+        An FSDP-sharded source is gathered whole for the call (``gather_sharded``), or runs HF's ``synced_gpus``
+        loop, which keeps every rank stepping until all ranks are done."""
+        model = self._model
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
                                   "top_k": self.top_k, "top_p": self.top_p, "pad_token_id": self.pad_token_id,
                                   "eos_token_id": self.eos_token_id}
+        sharded = _fsdp_units(model)
+        if sharded and not self.gather_sharded:
+            kwargs["synced_gpus"] = True
         was_training = model.training
         model.eval()
-        devices = [dev] if dev.type == "cuda" else []
+        devices = [prompts.device] if prompts.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), _gathered(sharded if self.gather_sharded else []):
                 torch.manual_seed(key)
-                out = model.generate(input_ids=prompts, attention_mask=attention, **kwargs)
+                return model.generate(input_ids=prompts, attention_mask=attention, **kwargs)
         finally:
             model.train(was_training)
-        self.generated += 1
-        rebuilt = rebuild(batch, prompts, plen, out[:, p:], self.eos_token_id, int(self.pad_token_id))
-        if self._reward is not None:
-            start = plen - 1
-            completion, c_mask = scored_tokens(rebuilt["labels"], rebuilt["token_mask"], start)
-            reference, r_mask = scored_tokens(batch["labels"], batch["token_mask"] != 0, start)
-            reward = self._reward(completion, c_mask, reference, r_mask, self._tokenizer).to(dev).float()
-            rebuilt["reward"] = reward
-            # KDRL's reward-guided masking: the distillation term on the responses that earned no reward only
-            rebuilt["unrewarded_token_mask"] = rebuilt["token_mask"] & (reward <= 0).view(-1, 1)
-        return rebuilt
+
+    def _score(self, rebuilt: dict[str, Tensor], batch: Mapping[str, Tensor], plen: Tensor) -> None:
+        """The reward of each completion against the data's response, and KDRL's reward-guided mask."""
+        start = plen - 1
+        completion, c_mask = scored_tokens(rebuilt["labels"], rebuilt["token_mask"], start)
+        reference, r_mask = scored_tokens(batch["labels"], batch["token_mask"] != 0, start)
+        reward = self._reward(completion, c_mask, reference, r_mask, self._tokenizer).to(plen.device).float()
+        rebuilt["reward"] = reward
+        # KDRL's reward-guided masking: the distillation term on the responses that earned no reward only
+        rebuilt["unrewarded_token_mask"] = rebuilt["token_mask"] & (reward <= 0).view(-1, 1)
 
     def __repr__(self) -> str:
         return (f"Rollout(source={self.source}, on_policy_prob={self.on_policy_prob}, max_new_tokens={self.max_new_tokens}, "
                 f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, "
-                f"samples_per_prompt={self.samples_per_prompt})")
+                f"samples_per_prompt={self.samples_per_prompt}, generate_per={self.generate_per})")
 
 
 class AdaptiveReplay(Rollout):

@@ -1,7 +1,8 @@
 """One stage of a run: its optimizer groups, the training step, its epochs and steps.
 
 The step (:meth:`StageRunner.train_step`), for each of the window's K micro-batches
-(``trainer.accumulate_grad_batches``): batch transform (mixup, one-hot targets) -> frozen models
+(``trainer.accumulate_grad_batches``): batch transform (mixup, one-hot targets; a transform with
+``per_step`` runs once over the whole window first, e.g. one batched rollout) -> frozen models
 (eval mode, no autograd) -> trained models -> adapters -> loss terms, each scaled so that the window's
 mean is a global mean (:mod:`kdrun.engine.accumulate`) -> ``total = sum(weight * term)`` -> backward
 (with co-trained optimizer groups: one backward per group over its own terms, restricted to its
@@ -196,7 +197,8 @@ class StageRunner:
                                   **{f"l.{t}": exp.losses[t].module for t in self.plan.losses},
                                   **({"transform": self.plan.batch_transform}
                                      if isinstance(self.plan.batch_transform, Component) else {})})
-        if isinstance(self.plan.batch_transform, Component) and exp.sharded and hasattr(self.plan.batch_transform, "bind"):
+        if (isinstance(self.plan.batch_transform, Component) and exp.sharded and hasattr(self.plan.batch_transform, "bind")
+                and not getattr(self.plan.batch_transform, "shard_safe", False)):
             raise KdrunError(f"stages.{self.plan.name}: {type(self.plan.batch_transform).__name__} runs a model inside the "
                              f"batch transform, which the FSDP-sharded path does not support; run it without trainer.fsdp")
         self.meter = EpochMeter()
@@ -569,26 +571,36 @@ class StageRunner:
         total: Tensor | None = None
         values: dict[str, Tensor] = {}
         first: Mapping[str, Tensor] | None = None
-        if self.outer:  # bilevel components update their own parameters first, on the step's first micro-batch
+        transform = self.plan.batch_transform
+        # a transform of the whole step (one batched rollout for all micro-batches) runs once, before anything else
+        stepwise = transform is not None and getattr(transform, "per_step", False)
+        if stepwise:
             for c in self.hooked:
                 c.on_batch(tuple(sizes[0]), self.dist.rank)
-            first = window[0] if self.plan.batch_transform is None else self.plan.batch_transform(window[0])
+            window = transform.window(window)
+            transform = None
+        if self.outer:  # bilevel components update their own parameters first, on the step's first micro-batch
+            if not stepwise:
+                for c in self.hooked:
+                    c.on_batch(tuple(sizes[0]), self.dist.rank)
+            first = window[0] if transform is None else transform(window[0])
             self._outer_steps(first)
+
         def prepare(k: int) -> Mapping[str, Tensor]:
             """Micro-batch k as the models see it: the stage's transform, then components' own changes."""
-            if k > 0 or first is None:
+            if (k > 0 or first is None) and not (stepwise and k == 0):
                 for c in self.hooked:
                     c.on_batch(tuple(sizes[k]), self.dist.rank)
             batch = first if k == 0 and first is not None else window[k]
-            if not (k == 0 and first is not None) and self.plan.batch_transform is not None:
-                batch = self.plan.batch_transform(batch)
+            if not (k == 0 and first is not None) and transform is not None:
+                batch = transform(batch)
             for c in self.batch_changers:  # components' own changes of the training batch (HARD's learned augmentation)
                 batch = c.transform_batch(batch)
             return batch
 
         # token means count the tokens the terms see, which a transform may change (a rollout does): then every
         # micro-batch is transformed before the scales are computed; otherwise one at a time (less memory held)
-        changes = self.plan.batch_transform is not None or bool(self.batch_changers)
+        changes = self.plan.batch_transform is not None or bool(self.batch_changers)  # (a stepwise one changed them)
         eager = changes and any(self.exp.losses[t].mean_over == "tokens" for t in self.plan.losses)
         seen: list[Mapping[str, Tensor] | None] = [None] * len(window)
         if eager:
