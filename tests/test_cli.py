@@ -100,3 +100,13 @@ def test_torchvision_model_on_an_image_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["student"] == "tv_resnet18" and summary["steps"] == 2 and summary["last_top1"] is not None
+
+
+def test_an_override_holding_an_interpolation_is_kept_as_typed_in_the_summary(tmp_path, fast_digits):
+    """Overrides such as ``loss.kd.teacher_tokenizer=${data.source.teacher_tokenizer}`` (the cross-tokenizer
+    stand-ins) used to crash the summary, after training, when the saved override list was resolved on its own."""
+    proc = run_cli([*fast_digits, "trainer.max_epochs=1", "seed=${trainer.max_epochs}",
+                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "seed=${trainer.max_epochs}" in summary["overrides"]

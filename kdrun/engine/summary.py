@@ -166,5 +166,6 @@ def _tensorboard_hparams(summary: dict[str, Any], run_dir: Path) -> None:
 def _overrides(run_dir: Path) -> list[str]:
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
     if path.is_file():
-        return [str(x) for x in OmegaConf.load(path)]
+        # as typed: an override may hold an interpolation (``a=${b}``), which a list has no root to resolve against
+        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path), resolve=False)]
     return []
