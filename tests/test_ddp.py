@@ -234,3 +234,23 @@ def test_preference_pairs_train_alike_on_two_ranks_and_one_process(tmp_path):
     b = torch.load(two / "student.pt", weights_only=True)["model"]
     for k in a:  # summation order differs (as in the first test of this file); a pair split across ranks would not
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=2e-3)
+
+
+def test_cross_tokenizer_distillation_trains_alike_on_two_ranks_and_one_process(tmp_path):
+    """Span-aligned KD between two tokenizers: every rank tokenises its own examples twice and the span losses are
+    averaged over the global batch, so 2 ranks train the weights of one process."""
+    from tests.test_recipes import smoke_overrides
+
+    args = ["+recipe=qwen25_cross_tokenizer",
+            *[o for o in smoke_overrides("qwen25_cross_tokenizer") if not o.startswith("trainer.max_")],
+            "trainer.deterministic=true", "trainer.max_epochs=1", "stages.distill.max_steps=3", "data.batch_size=8",
+            "optim@stages.distill.optimizer=sgd", "stages.distill.optimizer.lr=0.5", "trainer.eval_every_steps=null",
+            "trainer.precision=fp32", "teacher.net.dtype=float32"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
+         f"hydra.run.dir={two}"], tmp_path)
+    a = torch.load(one / "student.pt", weights_only=True)["model"]
+    b = torch.load(two / "student.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -94,3 +94,34 @@ def test_fsdp_without_a_distributed_launch_is_refused():
                                                      recipe="text_quickstart")))
         with pytest.raises(KdrunError, match=word):
             check_supported(bad, 2)
+
+
+def _rollout_args(generate_per: str) -> list[str]:
+    """qwen25_onpolicy_rkl on tiny Qwen2 stand-ins: every micro-batch on-policy, 2 micro-batches per step, fp32."""
+    from tests.test_recipes import smoke_overrides
+
+    skip = ("trainer.max_steps_per_epoch", "trainer.accumulate_grad_batches", "generation.", "++generation.")
+    return ["+recipe=qwen25_onpolicy_rkl", *[o for o in smoke_overrides("qwen25_onpolicy_rkl") if not o.startswith(skip)],
+            "generation=null", "trainer.max_steps_per_epoch=3", "trainer.accumulate_grad_batches=2",
+            "trainer.deterministic=true", "trainer.eval_every_steps=null", "trainer.precision=fp32",
+            "teacher.net.dtype=float32", "stages.distill.optimizer.lr=0.01", f"batch_transform.generate_per={generate_per}"]
+
+
+@pytest.mark.parametrize("generate_per,gather", [("step", True), ("micro_batch", False)])
+def test_a_sharded_student_generates_the_rollouts_of_ddp_and_trains_its_weights(tmp_path, generate_per, gather):
+    """Rollouts under FSDP: the sharded student samples (its units gathered for the call, or kept sharded with
+    ``synced_gpus``) the tokens that the same student samples under DDP, with the teacher sharded too; with 2 ranks the
+    gradient sums agree bit for bit, so the trained weights are the DDP run's."""
+    args = _rollout_args(generate_per)
+    run([*args, f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, ranks=2)
+    sharded = run([*args, "trainer.fsdp=true", f"+batch_transform.gather_sharded={str(gather).lower()}",
+                   f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, ranks=2)
+    assert "fsdp: student sharded over 2 ranks" in sharded.stderr + sharded.stdout
+    assert "fsdp: teacher sharded over 2 ranks" in sharded.stderr + sharded.stdout
+    a, b = weights(tmp_path / "ddp", "student"), weights(tmp_path / "fsdp", "student")
+    moved = run([*args, "stages.distill.optimizer.lr=0", f"hydra.run.dir={tmp_path / 'still'}"], tmp_path, ranks=2)
+    assert moved.returncode == 0
+    still = weights(tmp_path / "still", "student")
+    assert max(float((a[k] - still[k]).abs().max()) for k in a) > 1e-3  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
