@@ -11,6 +11,10 @@ Gradients are reduce-scattered after each optimizer step's last micro-batch only
 (``set_requires_gradient_sync``). Checkpoints and exported weights hold **full** tensors, gathered from the
 shards on every rank and written by rank 0, so they load in any run, sharded or not, and a sharded run
 resumes from them by re-sharding (``distribute_tensor``).
+
+On-policy rollouts (:class:`kdrun.data.rollout.Rollout`) run on every rank with the sharded student, its
+units gathered for the ``generate`` call or kept in step by ``synced_gpus``; the evaluation-time
+``generation:`` block runs on rank 0 alone and is refused (:func:`check_supported`).
 """
 from __future__ import annotations
 
