@@ -25,6 +25,15 @@ def run(cmd, cwd):
     return proc
 
 
+def one_and_two_ranks(args, where):
+    """Run ``kdrun ARGS`` in one process and on 2 ranks; their run directories."""
+    one, two = where / "one", where / "two"
+    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], where)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
+         f"hydra.run.dir={two}"], where)
+    return one, two
+
+
 def test_two_ranks_match_one_process(tmp_path):
     one = tmp_path / "one"
     run([sys.executable, "-m", "kdrun", *ARGS, f"hydra.run.dir={one}"], tmp_path)
@@ -52,10 +61,7 @@ def test_two_ranks_co_train_both_models_like_one_process(tmp_path):
             "student=cnn_tiny", "model@models.peer=cnn_tiny", "+student.net.norm=none", "+models.peer.net.norm=none",
             "stages.main.epochs=1", "stages.main.optimizer.lr=0.1", "trainer.progress=off", "trainer.tensorboard=false",
             "trainer.deterministic=true", "trainer.device=cpu"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
-         f"hydra.run.dir={two}"], tmp_path)
+    one, two = one_and_two_ranks(args, tmp_path)
     for name in ("student.pt", "peer.pt"):
         a = torch.load(one / name, weights_only=True)["model"]
         b = torch.load(two / name, weights_only=True)["model"]
@@ -151,10 +157,7 @@ def test_trainable_adapters_and_loss_terms_train_under_two_ranks_as_in_one_proce
             "+loss.crd={_target_: kdrun.losses.CRDLoss, weight: 0.5, num_negatives: 64, "
             "inputs: {student: student.feat, teacher: teacher.feat, index: batch.index}}",
             "stages.distill.losses=[ce,kd,hint,crd]"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
-         f"hydra.run.dir={two}"], tmp_path)
+    one, two = one_and_two_ranks(args, tmp_path)
     a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)["modules"]
     b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["modules"]
     keys = [k for k in a if k.startswith(("models.student.", "adapters.proj.", "losses.crd.")) and k != "losses.crd._extra_state"]
@@ -207,10 +210,7 @@ def test_ddk_domain_weights_agree_across_two_ranks_and_one_process(tmp_path):
             "trainer.deterministic=true", "data.batch_size=8", "data.source.max_train_blocks=40",
             "data.source.max_test_blocks=4", "stages.teacher.max_steps=10", "stages.distill.max_steps=30",
             "loss.ddk.interval=10", "trainer.eval_every_steps=null"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
-         f"hydra.run.dir={two}"], tmp_path)
+    one, two = one_and_two_ranks(args, tmp_path)
     w = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["modules"]["losses.ddk.weights"] for d in (one, two)]
     assert not torch.allclose(w[0], torch.full_like(w[0], 1 / 3))  # the weights moved
     torch.testing.assert_close(w[0], w[1], rtol=1e-4, atol=1e-5)
@@ -226,10 +226,7 @@ def test_preference_pairs_train_alike_on_two_ranks_and_one_process(tmp_path):
             # SGD: Adam's division by sqrt(v) turns float summation-order noise on near-zero gradients into visible steps
             "optim@stages.sft.optimizer=sgd", "optim@stages.redi.optimizer=sgd", "stages.sft.optimizer.lr=0.5",
             "stages.redi.optimizer.lr=0.5"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
-         f"hydra.run.dir={two}"], tmp_path)
+    one, two = one_and_two_ranks(args, tmp_path)
     a = torch.load(one / "student.pt", weights_only=True)["model"]
     b = torch.load(two / "student.pt", weights_only=True)["model"]
     for k in a:  # summation order differs (as in the first test of this file); a pair split across ranks would not
@@ -246,11 +243,7 @@ def test_cross_tokenizer_distillation_trains_alike_on_two_ranks_and_one_process(
             "trainer.deterministic=true", "trainer.max_epochs=1", "stages.distill.max_steps=3", "data.batch_size=8",
             "optim@stages.distill.optimizer=sgd", "stages.distill.optimizer.lr=0.5", "trainer.eval_every_steps=null",
             "trainer.precision=fp32", "teacher.net.dtype=float32"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "-m", "kdrun", *args, f"hydra.run.dir={one}"], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun", *args,
-         f"hydra.run.dir={two}"], tmp_path)
-    a = torch.load(one / "student.pt", weights_only=True)["model"]
-    b = torch.load(two / "student.pt", weights_only=True)["model"]
+    one, two = one_and_two_ranks(args, tmp_path)
+    a, b = (torch.load(d / "student.pt", weights_only=True)["model"] for d in (one, two))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
