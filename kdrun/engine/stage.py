@@ -574,21 +574,20 @@ class StageRunner:
         transform = self.plan.batch_transform
         # a transform of the whole step (one batched rollout for all micro-batches) runs once, before anything else
         stepwise = transform is not None and getattr(transform, "per_step", False)
-        if stepwise:
+        announced = stepwise or bool(self.outer)  # micro-batch 0 is announced to the hooks before the loop below
+        if announced:
             for c in self.hooked:
                 c.on_batch(tuple(sizes[0]), self.dist.rank)
+        if stepwise:
             window = transform.window(window)
             transform = None
         if self.outer:  # bilevel components update their own parameters first, on the step's first micro-batch
-            if not stepwise:
-                for c in self.hooked:
-                    c.on_batch(tuple(sizes[0]), self.dist.rank)
             first = window[0] if transform is None else transform(window[0])
             self._outer_steps(first)
 
         def prepare(k: int) -> Mapping[str, Tensor]:
             """Micro-batch k as the models see it: the stage's transform, then components' own changes."""
-            if (k > 0 or first is None) and not (stepwise and k == 0):
+            if k > 0 or not announced:
                 for c in self.hooked:
                     c.on_batch(tuple(sizes[k]), self.dist.rank)
             batch = first if k == 0 and first is not None else window[k]
@@ -600,7 +599,7 @@ class StageRunner:
 
         # token means count the tokens the terms see, which a transform may change (a rollout does): then every
         # micro-batch is transformed before the scales are computed; otherwise one at a time (less memory held)
-        changes = self.plan.batch_transform is not None or bool(self.batch_changers)  # (a stepwise one changed them)
+        changes = self.plan.batch_transform is not None or bool(self.batch_changers)
         eager = changes and any(self.exp.losses[t].mean_over == "tokens" for t in self.plan.losses)
         seen: list[Mapping[str, Tensor] | None] = [None] * len(window)
         if eager:
