@@ -101,7 +101,8 @@ def build(cfg: ExperimentConfig | DictConfig, device: torch.device | None = None
     for t in [transform, *own.values()]:  # transforms that run models (rollouts) get them before the trace
         if hasattr(t, "bind"):
             t.bind(BuildContext(shapes={}, num_train=data.num_train, device=device, models=dict(models.items()),
-                                seed=int(cfg.seed)), getattr(data, "tokenizer", None))
+                                seed=int(cfg.seed), teacher_tokenizer=getattr(data, "teacher_tokenizer", None),
+                                alignment=getattr(data, "alignment", "identical")), getattr(data, "tokenizer", None))
     # each model is traced on the batches of the stages that run it (a stage's own transform may add the
     # fields it reads, e.g. G2SD's mask noise); models no such stage runs see the run's transform
     runs_own = {m for s in stages if s.name in own for m in s.trained_models + s.frozen_models}

@@ -66,6 +66,8 @@ class BuildContext:
         seed: the run's ``seed``; a component drawing random numbers that must agree on every rank
             (CRD's negatives of the global batch) seeds its own generator from it, because the global
             generators are seeded per rank under data parallelism.
+        teacher_tokenizer: text data whose teacher tokenises the text itself (``data.source.alignment`` spans or
+            positions): the teacher's tokenizer, and ``alignment``, how its tokens are aligned with the student's.
     """
 
     shapes: Mapping[str, Any]
@@ -76,6 +78,8 @@ class BuildContext:
     models: Mapping[str, nn.Module] = field(default_factory=dict)
     seed: int = 0
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    teacher_tokenizer: Any = None
+    alignment: str = "identical"
 
     def model(self, name: str) -> nn.Module:
         """The named model (read it, never change it: it is the model the run trains or freezes)."""

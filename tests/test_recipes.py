@@ -97,6 +97,9 @@ HF_STANDINS["qwen25_cross_tokenizer"] = ["student.net.path=null", f"+teacher.net
                                          "data.source.chat_template=null",
                                          "data.source.teacher_tokenizer={train: {corpus: pydoc_topics, vocab_size: 500}}",
                                          "loss.kd.teacher_tokenizer=${data.source.teacher_tokenizer}"]
+HF_STANDINS["qwen25_gold"] = HF_STANDINS["qwen25_cross_tokenizer"] + ["batch_transform.max_new_tokens=4",
+                                                                  "batch_transform.on_policy_prob=1.0"]
+HF_STANDINS["qwen25_seqkd_cross_tokenizer"] = HF_STANDINS["qwen25_cross_tokenizer"][:-1] + ["batch_transform.max_new_tokens=4"]
 
 
 _CACHE_DIR: list[str] = []

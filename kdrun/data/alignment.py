@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
 log = logging.getLogger("kdrun")
 
 ALIGNMENTS = ("identical", "spans", "positions")
@@ -62,6 +65,34 @@ def span_groups(student_ends: Sequence[int], teacher_ends: Sequence[int]) -> tup
             t_ids[t0:t] = [span] * (t - t0)
             s0, t0, span = s, t, span + 1
     return s_ids, t_ids
+
+
+def batched_span_groups(student_ends: Tensor, student_valid: Tensor, teacher_ends: Tensor,
+                        teacher_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`span_groups` of a batch of texts at once, with no loop over rows or tokens (rollouts re-tokenise
+    every step's completions): ``(N, Ls)`` / ``(N, Lt)`` end offsets, non-decreasing along each row, and masks of
+    the real tokens; ``-1`` at padding and after the last common end.
+
+    A span closes at every offset where both sides have a token ending (a *common end*); the token ending at
+    ``e`` belongs to span ``#{common ends < e}``, and to none when ``e`` is past the last common end.
+    """
+    big = 2**62  # past every real offset
+    s_e = torch.where(student_valid, student_ends, torch.full_like(student_ends, big)).contiguous()
+    t_e = torch.where(teacher_valid, teacher_ends, torch.full_like(teacher_ends, big)).contiguous()
+    if s_e.shape[1] == 0 or t_e.shape[1] == 0:
+        return torch.full_like(s_e, -1), torch.full_like(t_e, -1)
+    at = torch.searchsorted(t_e, s_e).clamp_max(t_e.shape[1] - 1)
+    common = student_valid & (t_e.gather(1, at) == s_e)
+    prev = torch.cat([torch.full_like(s_e[:, :1], -1), s_e[:, :-1]], dim=1)
+    first = common & (s_e != prev)  # one entry per distinct common end
+    ends = torch.where(first, s_e, torch.full_like(s_e, big)).sort(dim=1).values
+    n = first.sum(dim=1, keepdim=True)
+
+    def span_of(e: Tensor, valid: Tensor) -> Tensor:
+        k = torch.searchsorted(ends, e.contiguous())
+        return torch.where(valid & (k < n), k, torch.full_like(k, -1))
+
+    return span_of(s_e, student_valid), span_of(t_e, teacher_valid)
 
 
 def position_groups(n_student: int, n_teacher: int) -> tuple[list[int], list[int]]:
@@ -168,5 +199,5 @@ class SpanStats:
                 f"(not scored): {self.dropped_student} student, {self.dropped_teacher} teacher tokens")
 
 
-__all__ = ["ALIGNMENTS", "SpanStats", "TokenMap", "exact_token_map", "position_groups", "span_groups", "token_strings",
+__all__ = ["ALIGNMENTS", "SpanStats", "TokenMap", "batched_span_groups", "exact_token_map", "position_groups", "span_groups", "token_strings",
            "tokenizer_map"]

@@ -57,19 +57,21 @@ IGNORE_INDEX = -100
 
 
 def rebuild(batch: Mapping[str, Tensor], prompts: Tensor, prompt_len: Tensor, completions: Tensor, eos_id: int | None,
-            pad_id: int) -> dict[str, Tensor]:
+            pad_id: int, lengths: Tensor | None = None) -> dict[str, Tensor]:
     """The batch with each example's response replaced by its completion.
 
     ``prompts`` (B, P) left-padded prompt tokens (example i's prompt is its last ``prompt_len[i]``);
     ``completions`` (B, M): what ``generate`` appended (padded after the first EOS). Example i becomes
-    ``prompt + completion[:c_i]``, ``c_i`` up to and including the first EOS (all M without one), right-padded;
-    ``labels`` are the next tokens at the completion's positions (``-100`` elsewhere), ``token_mask`` marks
-    them; every other field is kept.
+    ``prompt + completion[:c_i]``, ``c_i`` up to and including the first EOS (all M without one; or ``lengths``
+    when given), right-padded; ``labels`` are the next tokens at the completion's positions (``-100`` elsewhere),
+    ``token_mask`` marks them; every other field is kept.
     """
     b, p = prompts.shape
     m = completions.shape[1]
     dev = prompts.device
-    if eos_id is not None:
+    if lengths is not None:
+        clen = lengths.to(dev)
+    elif eos_id is not None:
         is_eos = completions == eos_id
         first = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1), torch.full((b,), m, device=dev))
         clen = torch.where(is_eos.any(dim=1), first + 1, first)
@@ -201,6 +203,8 @@ class Rollout(BatchTransform, Component):
         self.samples_per_prompt = int(samples_per_prompt)
         object.__setattr__(self, "_reward", _resolve(reward))
         object.__setattr__(self, "_tokenizer", None)
+        object.__setattr__(self, "_teacher_tokenizer", None)  # a teacher with its own tokenizer (kdrun.data.retokenise)
+        self.alignment = "identical"
         if not 0.0 <= on_policy_prob <= 1.0 or int(max_new_tokens) < 1 or temperature <= 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"rollout: need on_policy_prob in [0, 1], max_new_tokens >= 1, temperature > 0 and top_p in "
                              f"(0, 1]; got {on_policy_prob}, {max_new_tokens}, {temperature}, {top_p}")
@@ -222,14 +226,31 @@ class Rollout(BatchTransform, Component):
                              f"rollouts need a Hugging Face causal LM")
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_tokenizer", tokenizer)
-        if tokenizer is not None:
+        object.__setattr__(self, "_teacher_tokenizer", ctx.teacher_tokenizer)
+        self.alignment = str(ctx.alignment)
+        if self.cross and tokenizer is None:
+            raise KdrunError(f"batch_transform ({type(self).__name__}): the teacher tokenises the text itself, so the "
+                             f"completions are re-tokenised for each model, which needs the student's tokenizer "
+                             f"(data.source.tokenizer)")
+        sampler = self._sampler_tokenizer
+        if sampler is not None:
             if self.eos_token_id is None:
-                self.eos_token_id = tokenizer.eos_token_id
+                self.eos_token_id = sampler.eos_token_id
             if self.pad_token_id is None:
-                self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                self.pad_token_id = sampler.pad_token_id if sampler.pad_token_id is not None else sampler.eos_token_id
         if self.pad_token_id is None:
             raise KdrunError("batch_transform (Rollout): no pad token id (the data has no tokenizer); set pad_token_id")
         self.seed = int(ctx.seed)
+
+    @property
+    def cross(self) -> bool:
+        """True when the teacher has its own tokenisation of the text: completions are re-tokenised for both."""
+        return self._teacher_tokenizer is not None and self.alignment != "identical"
+
+    @property
+    def _sampler_tokenizer(self) -> Any:
+        """The tokenizer of the model that samples (its EOS ends a completion, its pad fills the prompts)."""
+        return self._teacher_tokenizer if self.cross and self.source == "teacher" else self._tokenizer
 
     # the engine's hooks: where the run stands, for the seeds
     def on_stage_start(self, stage: StageInfo) -> None:
@@ -255,10 +276,11 @@ class Rollout(BatchTransform, Component):
         if "prompt_length" not in batch:
             raise KdrunError(f"batch_transform ({name}): the batch has no prompt_length; rollouts need prompt/response "
                              f"data (data=instructions)")
-        if "teacher_input_ids" in batch:
-            raise KdrunError(f"batch_transform ({name}): the teacher tokenises the text itself (data.source.alignment="
-                             f"spans/positions), and rollouts would need the completions re-tokenised for it, which is not "
-                             f"built; use a teacher of the student's vocabulary (alignment=identical) for on-policy data")
+        if "teacher_input_ids" in batch and not (self.cross and "teacher_prompt_length" in batch):
+            raise KdrunError(f"batch_transform ({name}): the batch carries the teacher's own tokens (teacher_input_ids) "
+                             f"but not the teacher's tokenizer and prompt lengths, so the completions cannot be "
+                             f"re-tokenised for it; build the data with data.source.teacher_tokenizer and "
+                             f"data.source.alignment=spans or positions (data=instructions)")
         return key
 
     def _decider(self, micro: int) -> torch.Generator:
@@ -305,9 +327,10 @@ class Rollout(BatchTransform, Component):
                          for k, v in batch.items()}
                 batch["group"] = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) // g
             grown.append(batch)
-        plens = [b["prompt_length"].long() for b in grown]
+        own = "teacher_" if self.cross and self.source == "teacher" else ""  # the sampler's prompt tokens
+        plens = [b[f"{own}prompt_length"].long() for b in grown]
         p = max(int(pl.max()) for pl in plens)
-        prompts = torch.cat([_left_padded(b["input_ids"], pl, p, int(self.pad_token_id)) for b, pl in zip(grown, plens)])
+        prompts = torch.cat([_left_padded(b[f"{own}input_ids"], pl, p, int(self.pad_token_id)) for b, pl in zip(grown, plens)])
         plen = torch.cat(plens)
         cols = torch.arange(p, device=prompts.device).view(1, -1)
         attention = (cols >= (p - plen).view(-1, 1)).long()
@@ -316,13 +339,37 @@ class Rollout(BatchTransform, Component):
         rows, start = [], 0
         for batch, pl in zip(grown, plens):
             n = pl.shape[0]
-            rebuilt = rebuild(batch, prompts[start:start + n], pl, out[start:start + n, p:], self.eos_token_id,
-                              int(self.pad_token_id))
+            if self.cross:
+                rebuilt = self._retokenised(batch, out[start:start + n, p:])
+            else:
+                rebuilt = rebuild(batch, prompts[start:start + n], pl, out[start:start + n, p:], self.eos_token_id,
+                                  int(self.pad_token_id))
             start += n
             if self._reward is not None:
-                self._score(rebuilt, batch, pl)
+                self._score(rebuilt, batch, batch["prompt_length"].long())
             rows.append(rebuilt)
         return rows
+
+    def _retokenised(self, batch: Mapping[str, Tensor], completions: Tensor) -> dict[str, Tensor]:
+        """The micro-batch rebuilt from the completions' text, each model's prompt followed by its own tokens of
+        the text, the spans aligned as the data source aligns them (:mod:`kdrun.data.retokenise`)."""
+        from kdrun.data.retokenise import completion_texts, first_of_span, place_spans, tokenise_completions
+
+        s_tok, t_tok = self._tokenizer, self._teacher_tokenizer
+        texts, finished = completion_texts(completions, self.eos_token_id, self._sampler_tokenizer)
+        ct = tokenise_completions(texts, finished, s_tok, t_tok, self.alignment, completions.device)
+        sides = {"": (s_tok, ct.student_ids, ct.student_lengths, ct.student_span),
+                 "teacher_": (t_tok, ct.teacher_ids, ct.teacher_lengths, ct.teacher_span)}
+        out = dict(batch)
+        for prefix, (tok, ids, lengths, span) in sides.items():
+            plen = batch[f"{prefix}prompt_length"].long()
+            pad = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+            prompts = _left_padded(batch[f"{prefix}input_ids"], plen, int(plen.max()), pad)
+            fields = rebuild({}, prompts, plen, ids, None, pad, lengths=lengths)
+            out.update({f"{prefix}{k}": v for k, v in fields.items()})
+            out[f"{prefix}span"] = place_spans(span, plen, fields["input_ids"].shape[1])
+        out["span_mask"] = first_of_span(out["span"])
+        return out
 
     def _sample(self, prompts: Tensor, attention: Tensor, key: int) -> Tensor:
         """``generate`` on left-padded prompts in eval mode, seeded by ``key``, the global generators restored.

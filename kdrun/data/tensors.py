@@ -41,6 +41,8 @@ class TensorSplits:
     tokenizer: Any = None  # text data: the tokenizer that made the token ids (generation decodes with it)
     cache: Any = None  # a kdrun.data.teacher_cache.TeacherCache of the training split (data.teacher_cache)
     group: int = 1  # rows that stay together (a preference pair's chosen and rejected rows: 2), in order
+    teacher_tokenizer: Any = None  # a teacher that tokenises the text itself (its own ``teacher_*`` fields)
+    alignment: str = "identical"  # how those fields are aligned with the student's (kdrun.data.alignment)
 
     def __post_init__(self) -> None:
         _check(self.train, "train")
@@ -75,7 +77,12 @@ class TensorSplits:
         """The training rows ``kept`` (indices, in the split's order), the test split as it is."""
         self._ungrouped("data.selection")
         kept = kept.long().sort().values
-        return TensorSplits({k: v[kept] for k, v in self.train.items()}, self.test, self.trim_field, self.tokenizer)
+        return self._with({k: v[kept] for k, v in self.train.items()}, self.test)
+
+    def _with(self, train: dict[str, Tensor], test: dict[str, Tensor]) -> TensorSplits:
+        """Other rows of the same data: the tokenizers and the alignment kept (the row-indexed cache is not)."""
+        return TensorSplits(train, test, self.trim_field, self.tokenizer, teacher_tokenizer=self.teacher_tokenizer,
+                            alignment=self.alignment)
 
     def _ungrouped(self, key: str) -> None:
         if self.group > 1:
@@ -91,8 +98,7 @@ class TensorSplits:
         m = max(1, math.ceil(n_test * n / n_train))
         train = stratified_indices(self.train.get("target"), n, n_train, seed)
         test = stratified_indices(self.test.get("target"), m, n_test, seed + 1)
-        return TensorSplits({k: v[train] for k, v in self.train.items()}, {k: v[test] for k, v in self.test.items()},
-                            self.trim_field, self.tokenizer)
+        return self._with({k: v[train] for k, v in self.train.items()}, {k: v[test] for k, v in self.test.items()})
 
     @property
     def class_coverage(self) -> dict[str, int | None]:
@@ -107,8 +113,7 @@ class TensorSplits:
             raise ValueError(f"data.val_split must be between 1 and {total - 1}, got {n}")
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         val, train = perm[:n].sort().values, perm[n:].sort().values
-        return TensorSplits({k: v[train] for k, v in self.train.items()}, {k: v[val] for k, v in self.train.items()},
-                            self.trim_field, self.tokenizer)
+        return self._with({k: v[train] for k, v in self.train.items()}, {k: v[val] for k, v in self.train.items()})
 
 
 class TensorLoader:

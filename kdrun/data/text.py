@@ -400,6 +400,7 @@ def _teacher_view(rows: list[dict[str, Any]], kept: list[tuple[int, int]], promp
     t_width = max(len(x) for x in t_inputs)
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
     f = {f"teacher_{k}": v for k, v in _fields(t_inputs, t_targets, t_width, pad).items()}
+    f["teacher_prompt_length"] = torch.tensor([len(p) for p in t_prompts], dtype=torch.long)  # rollouts' teacher prompts
     span = torch.full((len(kept), width), -1, dtype=torch.long)
     t_span_t = torch.full((len(kept), t_width), -1, dtype=torch.long)
     for k, (a, b) in enumerate(zip(s_span, t_span)):  # build time, once per example
@@ -466,7 +467,7 @@ def instructions(tokenizer: Any, train: str, test: str | None = None, prompt_fie
                 log.info("vocabularies: %s", tokenizer_map(tok, teacher_tok).summary())
         out[split] = f
     return TensorSplits(out["train"], out["test"], trim_field="attention_mask" if padding == "longest" else None,
-                        tokenizer=tok)
+                        tokenizer=tok, teacher_tokenizer=teacher_tok, alignment=alignment)
 
 
 def preference_pairs(tokenizer: Any, train: str, test: str | None = None, prompt_field: str = "prompt",
