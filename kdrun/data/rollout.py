@@ -36,9 +36,13 @@ done (less memory, one all-gather per unit per token).
 
 Generation reads host values (prompt lengths, completion lengths) and ``generate`` itself synchronises
 at every token; a rollout step is therefore not free of device synchronisation. :class:`AdaptiveReplay` is
-DistiLLM's adaptive off-policy schedule (a replay buffer of student generations). Not built:
-re-tokenising completions for a teacher with its own tokenizer (refused at build), and a faster backend
-(vLLM) behind the same interface.
+DistiLLM's adaptive off-policy schedule (a replay buffer of student generations).
+
+Data whose teacher tokenises the text itself (``data.source.alignment`` spans or positions): the completions
+are decoded and tokenised again by each model's tokenizer, and every field of both models is rebuilt with
+the data source's alignment (:mod:`kdrun.data.retokenise`); ``source: teacher`` is then sequence-level KD
+across tokenizers, ``source: student`` GOLD's on-policy setting. Not built: a faster backend (vLLM) behind
+the same interface.
 """
 from __future__ import annotations
 
