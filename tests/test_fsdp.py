@@ -96,23 +96,26 @@ def test_fsdp_without_a_distributed_launch_is_refused():
             check_supported(bad, 2)
 
 
-def _rollout_args(generate_per: str) -> list[str]:
-    """qwen25_onpolicy_rkl on tiny Qwen2 stand-ins: every micro-batch on-policy, 2 micro-batches per step, fp32."""
+def _rollout_args(generate_per: str, recipe: str = "qwen25_onpolicy_rkl") -> list[str]:
+    """A rollout recipe on tiny Qwen2 stand-ins: every micro-batch on-policy, 2 micro-batches per step, fp32."""
     from tests.test_recipes import smoke_overrides
 
     skip = ("trainer.max_steps_per_epoch", "trainer.accumulate_grad_batches", "generation.", "++generation.")
-    return ["+recipe=qwen25_onpolicy_rkl", *[o for o in smoke_overrides("qwen25_onpolicy_rkl") if not o.startswith(skip)],
+    return [f"+recipe={recipe}", *[o for o in smoke_overrides(recipe) if not o.startswith(skip)],
             "generation=null", "trainer.max_steps_per_epoch=3", "trainer.accumulate_grad_batches=2",
             "trainer.deterministic=true", "trainer.eval_every_steps=null", "trainer.precision=fp32",
             "teacher.net.dtype=float32", "stages.distill.optimizer.lr=0.01", f"batch_transform.generate_per={generate_per}"]
 
 
-@pytest.mark.parametrize("generate_per,gather", [("step", True), ("micro_batch", False)])
-def test_a_sharded_student_generates_the_rollouts_of_ddp_and_trains_its_weights(tmp_path, generate_per, gather):
-    """Rollouts under FSDP: the sharded student samples (its units gathered for the call, or kept sharded with
-    ``synced_gpus``) the tokens that the same student samples under DDP, with the teacher sharded too; with 2 ranks the
-    gradient sums agree bit for bit, so the trained weights are the DDP run's."""
-    args = _rollout_args(generate_per)
+@pytest.mark.parametrize("generate_per,gather,recipe", [("step", True, "qwen25_onpolicy_rkl"),
+                                                        ("micro_batch", False, "qwen25_onpolicy_rkl"),
+                                                        ("step", True, "qwen25_seqkd_cross_tokenizer")])
+def test_a_sharded_student_generates_the_rollouts_of_ddp_and_trains_its_weights(tmp_path, generate_per, gather, recipe):
+    """Rollouts under FSDP: the sharded sampler (its units gathered for the call, or kept sharded with ``synced_gpus``)
+    draws the tokens that it draws under DDP, with the teacher sharded too; with 2 ranks the gradient sums agree bit
+    for bit, so the trained weights are the DDP run's. The sampler is the student, or (sequence-level KD across
+    tokenizers) the sharded teacher, whose text the student learns through its own tokenizer."""
+    args = _rollout_args(generate_per, recipe)
     run([*args, f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, ranks=2)
     sharded = run([*args, "trainer.fsdp=true", f"+batch_transform.gather_sharded={str(gather).lower()}",
                    f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, ranks=2)
