@@ -89,7 +89,7 @@ def test_fsdp_without_a_distributed_launch_is_refused():
     with pytest.raises(KdrunError, match="torchrun"):
         check_supported(cfg, 0)
     check_supported(cfg, 2)
-    for extra, word in (("+generation={models: [student]}", "generation"), ("trainer.compile=true", "compile")):
+    for extra, word in (("trainer.compile=true", "compile"),):
         bad = experiment_config(validate(compose_cfg([t for t in TINY if not t.startswith("+recipe")] + ["trainer.fsdp=true", extra],
                                                      recipe="text_quickstart")))
         with pytest.raises(KdrunError, match=word):
@@ -100,9 +100,9 @@ def _rollout_args(generate_per: str, recipe: str = "qwen25_onpolicy_rkl") -> lis
     """A rollout recipe on tiny Qwen2 stand-ins: every micro-batch on-policy, 2 micro-batches per step, fp32."""
     from tests.test_recipes import smoke_overrides
 
-    skip = ("trainer.max_steps_per_epoch", "trainer.accumulate_grad_batches", "generation.", "++generation.")
+    skip = ("trainer.max_steps_per_epoch", "trainer.accumulate_grad_batches")
     return [f"+recipe={recipe}", *[o for o in smoke_overrides(recipe) if not o.startswith(skip)],
-            "generation=null", "trainer.max_steps_per_epoch=3", "trainer.accumulate_grad_batches=2",
+            "generation.do_sample=true", "trainer.max_steps_per_epoch=3", "trainer.accumulate_grad_batches=2",
             "trainer.deterministic=true", "trainer.eval_every_steps=null", "trainer.precision=fp32",
             "teacher.net.dtype=float32", "stages.distill.optimizer.lr=0.01", f"batch_transform.generate_per={generate_per}"]
 
@@ -114,7 +114,8 @@ def test_a_sharded_student_generates_the_rollouts_of_ddp_and_trains_its_weights(
     """Rollouts under FSDP: the sharded sampler (its units gathered for the call, or kept sharded with ``synced_gpus``)
     draws the tokens that it draws under DDP, with the teacher sharded too; with 2 ranks the gradient sums agree bit
     for bit, so the trained weights are the DDP run's. The sampler is the student, or (sequence-level KD across
-    tokenizers) the sharded teacher, whose text the student learns through its own tokenizer."""
+    tokenizers) the sharded teacher, whose text the student learns through its own tokenizer. The evaluation's
+    generation (rank 0 alone, the sharded student gathered) then writes the DDP run's completions."""
     args = _rollout_args(generate_per, recipe)
     run([*args, f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, ranks=2)
     sharded = run([*args, "trainer.fsdp=true", f"+batch_transform.gather_sharded={str(gather).lower()}",
@@ -128,3 +129,6 @@ def test_a_sharded_student_generates_the_rollouts_of_ddp_and_trains_its_weights(
     assert max(float((a[k] - still[k]).abs().max()) for k in a) > 1e-3  # training moved the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # the generation: block: rank 0 samples alone from the gathered student, the DDP run's completions
+    ddp_text = (tmp_path / "ddp" / "generations.jsonl").read_text()
+    assert ddp_text and (tmp_path / "fsdp" / "generations.jsonl").read_text() == ddp_text

@@ -46,8 +46,7 @@ the same interface.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Mapping
 
 import torch
@@ -55,6 +54,7 @@ from torch import Tensor
 
 from kdrun.component import BuildContext, Component, StageInfo
 from kdrun.data.mix import BatchTransform
+from kdrun.engine.fsdp import fsdp_units, gathered
 from kdrun.errors import KdrunError
 
 IGNORE_INDEX = -100
@@ -123,39 +123,6 @@ def _left_padded(ids: Tensor, prompt_len: Tensor, width: int, pad_id: int) -> Te
     """(B, width) prompts: example i's first ``prompt_len[i]`` tokens of ``ids``, left-padded with ``pad_id``."""
     cols = torch.arange(width, device=ids.device).view(1, -1) - (width - prompt_len).view(-1, 1)
     return torch.where(cols >= 0, ids.gather(1, cols.clamp(0, ids.shape[1] - 1)), torch.full_like(cols, pad_id))
-
-
-def _fsdp_units(model: Any) -> list[Any]:
-    """The FSDP2 units of ``model`` (``fully_shard``-ed modules), none when it is not sharded."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, FSDPModule) else []
-
-
-@contextlib.contextmanager
-def _gathered(units: Sequence[Any]) -> Iterator[None]:
-    """Every FSDP unit's full parameters gathered once, kept through the forwards of a generation (no
-    collective per token, so ranks may stop at different lengths), then sharded again. A collective: every
-    rank enters it together. Memory: the whole model on every rank while inside."""
-    if not units:
-        yield
-        return
-    units[0]._get_fsdp_state()._lazy_init()  # the root's own settings are fixed on its first forward
-    groups = [g for u in units for g in u._get_fsdp_state()._fsdp_param_groups]
-    saved = [g.post_forward_mesh_info for g in groups]
-    for g in groups:
-        g.post_forward_mesh_info = None  # no reshard after each forward
-    try:
-        for u in units:
-            u.unshard()
-        yield
-    finally:
-        for g, info in zip(groups, saved):
-            g.post_forward_mesh_info = info
-        for u in units:
-            u.reshard()
 
 
 def _resolve(reward: Any) -> Any:
@@ -383,14 +350,15 @@ class Rollout(BatchTransform, Component):
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
                                   "top_k": self.top_k, "top_p": self.top_p, "pad_token_id": self.pad_token_id,
                                   "eos_token_id": self.eos_token_id}
-        sharded = _fsdp_units(model)
-        if sharded and not self.gather_sharded:
-            kwargs["synced_gpus"] = True
+        sharded = fsdp_units(model)
+        # gathered (or not sharded): every rank stops at its own longest completion. Said explicitly, because HF
+        # turns synced_gpus on by itself for any FSDP-managed model, which would keep the ranks stepping together
+        kwargs["synced_gpus"] = bool(sharded) and not self.gather_sharded
         was_training = model.training
         model.eval()
         devices = [prompts.device] if prompts.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), _gathered(sharded if self.gather_sharded else []):
+            with torch.random.fork_rng(devices=devices), gathered(sharded if self.gather_sharded else []):
                 torch.manual_seed(key)
                 return model.generate(input_ids=prompts, attention_mask=attention, **kwargs)
         finally:

@@ -13,13 +13,15 @@ shards on every rank and written by rank 0, so they load in any run, sharded or 
 resumes from them by re-sharding (``distribute_tensor``).
 
 On-policy rollouts (:class:`kdrun.data.rollout.Rollout`) run on every rank with the sharded student, its
-units gathered for the ``generate`` call or kept in step by ``synced_gpus``; the evaluation-time
-``generation:`` block runs on rank 0 alone and is refused (:func:`check_supported`).
+units gathered for the ``generate`` call or kept in step by ``synced_gpus``. The evaluation-time
+``generation:`` block gathers the sharded models on every rank, and rank 0 generates alone while the others
+wait (as under DDP, where rank 0 generates alone).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -101,13 +103,43 @@ def set_gradient_sync(models: Iterable[nn.Module], sync: bool) -> None:
             m.set_requires_gradient_sync(sync)
 
 
+def fsdp_units(model: Any) -> list[Any]:
+    """The FSDP2 units of ``model`` (``fully_shard``-ed modules), none when it is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, FSDPModule) else []
+
+
+@contextlib.contextmanager
+def gathered(units: Sequence[Any]) -> Iterator[None]:
+    """Every FSDP unit's full parameters gathered once, kept through the forwards of a generation (no
+    collective per token, so ranks may stop at different lengths), then sharded again. A collective: every
+    rank enters it together. Memory: the whole model on every rank while inside."""
+    if not units:
+        yield
+        return
+    units[0]._get_fsdp_state()._lazy_init()  # the root's own settings are fixed on its first forward
+    groups = [g for u in units for g in u._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for g in groups:
+        g.post_forward_mesh_info = None  # no reshard after each forward
+    try:
+        for u in units:
+            u.unshard()
+        yield
+    finally:
+        for g, info in zip(groups, saved):
+            g.post_forward_mesh_info = info
+        for u in units:
+            u.reshard()
+
+
 def check_supported(cfg: Any, world_size: int) -> None:
     """The combinations ``trainer.fsdp=true`` refuses, each with the way out."""
     if world_size < 1:
         raise KdrunError("trainer.fsdp=true needs a distributed launch: torchrun --nproc_per_node=N -m kdrun ...")
-    if cfg.generation is not None:
-        raise KdrunError("trainer.fsdp=true with generation: generation runs on rank 0 alone and cannot gather sharded "
-                         "weights; set generation=null and evaluate the exported <model>_hf directory in a run without FSDP")
     if cfg.rounds is not None:
         raise KdrunError("trainer.fsdp=true with rounds: self-distillation rounds rebuild the student; use DDP (trainer.fsdp=false)")
     if cfg.trainer.compile:

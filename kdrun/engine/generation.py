@@ -81,8 +81,9 @@ def complete(model: nn.Module, tokenizer: Any, prompts: list[list[int]], device:
         for i, p in enumerate(chunk):
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             attn[i, width - len(p):] = 1
+        # synced_gpus off: one process generates alone (HF would turn it on for a sharded model and wait for the others)
         kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample), "pad_token_id": pad,
-                                  "eos_token_id": tokenizer.eos_token_id}
+                                  "eos_token_id": tokenizer.eos_token_id, "synced_gpus": False}
         if do_sample:
             kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)

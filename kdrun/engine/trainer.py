@@ -331,21 +331,39 @@ class Trainer:
             from kdrun.engine.fsdp import gather_full
 
             states = {name: gather_full(exp.models[name].state_dict()) for name in exp.trained_models}
+        generation = self._generation() if self.cfg.generation is not None else None
         if not info.is_main:
             distributed.barrier(info)
             return None
         rounds = self.cfg.rounds
         final = RunKey(rounds.count - 1 if rounds is not None else 0, exp.stages[-1].name, with_rounds=rounds is not None)
         exported = export_models(exp, self.run_dir, states)
-        generation = None
-        if self.cfg.generation is not None:
-            from kdrun.engine.generation import evaluate_generation
-
-            generation = evaluate_generation(dict(exp.models.items()), self.cfg.generation, exp.data, exp.device, self.run_dir)
         summary = write_summary(exp, ctx.record, self.run_dir, exported, time.perf_counter() - self.started, final.label,
                                 generation)
         distributed.barrier(info)
         return summary
+
+
+    def _generation(self) -> dict[str, Any] | None:
+        """The ``generation:`` evaluation, by rank 0 alone (None on the other ranks). Sharded models are gathered
+        whole on every rank first (a collective), so that rank 0 holds the full weights while it generates; the
+        other ranks wait inside the gathered context, then every rank shards them again."""
+        from kdrun.engine.fsdp import fsdp_units, gathered
+        from kdrun.engine.generation import evaluate_generation
+
+        ctx = self.ctx
+        assert ctx is not None and self.cfg.generation is not None
+        exp, info = ctx.experiment, ctx.dist
+        names = [n for n in self.cfg.generation.models if n in exp.models]
+        units = [u for n in names for u in fsdp_units(exp.models[n])] if exp.sharded else []
+        if not units and not info.is_main:
+            return None
+        with gathered(units):
+            out = (evaluate_generation(dict(exp.models.items()), self.cfg.generation, exp.data, exp.device, self.run_dir)
+                   if info.is_main else None)
+            if units:
+                distributed.barrier(info)
+        return out
 
 
 def run(cfg: DictConfig | ExperimentConfig, run_dir: Path | str) -> dict[str, Any] | None:
