@@ -354,3 +354,24 @@ def test_hidden_state_distillation_through_a_projector_and_a_layer_map(tmp_path)
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     hidden = [r["loss/hidden"] for r in rows if "loss/hidden" in r]
     assert hidden and all(0 <= v <= 2 for v in hidden) and summary["steps"] > 0
+
+
+def test_a_last_test_batch_smaller_than_the_world_joins_the_batch_before_it():
+    """449 test rows in batches of 64 on 2 ranks: the last global batch (1 row) would leave rank 1 empty, which a
+    Hugging Face model cannot read, so it joins batch 7; every row is still evaluated exactly once."""
+    from kdrun.data.tensors import TensorLoader
+
+    fields = {"x": torch.arange(449).view(-1, 1)}
+    seen = []
+    for rank in (0, 1):
+        loader = TensorLoader(fields, batch_size=64, train=False, device=torch.device("cpu"), rank=rank, world_size=2)
+        sizes = [b["x"].shape[0] for b in loader]
+        assert len(loader) == len(sizes) == 7 and min(sizes) > 0
+        assert loader.rank_sizes(6) == [33, 32]
+        seen += [int(v) for b in loader for v in b["x"].flatten()]
+    assert sorted(seen) == list(range(449))
+    alone = TensorLoader(fields, batch_size=64, train=False, device=torch.device("cpu"))
+    assert len(alone) == 8  # one process: nothing to merge
+    with pytest.raises(KdrunError, match="ranks"):
+        next(iter(TensorLoader({"x": torch.zeros(1, 1)}, batch_size=4, train=False, device=torch.device("cpu"), rank=0,
+                               world_size=2)))

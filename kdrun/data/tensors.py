@@ -156,7 +156,25 @@ class TensorLoader:
 
     def __len__(self) -> int:
         batches = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        if self._merges_last(batches):
+            batches -= 1
         return min(batches, self.max_batches) if self.max_batches else batches
+
+    def _merges_last(self, batches: int) -> bool:
+        """Under data parallelism, a last partial batch with fewer rows (groups) than ranks would leave some rank
+        nothing to evaluate (a Hugging Face model cannot read 0 rows; a sharded one would wait for that rank), so it
+        joins the batch before it."""
+        if self.drop_last or self.world_size == 1 or batches < 2:
+            return False
+        return (self.n - (batches - 1) * self.batch_size) // self.group < self.world_size
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of global batch ``i`` (in the epoch's order)."""
+        start = i * self.batch_size
+        last = len(self) - 1 if self.max_batches is None or len(self) < self.max_batches else None
+        if i == last and self._merges_last(math.ceil(self.n / self.batch_size)):
+            return start, self.n
+        return start, min(start + self.batch_size, self.n)
 
     def set_epoch(self, key: int, start: int = 0) -> None:
         """Select the epoch whose order the next iteration serves, from its batch ``start`` on."""
@@ -184,8 +202,8 @@ class TensorLoader:
         return v[:, :width] if v.shape[1] == self.width else v
 
     def rank_sizes(self, i: int) -> list[int]:
-        g = self.group
-        return [g * k for k in shard_sizes(min(self.batch_size, self.n - i * self.batch_size) // g, self.world_size)]
+        start, stop = self._bounds(i)
+        return [self.group * k for k in shard_sizes((stop - start) // self.group, self.world_size)]
 
     def _share(self, idx: Tensor) -> Tensor:
         """This rank's contiguous share of a global batch's rows, whole groups each."""
@@ -206,8 +224,11 @@ class TensorLoader:
         weighted = self.train and self.domain_weights is not None
         if weighted and self.group > 1:
             raise KdrunError("a domain-weighted sampler (DDK) draws single samples; these data keep rows in groups")
+        if self.n // self.group < self.world_size:
+            raise KdrunError(f"{'training' if self.train else 'test'} data of {self.n} rows cannot give each of "
+                             f"{self.world_size} ranks one{' group' if self.group > 1 else ''}: use fewer ranks, or more data")
         for i in range(start, len(self)):
-            span = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            span = slice(*self._bounds(i))
             idx = order[span]
             host = host_order[span] if host_order is not None else None
             if weighted:  # this batch's domain-weighted draw, from the weights as they are now

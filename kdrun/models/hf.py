@@ -264,6 +264,10 @@ class DotProductScorer(nn.Module):
 
     def __init__(self, encoder_model: nn.Module) -> None:
         super().__init__()
+        if getattr(encoder_model, "pooler", None) is not None:
+            # the score reads the [CLS] hidden state, never BERT's pooler: dropped, so that no trained parameter
+            # goes without a gradient (DDP would stop at the second step) and none is exported unused
+            encoder_model.pooler = None
         self.encoder = encoder_model
         self.taps = {k: f"encoder.{v}" for k, v in getattr(encoder_model, "taps", {}).items()}
 
