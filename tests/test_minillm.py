@@ -40,3 +40,72 @@ def test_loss_and_gradient_against_the_formula():
     (g1,) = torch.autograd.grad(got, zs)
     (g2,) = torch.autograd.grad(want, zs)
     assert torch.allclose(g1, g2, atol=1e-5)  # the returns carry no gradient
+
+
+def test_importance_weights_multiply_both_terms_of_each_token():
+    torch.manual_seed(1)
+    b, length, v = 2, 4, 5
+    zs = torch.randn(b, length, v, requires_grad=True)
+    zt = torch.randn(b, length, v)
+    y = torch.randint(0, v, (b, length))
+    m = torch.ones(b, length, dtype=torch.bool)
+    w = torch.rand(b, length) + 0.5
+    term = MiniLLMLoss(gamma=0.95, length_norm=True, chunk_size=None)
+    ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    ret = discounted_returns((lt - ls).gather(-1, y.unsqueeze(-1)).squeeze(-1).detach(), m, 0.95, True)
+    per = (ls.exp() * (ls - lt)).sum(-1) - ret * ls.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(term(zs, zt, y, m, w), (w * per).mean(), atol=1e-5)
+    assert torch.allclose(term(zs, zt, y, m, torch.ones(b, length)), term(zs, zt, y, m), atol=1e-6)
+
+
+def _lm(seed: int, vocab: int = 12):
+    from kdrun.models.hf import causal_lm
+
+    torch.manual_seed(seed)
+    return causal_lm(config={"model_type": "qwen2", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64,
+                             "vocab_size": vocab})
+
+
+def _mixed(student, teacher, alpha, max_new_tokens=3, eos=None):
+    from kdrun.component import BuildContext
+    from kdrun.data.rollout import Rollout
+
+    r = Rollout(max_new_tokens=max_new_tokens, teacher_mix=alpha, eos_token_id=eos, pad_token_id=0)
+    r.bind(BuildContext(shapes={}, num_train=1, models={"student": student, "teacher": teacher}, seed=0))
+    return r
+
+
+def test_teacher_mixed_tokens_follow_the_mixture_and_carry_its_importance_weights():
+    student, teacher = _lm(0), _lm(1)
+    alpha, n = 0.3, 6000
+    prompts = torch.tensor([[3, 4, 5]]).repeat(n, 1)
+    attention = torch.ones_like(prompts)
+    seqs, log_w = _mixed(student, teacher, alpha, max_new_tokens=1)._sample_mixed(prompts, attention, key=7)
+    with torch.no_grad():
+        q = torch.softmax(student(input_ids=prompts[:1]).logits[0, -1], -1)
+        p = torch.softmax(teacher(input_ids=prompts[:1]).logits[0, -1], -1)
+    mix = (1 - alpha) * q + alpha * p
+    freq = torch.bincount(seqs[:, -1], minlength=q.numel()).float() / n
+    assert (freq - mix).abs().max() < 0.025  # 6000 draws: a few standard errors of the largest share
+    assert ((freq - q).abs().max() > 0.03) or ((mix - q).abs().max() < 0.03)  # the mixture really differs from q
+    y = seqs[:, -1]
+    assert torch.allclose(log_w[:, 0], (q.log() - mix.log())[y], atol=1e-5)
+
+
+def test_teacher_mixed_sampling_of_a_model_with_itself_draws_what_generate_draws():
+    """With the teacher equal to the student the mixture is the student's own distribution: the kv-cached loop
+    (left-padded prompts, an EOS that stops a row) draws Hugging Face's tokens from the same seed, with unit weights."""
+    from kdrun.data.rollout import Rollout
+
+    student = _lm(0)
+    prompts = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8]])
+    attention = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    mixed, log_w = _mixed(student, student, 0.2, max_new_tokens=6, eos=2)._sample_mixed(prompts, attention, key=11)
+    plain = Rollout(max_new_tokens=6, eos_token_id=2, pad_token_id=0)
+    from kdrun.component import BuildContext
+
+    plain.bind(BuildContext(shapes={}, num_train=1, models={"student": student}, seed=0))
+    want = plain._sample(prompts, attention, key=11)
+    assert torch.equal(mixed, want[:, :mixed.shape[1]]) and (want[:, mixed.shape[1]:] == 0).all()
+    assert log_w.abs().max() < 1e-5

@@ -123,13 +123,10 @@ def tokenise_completions(texts: list[str], finished: Tensor, student_tok: Any, t
 
 
 def place_spans(completion_span: Tensor, prompt_len: Tensor, width: int) -> Tensor:
-    """(B, width) span ids at the positions that predict the completion's tokens: position ``t`` predicts token
-    ``t + 1``, so completion token ``j`` (after a prompt of ``prompt_len`` tokens) is scored at ``prompt_len - 1 + j``;
-    ``-1`` elsewhere."""
-    j = torch.arange(width, device=completion_span.device).view(1, -1) - (prompt_len - 1).view(-1, 1)
-    inside = (j >= 0) & (j < completion_span.shape[1])
-    got = completion_span.gather(1, j.clamp(0, max(completion_span.shape[1] - 1, 0)))
-    return torch.where(inside, got, torch.full_like(got, -1))
+    """(B, width) span ids at the positions that predict the completion's tokens (``-1`` elsewhere)."""
+    from kdrun.data.rollout import at_prediction_positions
+
+    return at_prediction_positions(completion_span, prompt_len, width, -1)
 
 
 def first_of_span(span: Tensor) -> Tensor:

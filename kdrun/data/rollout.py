@@ -46,6 +46,7 @@ the same interface.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Mapping
 
@@ -98,6 +99,24 @@ def rebuild(batch: Mapping[str, Tensor], prompts: Tensor, prompt_len: Tensor, co
     out["labels"] = torch.where(scored, y, torch.full_like(y, IGNORE_INDEX))
     out["token_mask"] = scored
     return out
+
+
+def at_prediction_positions(values: Tensor, prompt_len: Tensor, width: int, fill: float | int) -> Tensor:
+    """(B, width) ``values`` (B, M) of the completion's tokens at the positions that predict them: position ``t``
+    predicts token ``t + 1``, so completion token ``j`` (after a prompt of ``prompt_len`` tokens) sits at
+    ``prompt_len - 1 + j``; ``fill`` elsewhere."""
+    j = torch.arange(width, device=values.device).view(1, -1) - (prompt_len - 1).view(-1, 1)
+    inside = (j >= 0) & (j < values.shape[1])
+    got = values.gather(1, j.clamp(0, max(values.shape[1] - 1, 0)))
+    return torch.where(inside, got, torch.full_like(got, fill))
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` in recent transformers, ``past_key_values``
+    before (and in models that have not moved)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _mix(parts: tuple[int, ...]) -> int:
@@ -156,6 +175,12 @@ class Rollout(BatchTransform, Component):
             whole model on every rank meanwhile, as TRL's ``ds3_gather_for_generation``) or, false, keep them
             sharded and let every rank run forwards until all ranks are done (HF's ``synced_gpus``: one
             all-gather per layer per token, memory of one layer).
+        teacher_mix: MiniLLM's teacher-mixed sampling, alpha (0: off; the authors' scripts use 0.2): each token is
+            drawn from ``(1 - alpha) q + alpha p``, student ``q`` and teacher ``p`` at temperature ``temperature``,
+            by kdrun's own sampling loop (both models' key/value caches), and the batch gets ``mix_weight``,
+            ``w_t = q(y_t) / ((1 - alpha) q(y_t) + alpha p(y_t))`` at the positions that predict the sampled
+            tokens (1 elsewhere), for :class:`kdrun.losses.MiniLLMLoss` ``weight``. Needs ``source: student``,
+            ``on_policy_prob: 1``, no top-k / top-p, and a teacher of the student's vocabulary.
     """
 
     shard_safe = True  # runs under FSDP: generation gathers the sharded source or keeps the ranks in step
@@ -163,8 +188,15 @@ class Rollout(BatchTransform, Component):
     def __init__(self, source: str = "student", on_policy_prob: float = 1.0, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, samples_per_prompt: int = 1, reward: Any = None,
-                 generate_per: str = "micro_batch", gather_sharded: bool = True) -> None:
+                 generate_per: str = "micro_batch", gather_sharded: bool = True, teacher_mix: float = 0.0) -> None:
         Component.__init__(self)
+        if not 0.0 <= teacher_mix < 1.0:
+            raise ValueError(f"rollout: teacher_mix must be in [0, 1), got {teacher_mix}")
+        if teacher_mix > 0 and (source != "student" or on_policy_prob != 1.0 or top_k != 0 or top_p != 1.0):
+            raise ValueError(f"rollout: teacher_mix (MiniLLM's teacher-mixed sampling) needs source=student, "
+                             f"on_policy_prob=1, top_k=0 and top_p=1; got {source}, {on_policy_prob}, {top_k}, {top_p}")
+        self.teacher_mix = float(teacher_mix)
+        object.__setattr__(self, "_mixer", None)  # the teacher whose distribution is mixed in
         if generate_per not in ("micro_batch", "step"):
             raise ValueError(f"rollout: generate_per must be micro_batch or step, got '{generate_per}'")
         self.generate_per, self.gather_sharded = str(generate_per), bool(gather_sharded)
@@ -196,6 +228,14 @@ class Rollout(BatchTransform, Component):
             raise KdrunError(f"batch_transform (Rollout): {self.source} ({type(model).__name__}) has no generate(); "
                              f"rollouts need a Hugging Face causal LM")
         object.__setattr__(self, "_model", model)
+        if self.teacher_mix > 0:
+            if "teacher" not in ctx.models or not hasattr(ctx.models["teacher"], "forward"):
+                raise KdrunError(f"batch_transform.teacher_mix: the teacher's distribution is mixed into the sampling, "
+                                 f"but this run builds {', '.join(ctx.models)} and no teacher")
+            if ctx.teacher_tokenizer is not None and ctx.alignment != "identical":
+                raise KdrunError("batch_transform.teacher_mix: mixing two distributions token by token needs one "
+                                 "vocabulary; this teacher tokenises the text itself (data.source.alignment)")
+            object.__setattr__(self, "_mixer", ctx.models["teacher"])
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_teacher_tokenizer", ctx.teacher_tokenizer)
         self.alignment = str(ctx.alignment)
@@ -305,7 +345,10 @@ class Rollout(BatchTransform, Component):
         plen = torch.cat(plens)
         cols = torch.arange(p, device=prompts.device).view(1, -1)
         attention = (cols >= (p - plen).view(-1, 1)).long()
-        out = self._sample(prompts, attention, key)
+        if self.teacher_mix > 0:
+            out, log_w = self._sample_mixed(prompts, attention, key)
+        else:
+            out, log_w = self._sample(prompts, attention, key), None
         self.generated += 1
         rows, start = [], 0
         for batch, pl in zip(grown, plens):
@@ -315,6 +358,9 @@ class Rollout(BatchTransform, Component):
             else:
                 rebuilt = rebuild(batch, prompts[start:start + n], pl, out[start:start + n, p:], self.eos_token_id,
                                   int(self.pad_token_id))
+            if log_w is not None:
+                rebuilt["mix_weight"] = at_prediction_positions(log_w[start:start + n].exp(), pl,
+                                                                rebuilt["input_ids"].shape[1], 1.0)
             start += n
             if self._reward is not None:
                 self._score(rebuilt, batch, batch["prompt_length"].long())
@@ -341,6 +387,59 @@ class Rollout(BatchTransform, Component):
             out[f"{prefix}span"] = place_spans(span, plen, fields["input_ids"].shape[1])
         out["span_mask"] = first_of_span(out["span"])
         return out
+
+    def for_eval(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Evaluation keeps the data's responses (with ``teacher_mix``, unit ``mix_weight``: nothing was mixed)."""
+        if self.teacher_mix > 0:
+            return {**batch, "mix_weight": torch.ones(batch["labels"].shape, device=batch["labels"].device)}
+        return batch
+
+    @torch.no_grad()
+    def _sample_mixed(self, prompts: Tensor, attention: Tensor, key: int) -> tuple[Tensor, Tensor]:
+        """MiniLLM's teacher-mixed sampling: ``max_new_tokens`` steps of both models on their key/value caches, each
+        token drawn from ``(1 - alpha) q_T + alpha p_T`` (softmax at ``temperature``) by ``torch.multinomial`` on the
+        run's seeded generator, as Hugging Face's sampling draws; returns the sequences (B, P + M, padded after EOS)
+        and ``log q(y_t) - log mix(y_t)`` (B, M) of every drawn token (0 after EOS). The loop over positions is the
+        autoregressive generation itself; it stops when every row has emitted EOS (one host read per token, as
+        ``generate`` does)."""
+        student, teacher, a = self._model, self._mixer, self.teacher_mix
+        models = [student, teacher]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        units = [u for m in models for u in fsdp_units(m)]
+        b = prompts.shape[0]
+        pad, eos = int(self.pad_token_id), self.eos_token_id
+        devices = [prompts.device] if prompts.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), gathered(units):
+                torch.manual_seed(key)
+                mask = attention
+                position = (mask.cumsum(1) - 1).clamp_min(0)
+                outs = [m(input_ids=prompts, attention_mask=mask, position_ids=position, use_cache=True) for m in models]
+                done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
+                tokens, log_w = [], []
+                for _ in range(self.max_new_tokens):
+                    log_q, log_p = (torch.log_softmax(o.logits[:, -1].float() / self.temperature, dim=-1) for o in outs)
+                    log_m = torch.logaddexp(log_q + math.log1p(-a), log_p + math.log(a))
+                    y = torch.multinomial(log_m.exp(), 1).squeeze(1)
+                    w = (log_q - log_m).gather(1, y.view(-1, 1)).squeeze(1)
+                    y = torch.where(done, torch.full_like(y, pad), y)
+                    tokens.append(y)
+                    log_w.append(torch.where(done, torch.zeros_like(w), w))
+                    if eos is not None:
+                        done = done | (y == eos)
+                        if bool(done.all()):
+                            break
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    position = mask.sum(dim=1, keepdim=True) - 1
+                    outs = [m(input_ids=y.view(-1, 1), attention_mask=mask, position_ids=position, use_cache=True,
+                              **{_cache_argument(m): o["cache" if "cache" in o.keys() else "past_key_values"]})
+                            for m, o in zip(models, outs)]
+                return torch.cat([prompts, torch.stack(tokens, dim=1)], dim=1), torch.stack(log_w, dim=1)
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
 
     def _sample(self, prompts: Tensor, attention: Tensor, key: int) -> Tensor:
         """``generate`` on left-padded prompts in eval mode, seeded by ``key``, the global generators restored.

@@ -10,9 +10,16 @@ log q(y_t | y_<t)`` (teacher ``p``, student ``q``; no gradient):
   return of the tokens after t, divided by their number when ``length_norm`` (MiniLLM's ``--length-norm``).
 
 The value is the mean over the scored tokens of the sum of both. Defaults from the authors' GPT-2 scripts and
-arguments: ``gamma`` 0.95, ``length_norm`` true. Not built: teacher-mixed sampling (sampling from
-``alpha p + (1 - alpha) q`` with importance weights, alpha 0.2), PPO's clipped ratio over 4 inner epochs per
-rollout (one update per rollout here: the ratio is 1), and the language-modelling loss on pre-training text.
+arguments: ``gamma`` 0.95, ``length_norm`` true.
+
+Teacher-mixed sampling (the authors' ``--teacher-mixed-alpha`` 0.2): the rollout draws from ``alpha p + (1 - alpha)
+q`` (:class:`kdrun.data.rollout.Rollout` ``teacher_mix``) and writes the per-token importance weight
+``w_t = q(y_t) / (alpha p(y_t) + (1 - alpha) q(y_t))`` (``batch.mix_weight``), computed at sampling time, as the
+authors' sampler computes it; with the ``weight`` input each token's two terms are multiplied by ``sg(w_t)``. The
+rewards stay ``log p - log q`` at the drawn tokens. Whether the authors also weight the single-step term was not
+read; kdrun weights both (the states are drawn from the mixture too). Not built: PPO's clipped ratio over 4
+inner epochs per rollout (one update per rollout here: the ratio is 1), and the language-modelling loss on
+pre-training text.
 
 Memory: the returns are one (L, L) matrix product per micro-batch; the per-position terms run in chunks like
 :class:`~kdrun.losses.tokens.TokenDivergence`.
@@ -46,7 +53,8 @@ class MiniLLMLoss(LossTerm):
     """MiniLLM's policy gradient for the sequence-level reverse KL (see the module docstring).
 
     Inputs: ``student``, ``teacher`` (B, T, V) logits, ``target`` (B, T) the sampled tokens (``batch.labels``),
-    ``mask`` (B, T). Args: ``gamma`` (0.95), ``length_norm`` (true), ``chunk_size``.
+    ``mask`` (B, T), optional ``weight`` (B, T) per-token importance weights (``batch.mix_weight`` of teacher-mixed
+    rollouts). Args: ``gamma`` (0.95), ``length_norm`` (true), ``chunk_size``.
     """
 
     mean_over = "tokens"
@@ -59,8 +67,12 @@ class MiniLLMLoss(LossTerm):
         self.gamma, self.length_norm = float(gamma), bool(length_norm)
         self.chunk_size = _check_chunk(chunk_size)
 
-    def check_shapes(self, student: torch.Size, teacher: torch.Size, target: torch.Size, mask: torch.Size) -> None:  # type: ignore[override]
+    def check_shapes(self, student: torch.Size, teacher: torch.Size, target: torch.Size, mask: torch.Size,  # type: ignore[override]
+                     weight: torch.Size | None = None) -> None:
         _check("MiniLLM", student, mask, ("teacher", teacher))
+        if weight is not None and tuple(weight) != tuple(student[:2]):
+            raise ValueError(f"MiniLLM: 'weight' {tuple(weight)} must be one importance weight per position "
+                             f"{tuple(student[:2])} (batch.mix_weight of a Rollout with teacher_mix)")
         if tuple(target) != tuple(student[:2]):
             raise ValueError(f"MiniLLM: 'target' {tuple(target)} must be the sampled tokens (batch, positions) of logits "
                              f"{tuple(student)} (batch.labels of Rollout batches)")
@@ -74,16 +86,18 @@ class MiniLLMLoss(LossTerm):
 
         return logp(teacher) - logp(student)
 
-    def forward(self, student: Tensor, teacher: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor, mask: Tensor,  # type: ignore[override]
+                weight: Tensor | None = None) -> Tensor:
         teacher = teacher.detach()
         r = self.rewards(student, teacher, target)
         future = discounted_returns(r, mask, self.gamma, self.length_norm)
+        w = torch.ones_like(future) if weight is None else weight.detach().to(future.dtype)
 
-        def per_token(zs: Tensor, zt: Tensor, y: Tensor, ret: Tensor) -> Tensor:
+        def per_token(zs: Tensor, zt: Tensor, y: Tensor, ret: Tensor, wt: Tensor) -> Tensor:
             log_s = log_probs(zs)
-            return kl(log_s, log_probs(zt)) - ret * log_s.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            return wt * (kl(log_s, log_probs(zt)) - ret * log_s.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1))
 
-        return _token_mean(per_token, [student, teacher, target, future], mask, self.chunk_size)
+        return _token_mean(per_token, [student, teacher, target, future, w], mask, self.chunk_size)
 
 
 __all__ = ["MiniLLMLoss", "discounted_returns"]
