@@ -9,6 +9,10 @@ likely tokens, their log-probabilities and the log of the remaining mass are sto
     kdrun-cache --model teacher --top-k 32 --out cache/ +recipe=text_quickstart teacher.checkpoint=T.pt
     kdrun +recipe=text_cached_kd data.teacher_cache=cache/
 
+``--reference NAME`` caches a second model beside the first, at the first model's top-k tokens: its
+log-probabilities there and the log of its mass elsewhere (ADPA's advantage of an aligned teacher over its
+reference, :class:`kdrun.losses.CachedAdvantageLoss`).
+
 The files are written into ``DIR.tmp`` and renamed when complete, so an interrupted write leaves no cache.
 """
 from __future__ import annotations
@@ -91,10 +95,11 @@ def held_out_top_k(exp: Any, cfg: Any, model: str, k: int, mask_field: str) -> t
 
 @torch.no_grad()
 def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str = "float16",
-                mask_field: str = "token_mask", calibrate: bool = False) -> dict[str, Any]:
+                mask_field: str = "token_mask", calibrate: bool = False, reference: str | None = None) -> dict[str, Any]:
     """Write the cache of ``model`` (a model of the validated ``cfg``) to ``out``; returns its manifest
     plus ``seconds`` and ``bytes``. ``calibrate``: also fit FIRST's temperature on the evaluation split
-    (:func:`calibrate_top_k`) and store it in the manifest (``calibration``)."""
+    (:func:`calibrate_top_k`) and store it in the manifest (``calibration``). ``reference``: a second model whose
+    log-probabilities at ``model``'s top-k tokens and remaining mass are stored too (``ref_logp``, ``ref_tail_logp``)."""
     from kdrun.build import build
     from kdrun.data.teacher_cache import manifest_of
     from kdrun.losses.tokens import _log1mexp
@@ -105,9 +110,12 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
         raise KdrunError(f"kdrun-cache: --top-k must be at least 1, got {k}")
     start = time.perf_counter()
     exp = build(cfg)
-    if model not in exp.models:
-        raise KdrunError(f"kdrun-cache: the recipe's stages do not use a model '{model}' (they use "
-                         f"{', '.join(exp.models)}); name one with --model")
+    for name, flag in ((model, "--model"), (reference, "--reference")):
+        if name is not None and name not in exp.models:
+            raise KdrunError(f"kdrun-cache: the recipe's stages do not use a model '{name}' (they use "
+                             f"{', '.join(exp.models)}); name one with {flag}")
+    if reference == model:
+        raise KdrunError(f"kdrun-cache: --reference names the cached model itself ({model}); name another model")
     data = exp.data
     if not hasattr(data, "train") or mask_field not in getattr(data, "train", {}):
         raise KdrunError(f"kdrun-cache: the data has no training field '{mask_field}' (token data sets have token_mask); "
@@ -119,6 +127,9 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
     vocab = exp.shapes.get(f"{model}.logits", (0, 0, 0))[-1]
     if int(k) > int(vocab):
         raise KdrunError(f"kdrun-cache: --top-k {k} exceeds {model}'s vocabulary ({vocab})")
+    if reference is not None and exp.shapes.get(f"{reference}.logits", (0,))[-1] != vocab:
+        raise KdrunError(f"kdrun-cache: --reference {reference} scores {exp.shapes.get(f'{reference}.logits', (0,))[-1]} "
+                         f"tokens, {model} {vocab}; the advantage compares one vocabulary")
     final, tmp = Path(out), Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -128,6 +139,9 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
     tail = np.lib.format.open_memmap(tmp / "tail_logp.npy", mode="w+", dtype=store, shape=(total,))
     pos_dtype = np.int16 if width <= np.iinfo(np.int16).max else np.int32
     positions = np.lib.format.open_memmap(tmp / "positions.npy", mode="w+", dtype=pos_dtype, shape=(total,))
+    if reference is not None:
+        ref_logp = np.lib.format.open_memmap(tmp / "ref_logp.npy", mode="w+", dtype=store, shape=(total, k))
+        ref_tail = np.lib.format.open_memmap(tmp / "ref_tail_logp.npy", mode="w+", dtype=store, shape=(total,))
     np.save(tmp / "offsets.npy", offsets)
     row = 0
     for batch, logits in model_outputs(exp, cfg, model):
@@ -141,13 +155,29 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
         logp[row:row + n] = top.values.cpu().numpy().astype(store)
         tail[row:row + n] = rest.cpu().numpy().astype(store)
         positions[row:row + n] = where[:, 1].cpu().numpy().astype(pos_dtype)
+        if reference is not None:  # the second model on the same batch, read at the first model's top-k tokens
+            ns: dict[str, Any] = {}
+            net = exp.models[reference]
+            was_training = net.training
+            net.eval()
+            with torch.no_grad():
+                exp.io[reference].run(net, batch, ns)
+            net.train(was_training)
+            ref = torch.log_softmax(ns[f"{reference}.logits"][:, :logits.shape[1]][mask].float(), dim=-1).gather(-1, top.indices)
+            ref_logp[row:row + n] = ref.cpu().numpy().astype(store)
+            ref_tail[row:row + n] = _log1mexp(torch.logsumexp(ref, dim=-1)).cpu().numpy().astype(store)
         row += n
     if row != total:
         raise KdrunError(f"kdrun-cache: wrote {row} tokens, expected {total} (the loader served another split?)")
-    for arr in (ids, logp, tail, positions):
+    arrays = [ids, logp, tail, positions, *([ref_logp, ref_tail] if reference is not None else [])]
+    for arr in arrays:
         arr.flush()
-    del ids, logp, tail, positions
+    del arrays, ids, logp, tail, positions
+    if reference is not None:
+        del ref_logp, ref_tail
     manifest = manifest_of(exp.cfg, data, model, k, dtype, mask_field, counts)
+    if reference is not None:
+        manifest["reference"] = reference_of(exp.cfg, reference)
     if calibrate:
         split = "validation (data.val_split)" if cfg.data.get("val_split") else "test"
         manifest["calibration"] = {**calibrate_top_k(*held_out_top_k(exp, cfg, model, int(k), mask_field)), "split": split}
@@ -157,6 +187,15 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
     tmp.rename(final)
     size = sum(f.stat().st_size for f in final.iterdir() if f.suffix == ".npy" and f.name != "offsets.npy")
     return {**manifest, "seconds": time.perf_counter() - start, "bytes": size}
+
+
+def reference_of(cfg: Any, name: str) -> dict[str, Any]:
+    """What the manifest records of a cache's reference model (checked again by every run that reads it)."""
+    from kdrun.data.teacher_cache import file_digest
+
+    mcfg = cfg.models[name]
+    return {"model": name, "model_name": mcfg.name, "checkpoint": mcfg.checkpoint,
+            "checkpoint_sha256": file_digest(mcfg.checkpoint)}
 
 
 @torch.no_grad()
@@ -206,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask", default="token_mask", help="the batch field of scored positions (default token_mask)")
     parser.add_argument("--scores", action="store_true",
                         help="a score cache: the model's outputs, one row per sample (a cross-encoder's scores)")
+    parser.add_argument("--reference", default=None,
+                        help="a second model cached at the first one's top-k tokens (ADPA's reference teacher)")
     parser.add_argument("--calibrate", action="store_true",
                         help="fit FIRST's temperature on the evaluation split and store it in the manifest")
     parser.add_argument("overrides", nargs="*", help="+recipe=NAME and overrides, as for kdrun")
@@ -215,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scores:
             info = write_scores(cfg, args.model, args.out)
         else:
-            info = write_cache(cfg, args.model, args.out, args.top_k, args.dtype, args.mask, args.calibrate)
+            info = write_cache(cfg, args.model, args.out, args.top_k, args.dtype, args.mask, args.calibrate,
+                               args.reference)
     except KdrunError as ex:
         print(f"kdrun-cache: {ex}", file=sys.stderr)
         return 2
@@ -225,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"kdrun-cache: {info['model']} ({info['model_name']}) top-{info['k']} over {info['tokens']} tokens of "
           f"{info['samples']} samples in {info['seconds']:.1f} s: {info['bytes'] / max(info['tokens'], 1):.1f} bytes per "
-          f"token -> {args.out}")
+          f"token -> {args.out}" + (f" (with {info['reference']['model']} at the same tokens)" if info.get("reference") else ""))
     cal = info.get("calibration")
     if cal:
         before = f"{cal['ece_before']:.2f}" if cal["ece_before"] is not None else "?"

@@ -140,3 +140,70 @@ def test_adpa_is_the_expected_advantage_of_the_aligned_over_the_reference_teache
     assert torch.allclose(got, want, atol=1e-6)
     # the same teacher as aligned and reference: no advantage, no signal
     assert AdvantageDistillationLoss()(zs, za, za, m).abs().item() < 1e-6
+
+
+def _cached(za, zr, k):
+    """The two-teacher cache fields of aligned logits ``za`` and reference ``zr`` at the aligned top-k."""
+    from kdrun.losses.tokens import _log1mexp
+
+    la, lr = F.log_softmax(za, -1), F.log_softmax(zr, -1)
+    top = la.topk(k, dim=-1)
+    ref = lr.gather(-1, top.indices)
+    return (top.indices, top.values, _log1mexp(torch.logsumexp(top.values, -1)), ref,
+            _log1mexp(torch.logsumexp(ref, -1)))
+
+
+def test_cached_adpa_is_the_live_term_at_full_vocabulary_and_the_bucket_formula_below():
+    from kdrun.losses import AdvantageDistillationLoss, CachedAdvantageLoss
+
+    torch.manual_seed(4)
+    zs, za, zr = torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    m = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    live = AdvantageDistillationLoss()(zs, za, zr, m)
+    full = CachedAdvantageLoss(chunk_size=3)(zs, *_cached(za, zr, 6), m)
+    assert torch.allclose(full, live, atol=1e-5)
+    (g1,), (g2,) = torch.autograd.grad(full, zs), torch.autograd.grad(live, zs)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    # K = 2: the two cached tokens' advantages, and the rest of the vocabulary as one bucket on both sides
+    ids, la, ta, lr, tr = _cached(za, zr, 2)
+    q = F.softmax(zs, -1)
+    q_top = q.gather(-1, ids)
+    q_tail = 1 - q_top.sum(-1)
+    per = -((q_top * (la - lr)).sum(-1) + q_tail * (ta - tr))
+    want = (per * m).sum() / m.sum()
+    got = CachedAdvantageLoss()(zs, ids, la, ta, lr, tr, m)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, live, atol=1e-3)
+
+
+def test_a_two_teacher_cache_is_read_beside_the_first_and_its_reference_checkpoint_checked(tmp_path):
+    import torch as _t
+
+    from kdrun.cache import write_cache
+    from kdrun.config import validate
+    from kdrun.data.teacher_cache import open_cache
+    from kdrun.build import load_data
+    from kdrun.schema import experiment_config
+    from tests.conftest import compose_cfg
+    from tests.test_recipes import smoke_overrides
+
+    overrides = smoke_overrides("qwen25_adpa")
+    cfg = validate(compose_cfg(overrides, recipe="qwen25_adpa"))
+    _t.manual_seed(0)
+    info = write_cache(cfg, "teacher", tmp_path / "c", k=4, dtype="float32", mask_field="rejected_token_mask",
+                       reference="reference")
+    assert info["reference"]["model"] == "reference"
+    exp_cfg = experiment_config(cfg)
+    data = load_data(exp_cfg)
+    cache = open_cache(str(tmp_path / "c"), data, exp_cfg)
+    fields = cache.read(_t.arange(4), data.train["input_ids"].shape[1], "cpu")
+    assert {"cache_ref_logp", "cache_ref_tail"} <= set(fields)
+    scored = data.train["rejected_token_mask"][:4] != 0
+    assert fields["cache_ref_logp"].shape == fields["cache_logp"].shape
+    # stored where the student's responses are scored, and a log-probability there
+    assert bool((fields["cache_ref_logp"][scored] <= 0).all()) and bool((fields["cache_ref_logp"][~scored] == 0).all())
+    # the run's reference has other weights than the cached one: refused, naming it
+    ckpt = tmp_path / "ref.pt"
+    _t.save({"model": {}}, ckpt)
+    bad = experiment_config(validate(compose_cfg([*overrides, f"models.reference.checkpoint={ckpt}"], recipe="qwen25_adpa")))
+    with pytest.raises(KdrunError, match="reference checkpoint"):
+        open_cache(str(tmp_path / "c"), data, bad)

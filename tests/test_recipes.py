@@ -86,6 +86,8 @@ HF_STANDINS["qwen25_dckd"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"]
 HF_STANDINS["qwen25_distillm2"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"]
 HF_STANDINS["qwen25_adpa"] = HF_STANDINS["qwen25_1p5b_0p5b_instruct"] + ["models.reference.net.path=null",
                                                                         f"+models.reference.net.config={QWEN}"]
+HF_STANDINS["qwen25_adpa_cached"] = ["student.net.path=null", f"+student.net.config={QWEN}", "data.source.max_length=32",
+                                     "data.source.chat_template=null"]
 HF_STANDINS["llava_mod_text"] = ["student.net.path=null", f"+teacher.net.config={QWEN}", f"+student.net.config={MIXTRAL}",
                                  "data.source.max_length=32", "data.source.chat_template=null"]
 HF_STANDINS["msmarco_margin_mse"] = ["student.net.path=null", f"+teacher.net.config={BERT}", f"+student.net.config={BERT}",
@@ -103,6 +105,26 @@ HF_STANDINS["qwen25_seqkd_cross_tokenizer"] = HF_STANDINS["qwen25_cross_tokenize
 
 
 _CACHE_DIR: list[str] = []
+
+
+_ADPA_CACHE: list[str] = []
+
+
+def _adpa_cache() -> str:
+    """A top-8 cache of qwen25_adpa's two (random) teachers over the student's responses, for qwen25_adpa_cached."""
+    import tempfile
+    from pathlib import Path
+
+    from kdrun.cache import write_cache
+    from kdrun.config import validate
+
+    if not _ADPA_CACHE:
+        out = Path(tempfile.mkdtemp(prefix="kdrun-adpa-cache-")) / "teachers"
+        torch.manual_seed(0)
+        write_cache(validate(compose_cfg(smoke_overrides("qwen25_adpa"), recipe="qwen25_adpa")), "teacher", out, k=8,
+                    mask_field="rejected_token_mask", reference="reference")
+        _ADPA_CACHE.append(str(out))
+    return _ADPA_CACHE[0]
 
 
 def _teacher_cache() -> str:
@@ -133,6 +155,8 @@ def smoke_overrides(recipe: str) -> list[str]:
                 "data.eval_batch_size=4", "data.source.num_train=4", "data.source.num_test=4"]
     if recipe in ("text_cached_kd", "text_first_kd"):
         out += [f"data.teacher_cache={_teacher_cache()}"]
+    if recipe == "qwen25_adpa_cached":
+        out += [f"data.teacher_cache={_adpa_cache()}"]
     if recipe in HF_STANDINS:
         keep_teacher_tok = any(o.startswith("data.source.teacher_tokenizer=") for o in HF_STANDINS[recipe])
         has_teacher = compose_cfg(out, recipe=recipe).get("teacher") is not None

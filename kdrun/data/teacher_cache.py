@@ -20,6 +20,12 @@ same checkpoint. Training batches then carry ``batch.cache_ids`` (B, L, K) int64
 (B, L, K) and ``batch.cache_tail`` (B, L) float32, read from the memory maps by sample index on the host
 (no device synchronisation) and zero where nothing is stored; the teacher is not run.
 
+A cache written with ``--reference`` (ADPA: an aligned teacher and its reference) also holds
+``ref_logp.npy`` (N_tok, K), the reference's log-probabilities at the first model's top-k tokens, and
+``ref_tail_logp.npy`` (N_tok,), the log of its mass on every other token; training batches then carry
+``batch.cache_ref_logp`` (B, L, K) and ``batch.cache_ref_tail`` (B, L) too, and a run that names the reference
+model checks its checkpoint like the first model's.
+
 A **score cache** (``kdrun-cache --scores``; manifest ``kind: scores``) holds one row of the model's outputs per
 sample instead: ``scores.npy`` float32 (N, C), e.g. a cross-encoder's relevance score of every (query, passage)
 row for Margin-MSE. Training batches then carry ``batch.cache_scores`` (B, C); the same checks apply, except the
@@ -120,6 +126,15 @@ class TeacherCache:
         self.positions, self.offsets = arrays["positions"], np.asarray(arrays["offsets"])
         self.k = int(self.ids.shape[1])
         self.mask_field = str(self.manifest["mask_field"])
+        self.reference = self.manifest.get("reference")
+        self.ref_logp = self.ref_tail = None
+        if self.reference is not None:
+            for name in ("ref_logp", "ref_tail_logp"):
+                if not (self.path / f"{name}.npy").is_file():
+                    raise KdrunError(f"data.teacher_cache: {self.path / (name + '.npy')} is missing (an interrupted "
+                                     f"write?); write the cache again")
+            self.ref_logp = np.load(self.path / "ref_logp.npy", mmap_mode="r")
+            self.ref_tail = np.load(self.path / "ref_tail_logp.npy", mmap_mode="r")
 
     def check(self, data: Any, cfg: Any) -> None:
         """Refuse a cache that does not match the run, naming the first field that differs."""
@@ -146,16 +161,17 @@ class TeacherCache:
             counts = (data.train[self.mask_field] != 0).sum(dim=1).cpu().numpy()
             if len(counts) + 1 != len(self.offsets) or not np.array_equal(np.diff(self.offsets), counts):
                 refuse("tokens", int(self.offsets[-1]), int(counts.sum()), "the scored positions differ per sample")
-        model = m["model"]
         models = getattr(cfg, "models", None) or {}
-        mcfg = models[model] if model in models else (cfg.get(model) if model in ("teacher", "student") and
-                                                      hasattr(cfg, "get") else None)
-        checkpoint = getattr(mcfg, "checkpoint", None) if mcfg is not None else None
-        if checkpoint:
-            digest = file_digest(checkpoint)
-            if digest is not None and digest != m.get("checkpoint_sha256"):
-                refuse(f"{model} checkpoint", m.get("checkpoint"), checkpoint,
-                       f"the run's {model} has other weights than the cached one; write the cache from them")
+        for entry in [m, *([m["reference"]] if m.get("reference") else [])]:
+            model = entry["model"]
+            mcfg = models[model] if model in models else (cfg.get(model) if model in ("teacher", "student") and
+                                                          hasattr(cfg, "get") else None)
+            checkpoint = getattr(mcfg, "checkpoint", None) if mcfg is not None else None
+            if checkpoint:
+                digest = file_digest(checkpoint)
+                if digest is not None and digest != entry.get("checkpoint_sha256"):
+                    refuse(f"{model} checkpoint", entry.get("checkpoint"), checkpoint,
+                           f"the run's {model} has other weights than the cached one; write the cache from them")
 
     def read(self, index: Tensor, width: int, device: torch.device | str) -> dict[str, Tensor]:
         """``batch.cache_*`` for the samples ``index`` (host int64), ``width`` positions each."""
@@ -175,8 +191,15 @@ class TeacherCache:
         logp[b, t] = torch.from_numpy(self.logp[rows].astype(np.float32))
         tail[b, t] = torch.from_numpy(self.tail[rows].astype(np.float32))
         dev = torch.device(device)
-        return {"cache_ids": ids.to(dev, non_blocking=True), "cache_logp": logp.to(dev, non_blocking=True),
-                "cache_tail": tail.to(dev, non_blocking=True)}
+        out = {"cache_ids": ids.to(dev, non_blocking=True), "cache_logp": logp.to(dev, non_blocking=True),
+               "cache_tail": tail.to(dev, non_blocking=True)}
+        if self.ref_logp is not None:
+            ref_logp = torch.zeros(len(idx), width, self.k, dtype=torch.float32)
+            ref_tail = torch.zeros(len(idx), width, dtype=torch.float32)
+            ref_logp[b, t] = torch.from_numpy(self.ref_logp[rows].astype(np.float32))
+            ref_tail[b, t] = torch.from_numpy(self.ref_tail[rows].astype(np.float32))
+            out.update(cache_ref_logp=ref_logp.to(dev, non_blocking=True), cache_ref_tail=ref_tail.to(dev, non_blocking=True))
+        return out
 
 
 def open_cache(path: str, data: Any, cfg: Any) -> TeacherCache:

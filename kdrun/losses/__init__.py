@@ -3,7 +3,7 @@ relations between samples (:mod:`.relations`), token sequences (:mod:`.tokens`),
 trainable parts of their own (one module each). Every class follows the contract of
 :mod:`kdrun.losses.base`."""
 from kdrun.losses.ab import ABLoss
-from kdrun.losses.advantage import AdvantageDistillationLoss
+from kdrun.losses.advantage import AdvantageDistillationLoss, CachedAdvantageLoss
 from kdrun.losses.base import LossTerm
 from kdrun.losses.crd import CRDLoss
 from kdrun.losses.cross_tokenizer import CrossTokenizerDivergence
@@ -34,7 +34,7 @@ from kdrun.losses.trg import TokenSampler, TRGContextualLoss, TRGGlobalLoss, TRG
 from kdrun.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "AdvantageDistillationLoss", "ATLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DDKLoss", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "GRPOLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
+    "ABLoss", "AdvantageDistillationLoss", "ATLoss", "CachedAdvantageLoss", "CachedTokenDivergence", "BalancedKLLoss", "BinaryKLLoss", "CCLoss", "CRDLoss", "CrossEntropy", "CrossTokenizerDivergence", "DDKLoss", "DISTLoss", "DPOLoss", "DisWOTRelationLoss", "DisWOTSemanticLoss", "DKDLoss", "FSPLoss", "FTLoss", "GRPOLoss", "HARDLoss", "HardDistillationLoss", "HintLoss",
     "KDLoss", "LossTerm", "MarginMSELoss", "MiniLLMLoss", "MixtureOfTeachersKD", "ModelOutputLoss", "NDLoss", "NSTLoss", "OFALoss", "OFDLoss", "PairwiseRankingAccuracy", "PKTLoss", "REDILoss", "RKDLoss", "ReverseKLLoss", "ReviewKDLoss", "SampledTokenKL", "SinkhornLoss", "SmoothL1FeatureLoss", "PrivacyScores", "SPLoss", "SwingDistillationLoss", "TAIDClassifierLoss", "TAIDLoss", "TGeoKDLoss", "TokenCrossEntropy", "TokenDivergence", "TokenHiddenLoss", "TokenKLLoss", "TokenSampler",
     "TRGContextualLoss", "TRGGlobalLoss", "TRGLocalLoss", "TRGLoss", "VIDLoss",
     "standardize_logits",
