@@ -134,3 +134,37 @@ class ShortenMask(BatchTransform):
         keep = 1 + batch["input_ids"][:, :1] % mask.shape[1]
         cols = torch.arange(mask.shape[1], device=mask.device).view(1, -1)
         return {**batch, "loss_mask": mask & (cols < keep)}
+
+
+def method_overrides(recipe: str) -> list[str]:
+    """``recipe`` on its tiny stand-ins (tests.test_recipes.smoke_overrides), made comparable across process counts:
+    2 steps of plain SGD (lr 5, no schedule) per stage, fp32, deterministic, and the per-rank randomness that one
+    process draws otherwise turned off: dropout, Swing's target noise (each rank noises its own micro-batch), the
+    router's load-balancing loss (a statistic of each rank's tokens, as Hugging Face computes it)."""
+    from tests.conftest import compose_cfg
+    from tests.test_recipes import smoke_overrides
+
+    base = [o for o in smoke_overrides(recipe) if not o.startswith("trainer.max_")]
+    stages = list(compose_cfg(base, recipe=recipe).stages)
+    out = [*base, "trainer.deterministic=true", "trainer.max_epochs=1", "trainer.max_steps_per_epoch=2",
+           "trainer.eval_every_steps=null", "trainer.precision=fp32",
+           *[o for s in stages for o in (f"optim@stages.{s}.optimizer=sgd", f"stages.{s}.optimizer.lr=5.0",
+                                         f"stages.{s}.scheduler=null")]]
+    out += ["teacher.net.dtype=float32"] if "teacher.net.path=null" in base else []
+    out += {"text_swing": ["loss.swing.noise=0.0"], "llava_mod_text": ["loss.router.weight=0.0"]}.get(recipe, [])
+    if any("model_type: bert" in o for o in base):
+        out += ["+student.net.config.hidden_dropout_prob=0.0", "+student.net.config.attention_probs_dropout_prob=0.0"]
+    return out
+
+
+def initial_weights(recipe: str, overrides: list[str], name: str) -> dict[str, Tensor]:
+    """``name``'s weights as the run builds them (seeded as the trainer seeds), before any step."""
+    from kdrun.build import build
+    from kdrun.config import validate
+    from kdrun.engine.trainer import seed_everything
+    from kdrun.schema import experiment_config
+    from tests.conftest import compose_cfg
+
+    cfg = experiment_config(validate(compose_cfg(overrides, recipe=recipe)))
+    seed_everything(cfg.seed, True)
+    return {k: v.detach().clone() for k, v in build(cfg, torch.device("cpu")).models[name].state_dict().items()}

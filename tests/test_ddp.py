@@ -249,44 +249,18 @@ def test_cross_tokenizer_distillation_trains_alike_on_two_ranks_and_one_process(
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def _initial_weights(recipe: str, overrides: list[str], name: str) -> dict[str, torch.Tensor]:
-    """``name``'s weights as the run builds them (seeded as the trainer seeds), before any step."""
-    from kdrun.build import build
-    from kdrun.config import validate
-    from kdrun.engine.trainer import seed_everything
-    from kdrun.schema import experiment_config
-    from tests.conftest import compose_cfg
-
-    cfg = experiment_config(validate(compose_cfg(overrides, recipe=recipe)))
-    seed_everything(cfg.seed, True)
-    return {k: v.detach().clone() for k, v in build(cfg, torch.device("cpu")).models[name].state_dict().items()}
-
-
 @pytest.mark.parametrize("recipe", ["text_cached_kd", "msmarco_margin_mse", "bert_multiteacher_tokenizers", "text_swing",
-                                    "llava_mod_text", "text_miniplm"])
+                                    "llava_mod_text"])
 def test_text_method_trains_alike_on_two_ranks_and_one_process(tmp_path, recipe):
     """The text methods' data paths under DDP: a teacher cache read by each rank's own sample indices (text_cached_kd),
-    query/positive/negative rows (Margin-MSE), two teachers with their own tokenizers, Swing's privacy scores, preference
-    pairs split whole among ranks (LLaVA-MoD's DPO stage), and a chain of stages (MiniPLM's teacher, reference,
-    student). Plain SGD without a schedule on the global batch: 2 ranks train the student of one process, and the
-    weights really moved."""
-    from tests.conftest import compose_cfg
-    from tests.test_recipes import smoke_overrides
+    query/positive/negative rows (Margin-MSE), two teachers with their own tokenizers, Swing's privacy scores, and
+    preference pairs split whole among ranks in a student's second stage (LLaVA-MoD's DPO stage). Plain SGD without a
+    schedule on the global batch: 2 ranks train the student of one process, and the weights really moved."""
+    from tests.helpers import initial_weights, method_overrides
 
-    base = [o for o in smoke_overrides(recipe) if not o.startswith("trainer.max_")]
-    stages = list(compose_cfg(base, recipe=recipe).stages)
-    overrides = [*base, "trainer.deterministic=true", "trainer.max_epochs=1", "trainer.max_steps_per_epoch=2",
-                 "trainer.eval_every_steps=null", "trainer.precision=fp32",
-                 *[o for s in stages for o in (f"optim@stages.{s}.optimizer=sgd", f"stages.{s}.optimizer.lr=5.0",
-                                               f"stages.{s}.scheduler=null")]]
-    overrides += ["teacher.net.dtype=float32"] if "teacher.net.path=null" in base else []
-    # per-rank randomness that one process draws otherwise, off: Swing's target noise (each rank noises its own
-    # micro-batch) and the router's load-balancing loss (a statistic of each rank's tokens, as HF computes it)
-    overrides += {"text_swing": ["loss.swing.noise=0.0"], "llava_mod_text": ["loss.router.weight=0.0"]}.get(recipe, [])
-    if any("model_type: bert" in o for o in base):  # each rank's dropout masks are its own: off, to compare weights
-        overrides += ["+student.net.config.hidden_dropout_prob=0.0", "+student.net.config.attention_probs_dropout_prob=0.0"]
+    overrides = method_overrides(recipe)
     one, two = one_and_two_ranks([f"+recipe={recipe}", *overrides], tmp_path)
-    start = _initial_weights(recipe, overrides, "student")
+    start = initial_weights(recipe, overrides, "student")
     a, b = (torch.load(d / "student.pt", weights_only=True)["model"] for d in (one, two))
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3  # the student trained
     for k in a:

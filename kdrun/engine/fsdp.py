@@ -112,6 +112,16 @@ def fsdp_units(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, FSDPModule) else []
 
 
+def reshard_all(models: Iterable[nn.Module]) -> None:
+    """Every FSDP unit of ``models`` back on its shards. FSDP2 leaves a root unit unsharded after a forward that no
+    backward follows (an evaluation, a frozen model's forward), and while it is, ``module.parameters()`` are its
+    unsharded tensors: an optimizer built then (a later stage training the same model) would step copies that the
+    next all-gather overwrites. Local: no collective."""
+    for model in models:
+        for unit in fsdp_units(model):
+            unit.reshard()
+
+
 @contextlib.contextmanager
 def gathered(units: Sequence[Any]) -> Iterator[None]:
     """Every FSDP unit's full parameters gathered once, kept through the forwards of a generation (no

@@ -176,6 +176,10 @@ class StageRunner:
         self.accumulate = tcfg.accumulate_grad_batches
         self.epochs, self.total_steps = self._lengths(len(ctx.train_loader))
         self.base_weights = {t: exp.losses[t].weight for t in self.plan.losses} | dict(base_weights or {})
+        if exp.sharded:  # the optimizers must hold the shards, not a unit's unsharded copies from the last forward
+            from kdrun.engine.fsdp import reshard_all
+
+            reshard_all(exp.models.values())
         self.groups = [self._make_group(g) for g in self.plan.groups]
         self.optimizer = self.groups[0].optimizer  # the main group's (its lr is the one logged as `lr`)
         # each group's parameters get the gradient of its own terms only, unless the stage shares them
