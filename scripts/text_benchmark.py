@@ -344,18 +344,23 @@ def rollout(args: argparse.Namespace) -> None:
         for _, runner, _k in sides.values():
             runner.train_epoch(w)
     times: dict[str, list[float]] = {label: [] for label in sides}
+    steps_per_round: dict[str, int] = {}
     order = list(sides.items())
     for r in range(args.rounds):
         for label, (trainer, runner, _k) in order[r % len(order):] + order[:r % len(order)]:
+            before = trainer.ctx.record.step
             t0 = time.perf_counter()
             runner.train_epoch(args.warmup_rounds + r)
-            times[label].append(1000 * (time.perf_counter() - t0) / args.steps)
+            taken = trainer.ctx.record.step - before  # the prompt file may give fewer steps than --steps
+            times[label].append(1000 * (time.perf_counter() - t0) / max(taken, 1))
+            steps_per_round[label] = taken
     print(f"\n## rollout: tiny Qwen2-shaped teacher (width 128) and student (64), {args.batch_size} sequences per step, up to "
-          f"{args.new_tokens} new tokens, {args.rounds} rounds of {args.steps} steps ({args.device}, {torch.get_num_threads()} threads)\n")
-    print("| step | ms/step (median) | generate calls (timed and warm-up steps, + 1 at build) |")
-    print("|---|---|---|")
+          f"{args.new_tokens} new tokens, {args.rounds} rounds of one epoch ({args.device}, {torch.get_num_threads()} threads)\n")
+    print("| step | ms/step (median) | steps per round | generate calls (timed and warm-up rounds, + 1 at build) |")
+    print("|---|---|---|---|")
     for label, (trainer, runner, _k) in sides.items():
-        print(f"| {label} | {statistics.median(times[label]):.1f} | {runner.plan.batch_transform.generated} |")
+        print(f"| {label} | {statistics.median(times[label]):.1f} | {steps_per_round[label]} | "
+              f"{runner.plan.batch_transform.generated} |")
     retokenise_cost(args)
 
 
