@@ -109,3 +109,65 @@ def test_teacher_mixed_sampling_of_a_model_with_itself_draws_what_generate_draws
     want = plain._sample(prompts, attention, key=11)
     assert torch.equal(mixed, want[:, :mixed.shape[1]]) and (want[:, mixed.shape[1]:] == 0).all()
     assert log_w.abs().max() < 1e-5
+
+
+def test_the_clipped_surrogate_has_the_plain_gradient_at_ratio_one_and_none_beyond_the_clip():
+    torch.manual_seed(5)
+    b, length, v = 2, 4, 6
+    zs = torch.randn(b, length, v, requires_grad=True)
+    zt = torch.randn(b, length, v)
+    y = torch.randint(0, v, (b, length))
+    m = torch.ones(b, length, dtype=torch.bool)
+    log_y = torch.log_softmax(zs, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1).detach()
+    term = MiniLLMLoss(gamma=0.9, length_norm=False, chunk_size=None, clip=0.2, reward_scaling=0.5)
+    plain = MiniLLMLoss(gamma=0.9, length_norm=False, chunk_size=None, reward_scaling=0.5)
+    (g_ppo,) = torch.autograd.grad(term(zs, zt, y, m, old_logp=log_y), zs)
+    (g_plain,) = torch.autograd.grad(plain(zs, zt, y, m), zs)
+    assert torch.allclose(g_ppo, g_plain, atol=1e-6)  # rho = 1: PPO's first epoch is the plain policy gradient
+    # the hand formula at other ratios: max(-rho A, -clip(rho) A), A = R / 0.5
+    old = log_y + torch.tensor([[0.5, -0.5, 0.05, 0.0], [-0.05, 0.4, -0.4, 0.0]])
+    ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    ret = discounted_returns((lt - ls).gather(-1, y.unsqueeze(-1)).squeeze(-1).detach(), m, 0.9, False) / 0.5
+    rho = (ls.gather(-1, y.unsqueeze(-1)).squeeze(-1) - old).exp()
+    per = (ls.exp() * (ls - lt)).sum(-1) + torch.maximum(-rho * ret, -rho.clamp(0.8, 1.2) * ret)
+    got = term(zs, zt, y, m, old_logp=old)
+    assert torch.allclose(got, per.mean(), atol=1e-5)
+    (g1,), (g2,) = torch.autograd.grad(got, zs), torch.autograd.grad(per.mean(), zs)
+    assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_a_ppo_rollout_trains_ppo_epochs_steps_on_one_generation_and_resumes_its_stored_window():
+    from kdrun.component import BuildContext, StageInfo
+    from kdrun.data.rollout import PPORollout
+
+    student = _lm(0)
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 6, 0], [7, 8, 9, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+             "labels": torch.full((2, 5), -100), "token_mask": torch.zeros(2, 5, dtype=torch.bool),
+             "prompt_length": torch.tensor([2, 2]), "index": torch.tensor([0, 1])}
+
+    def make():
+        r = PPORollout(ppo_epochs=3, max_new_tokens=4, eos_token_id=2, pad_token_id=0)
+        r.bind(BuildContext(shapes={}, num_train=2, models={"student": student}, seed=0))
+        r.on_stage_start(StageInfo(name="distill", index=0, round=0, trained_models=("student",), frozen_models=(),
+                                   epochs=1, max_steps=None))
+        return r
+
+    r = make()
+    windows = []
+    for step in range(4):
+        r.on_step(step, 10)
+        windows.append(r.window([dict(batch)]))
+    assert r.generated == 2 and r.replayed == 2  # steps 0-2 share one generation, step 3 samples anew
+    assert torch.equal(windows[0][0]["input_ids"], windows[2][0]["input_ids"])
+    out = windows[0][0]
+    with torch.no_grad():
+        lp = torch.log_softmax(student(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits, -1)
+    want = lp.gather(-1, out["labels"].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(out["old_logp"][out["token_mask"]], want[out["token_mask"]], atol=1e-5)
+    assert (out["old_logp"][~out["token_mask"]] == 0).all()
+    # a resumed transform serves the stored window for its remaining uses
+    state = r.get_extra_state()
+    again = make()
+    again.set_extra_state(state)
+    again.on_step(4, 10)
+    assert torch.equal(again.window([dict(batch)])[0]["input_ids"], windows[3][0]["input_ids"]) and again.generated == 2

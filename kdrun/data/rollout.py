@@ -479,6 +479,103 @@ class Rollout(BatchTransform, Component):
                 f"samples_per_prompt={self.samples_per_prompt}, generate_per={self.generate_per})")
 
 
+def _rank() -> int:
+    """This process's rank (0 without a process group): what a transform's checkpointed state is keyed by."""
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+
+def _every_rank(mine: Any) -> list[Any]:
+    """``mine`` of every rank, in rank order (every rank saves the checkpoint, rank 0 writes it)."""
+    if _world() == 1:
+        return [mine]
+    ranks: list[Any] = [None] * _world()
+    torch.distributed.all_gather_object(ranks, mine)
+    return ranks
+
+
+class PPORollout(Rollout):
+    """MiniLLM's PPO inner epochs (Gu et al., ICLR 2024; the authors' ``--ppo-epochs`` 4): every generated window (the
+    micro-batches of one optimizer step, ``generate_per: step``) trains ``ppo_epochs`` consecutive optimizer steps.
+
+    Right after sampling, one no-grad forward of the student (in eval mode, as it sampled) adds ``batch.old_logp``
+    (B, L): the log-probability of each sampled token under the weights that sampled it (0 where nothing is scored),
+    for the clipped ratio of :class:`kdrun.losses.MiniLLMLoss` (``old_logp`` input). The data's batches of the reuse
+    steps are not used. The stored window and its use count are the transform's checkpointed state (every rank's), so
+    a resumed run reuses what an uninterrupted one would.
+
+    The authors collect 256 rollouts and run 4 epochs over them in shuffled mini-batches; kdrun reuses each window for
+    ``ppo_epochs`` consecutive steps (a buffer of one window): the same number of updates per rollout, in another
+    order. Other arguments: :class:`Rollout`'s (``on_policy_prob`` must be 1).
+    """
+
+    checkpointed = True
+
+    def __init__(self, ppo_epochs: int = 4, chunk_rows: int = 1, **kwargs: Any) -> None:
+        kwargs.setdefault("generate_per", "step")
+        if kwargs["generate_per"] != "step" or kwargs.get("on_policy_prob", 1.0) != 1.0 or int(ppo_epochs) < 1:
+            raise ValueError(f"PPO rollouts: need ppo_epochs >= 1, generate_per=step (a window is what is reused) and "
+                             f"on_policy_prob=1; got {ppo_epochs}, {kwargs['generate_per']}, {kwargs.get('on_policy_prob')}")
+        super().__init__(**kwargs)
+        self.ppo_epochs, self.chunk_rows = int(ppo_epochs), max(1, int(chunk_rows))
+        self.stored: list[dict[str, Tensor]] = []
+        self.uses = 0
+        self.replayed = 0  # windows served again (logged by tests and benchmarks)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # the build's shape trace
+        return self._with_old_logp(super().__call__(batch))
+
+    def window(self, batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        keys = [self._begin(b) for b in batches]
+        if self.stored and self.uses < self.ppo_epochs and len(self.stored) == len(batches):
+            self.uses += 1
+            self.replayed += 1
+            return [{**s, "index": b["index"]} if "index" in b else dict(s) for s, b in zip(self.stored, batches)]
+        out = [self._with_old_logp(o) for o in self.generate_window(batches, keys[0])]
+        self.stored = [{k: v.detach() for k, v in o.items() if k != "index"} for o in out]
+        self.uses = 1
+        return out
+
+    @torch.no_grad()
+    def _with_old_logp(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``batch`` with ``old_logp``: the student's log-probability of every scored token, in chunks of
+        ``chunk_rows`` rows (the float32 log-softmax of one chunk at a time)."""
+        model = self._model
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            model.train(was_training)
+        labels = batch["labels"][:, :logits.shape[1]]
+        parts = []
+        for start in range(0, logits.shape[0], self.chunk_rows):  # memory: one chunk's float32 (rows, L, V)
+            z = logits[start:start + self.chunk_rows].float()
+            y = labels[start:start + self.chunk_rows].clamp_min(0).unsqueeze(-1)
+            parts.append(z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1))
+        old = torch.cat(parts)
+        return {**batch, "old_logp": torch.where(batch["token_mask"][:, :old.shape[1]], old, torch.zeros_like(old))}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        mine = {"stored": [{k: v.cpu() for k, v in b.items()} for b in self.stored]}
+        return {"uses": self.uses, "replayed": self.replayed, "generated": self.generated, "ranks": _every_rank(mine)}
+
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        ranks = state["ranks"]
+        if len(ranks) != _world():
+            raise KdrunError(f"resume: the stored rollouts (batch_transform PPORollout) were saved by {len(ranks)} ranks "
+                             f"and this run has {_world()}; resume with {len(ranks)}")
+        self.uses, self.replayed, self.generated = int(state["uses"]), int(state["replayed"]), int(state["generated"])
+        device = next(self._model.parameters()).device if self._model is not None else "cpu"
+        self.stored = [{k: v.to(device) for k, v in b.items()} for b in ranks[_rank()]["stored"]]
+
+    def __repr__(self) -> str:
+        return f"PPORollout(ppo_epochs={self.ppo_epochs}, {super().__repr__()})"
+
+
 class AdaptiveReplay(Rollout):
     """DistiLLM's adaptive off-policy schedule (Ko et al., "DistiLLM: Towards Streamlined Distillation for Large
     Language Models", ICML 2024; the authors' ``finetune.py``): student generations kept in a replay buffer, used
@@ -555,11 +652,7 @@ class AdaptiveReplay(Rollout):
         return batch
 
     def get_extra_state(self) -> dict[str, Any]:
-        mine = {"buffer": [{k: v.cpu() for k, v in b.items()} for b in self.buffer]}
-        ranks = [mine]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, mine)  # every rank saves (checkpoint.py), rank 0 writes
+        ranks = _every_rank({"buffer": [{k: v.cpu() for k, v in b.items()} for b in self.buffer]})
         return {"tau": self.tau, "last_loss": self.last_loss, "replayed": self.replayed, "generated": self.generated,
                 "ranks": ranks}
 
@@ -567,12 +660,12 @@ class AdaptiveReplay(Rollout):
         self.tau, self.last_loss = float(state["tau"]), state.get("last_loss")
         self.replayed, self.generated = int(state.get("replayed", 0)), int(state.get("generated", 0))
         ranks = state["ranks"]
-        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-        if len(ranks) != world:
+        if len(ranks) != _world():
             raise KdrunError(f"resume: the replay buffer (batch_transform AdaptiveReplay) was saved by {len(ranks)} ranks "
-                             f"and this run has {world}; resume with {len(ranks)}")
+                             f"and this run has {_world()}; resume with {len(ranks)}")
         device = self._model.device if self._model is not None and hasattr(self._model, "device") else "cpu"
-        self.buffer = [{k: v.to(device) for k, v in b.items()} for b in ranks[self.rank]["buffer"]]
+        # the process's rank: the hooks' rank is not set yet when a checkpoint is loaded
+        self.buffer = [{k: v.to(device) for k, v in b.items()} for b in ranks[_rank()]["buffer"]]
 
     def __repr__(self) -> str:
         return (f"AdaptiveReplay(capacity={self.capacity}, tau={self.tau}, loss_eps={self.loss_eps}, "
