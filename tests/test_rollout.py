@@ -286,6 +286,23 @@ def test_the_replay_buffer_is_part_of_the_checkpointed_modules():
     assert "transforms.run._extra_state" in state and "tau" in state["transforms.run._extra_state"]
 
 
+def test_a_resumed_replay_buffer_is_each_ranks_own(monkeypatch):
+    """Each rank restores its own buffer from the checkpoint (saved by every rank), keyed by the process's rank: the
+    hooks' rank is not set yet when a checkpoint is loaded (it was, and every rank restored rank 0's buffer)."""
+    import kdrun.data.rollout as rollout
+    from kdrun.data.rollout import AdaptiveReplay
+
+    r = AdaptiveReplay(max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD)
+    r.bind(BuildContext(shapes={}, num_train=4, models={"student": StubLM()}, seed=0))
+    state = {"tau": 0.3, "last_loss": 1.0, "replayed": 0, "generated": 2,
+             "ranks": [{"buffer": [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}]},
+                       {"buffer": [{"input_ids": torch.ones(1, 2, dtype=torch.long)}]}]}
+    monkeypatch.setattr(rollout, "_world", lambda: 2)
+    monkeypatch.setattr(rollout, "_rank", lambda: 1)
+    r.set_extra_state(state)
+    assert r.rank == 0 and r.buffer[0]["input_ids"].tolist() == [[1, 1]]
+
+
 @pytest.mark.parametrize("per, calls", [("micro_batch", 2), ("step", 1)])
 def test_a_step_of_two_micro_batches_generates_once_per_step_or_once_per_micro_batch(tmp_path, per, calls):
     from kdrun.config import validate
