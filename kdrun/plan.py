@@ -142,12 +142,13 @@ def read_models(reads: Iterable[str], models: Iterable[str]) -> set[str]:
 def used_models(cfg: ExperimentConfig, loss_inputs: Mapping[str, Inputs], adapter_inputs: Mapping[str, Inputs]) -> list[str]:
     """The models the run builds, in config order: those a term or adapter reads, those a stage trains,
     the model a batch transform samples from (a rollout's ``source``: the teacher of sequence-level KD, which no
-    term reads), the rounds' teacher and student, the probed ones, and every model they are initialised from (by
+    term reads; the teacher a rollout mixes in, ``teacher_mix``), the rounds' teacher and student, the probed ones, and every model they are initialised from (by
     ``init_from`` or a stage's ``init_weights``)."""
     named = [n for ins in [*loss_inputs.values(), *adapter_inputs.values()] for n in names_of(ins)]
     used = {owner_of(n) for n in named} | {m for s in cfg.stages.values() for m in stage_train(s)}
     transforms = [cfg.batch_transform, *(s.batch_transform for s in cfg.stages.values())]
     used |= {t["source"] for t in transforms if isinstance(t, Mapping) and isinstance(t.get("source"), str)}
+    used |= {"teacher" for t in transforms if isinstance(t, Mapping) and float(t.get("teacher_mix") or 0) > 0}
     if cfg.rounds is not None:
         used |= {cfg.rounds.teacher, cfg.rounds.student}
     if cfg.probe is not None:
