@@ -123,30 +123,12 @@ def test_a_sharded_student_generates_the_rollouts_of_ddp_and_trains_its_weights(
     assert "fsdp: student sharded over 2 ranks" in sharded.stderr + sharded.stdout
     assert "fsdp: teacher sharded over 2 ranks" in sharded.stderr + sharded.stdout
     a, b = weights(tmp_path / "ddp", "student"), weights(tmp_path / "fsdp", "student")
-    moved = run([*args, "stages.distill.optimizer.lr=0", f"hydra.run.dir={tmp_path / 'still'}"], tmp_path, ranks=2)
-    assert moved.returncode == 0
-    still = weights(tmp_path / "still", "student")
+    from tests.helpers import initial_weights
+
+    still = initial_weights(recipe, args[1:], "student")
     assert max(float((a[k] - still[k]).abs().max()) for k in a) > 1e-3  # training moved the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     # the generation: block: rank 0 samples alone from the gathered student, the DDP run's completions
     ddp_text = (tmp_path / "ddp" / "generations.jsonl").read_text()
     assert ddp_text and (tmp_path / "fsdp" / "generations.jsonl").read_text() == ddp_text
-
-
-@pytest.mark.parametrize("recipe", ["llava_mod_text", "text_cached_kd", "msmarco_margin_mse"])
-def test_text_method_sharded_trains_the_weights_of_one_process(tmp_path, recipe):
-    """Under FSDP: a student trained in two stages (LLaVA-MoD: mimic, then DPO on preference pairs; a mixture-of-experts
-    student), a student reading a teacher cache, and a bi-encoder scored twice per row (Margin-MSE). Before the fix, a
-    second stage built its optimizer over the root unit's unsharded copies left by the first stage's evaluation, and
-    the embeddings and head stopped training (max |diff| 2.4)."""
-    from tests.helpers import initial_weights, method_overrides
-
-    overrides = [f"+recipe={recipe}", *method_overrides(recipe)]
-    run([*overrides, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
-    run([*overrides, "trainer.fsdp=true", f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, ranks=2)
-    start = initial_weights(recipe, overrides[1:], "student")
-    a, b = weights(tmp_path / "one", "student"), weights(tmp_path / "fsdp", "student")
-    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
