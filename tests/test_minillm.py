@@ -42,13 +42,16 @@ def test_loss_and_gradient_against_the_formula():
     assert torch.allclose(g1, g2, atol=1e-5)  # the returns carry no gradient
 
 
-def test_importance_weights_multiply_both_terms_of_each_token():
-    torch.manual_seed(1)
-    b, length, v = 2, 4, 5
+def _case(seed: int, b: int, length: int, v: int):
+    """Seeded student and teacher logits, sampled tokens and an all-true mask."""
+    torch.manual_seed(seed)
     zs = torch.randn(b, length, v, requires_grad=True)
-    zt = torch.randn(b, length, v)
-    y = torch.randint(0, v, (b, length))
-    m = torch.ones(b, length, dtype=torch.bool)
+    return zs, torch.randn(b, length, v), torch.randint(0, v, (b, length)), torch.ones(b, length, dtype=torch.bool)
+
+
+def test_importance_weights_multiply_both_terms_of_each_token():
+    b, length = 2, 4
+    zs, zt, y, m = _case(1, b, length, 5)
     w = torch.rand(b, length) + 0.5
     term = MiniLLMLoss(gamma=0.95, length_norm=True, chunk_size=None)
     ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
@@ -112,12 +115,7 @@ def test_teacher_mixed_sampling_of_a_model_with_itself_draws_what_generate_draws
 
 
 def test_the_clipped_surrogate_has_the_plain_gradient_at_ratio_one_and_none_beyond_the_clip():
-    torch.manual_seed(5)
-    b, length, v = 2, 4, 6
-    zs = torch.randn(b, length, v, requires_grad=True)
-    zt = torch.randn(b, length, v)
-    y = torch.randint(0, v, (b, length))
-    m = torch.ones(b, length, dtype=torch.bool)
+    zs, zt, y, m = _case(5, 2, 4, 6)
     log_y = torch.log_softmax(zs, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1).detach()
     term = MiniLLMLoss(gamma=0.9, length_norm=False, chunk_size=None, clip=0.2, reward_scaling=0.5)
     plain = MiniLLMLoss(gamma=0.9, length_norm=False, chunk_size=None, reward_scaling=0.5)
