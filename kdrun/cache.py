@@ -143,6 +143,10 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
         ref_logp = np.lib.format.open_memmap(tmp / "ref_logp.npy", mode="w+", dtype=store, shape=(total, k))
         ref_tail = np.lib.format.open_memmap(tmp / "ref_tail_logp.npy", mode="w+", dtype=store, shape=(total,))
     np.save(tmp / "offsets.npy", offsets)
+    second = exp.models[reference] if reference is not None else None
+    second_mode = second.training if second is not None else False
+    if second is not None:
+        second.eval()  # frozen like the first model (write_cache runs without autograd)
     row = 0
     for batch, logits in model_outputs(exp, cfg, model):
         mask = batch[mask_field][:, :logits.shape[1]] != 0
@@ -155,18 +159,15 @@ def write_cache(cfg: Any, model: str, out: str | Path, k: int = 32, dtype: str =
         logp[row:row + n] = top.values.cpu().numpy().astype(store)
         tail[row:row + n] = rest.cpu().numpy().astype(store)
         positions[row:row + n] = where[:, 1].cpu().numpy().astype(pos_dtype)
-        if reference is not None:  # the second model on the same batch, read at the first model's top-k tokens
+        if second is not None:  # the second model on the same batch, read at the first model's top-k tokens
             ns: dict[str, Any] = {}
-            net = exp.models[reference]
-            was_training = net.training
-            net.eval()
-            with torch.no_grad():
-                exp.io[reference].run(net, batch, ns)
-            net.train(was_training)
+            exp.io[reference].run(second, batch, ns)
             ref = torch.log_softmax(ns[f"{reference}.logits"][:, :logits.shape[1]][mask].float(), dim=-1).gather(-1, top.indices)
             ref_logp[row:row + n] = ref.cpu().numpy().astype(store)
             ref_tail[row:row + n] = _log1mexp(torch.logsumexp(ref, dim=-1)).cpu().numpy().astype(store)
         row += n
+    if second is not None:
+        second.train(second_mode)
     if row != total:
         raise KdrunError(f"kdrun-cache: wrote {row} tokens, expected {total} (the loader served another split?)")
     arrays = [ids, logp, tail, positions, *([ref_logp, ref_tail] if reference is not None else [])]

@@ -297,8 +297,9 @@ def test_a_resumed_replay_buffer_is_each_ranks_own(monkeypatch):
     state = {"tau": 0.3, "last_loss": 1.0, "replayed": 0, "generated": 2,
              "ranks": [{"buffer": [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}]},
                        {"buffer": [{"input_ids": torch.ones(1, 2, dtype=torch.long)}]}]}
-    monkeypatch.setattr(rollout, "_world", lambda: 2)
-    monkeypatch.setattr(rollout, "_rank", lambda: 1)
+    from kdrun.engine.distributed import DistInfo
+
+    monkeypatch.setattr(rollout, "launched_info", lambda: DistInfo(rank=1, world_size=2))
     r.set_extra_state(state)
     assert r.rank == 0 and r.buffer[0]["input_ids"].tolist() == [[1, 1]]
 

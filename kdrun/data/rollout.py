@@ -55,6 +55,7 @@ from torch import Tensor
 
 from kdrun.component import BuildContext, Component, StageInfo
 from kdrun.data.mix import BatchTransform
+from kdrun.engine.distributed import all_gather_object, launched_info
 from kdrun.engine.fsdp import fsdp_units, gathered
 from kdrun.errors import KdrunError
 
@@ -419,6 +420,8 @@ class Rollout(BatchTransform, Component):
                 outs = [m(input_ids=prompts, attention_mask=mask, position_ids=position, use_cache=True) for m in models]
                 done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
                 tokens, log_w = [], []
+                cache_in = [_cache_argument(m) for m in models]  # once per model, not at every token
+                cache_out = "cache" if "cache" in outs[0].keys() else "past_key_values"
                 for _ in range(self.max_new_tokens):
                     log_q, log_p = (torch.log_softmax(o.logits[:, -1].float() / self.temperature, dim=-1) for o in outs)
                     log_m = torch.logaddexp(log_q + math.log1p(-a), log_p + math.log(a))
@@ -434,8 +437,7 @@ class Rollout(BatchTransform, Component):
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     position = mask.sum(dim=1, keepdim=True) - 1
                     outs = [m(input_ids=y.view(-1, 1), attention_mask=mask, position_ids=position, use_cache=True,
-                              **{_cache_argument(m): o["cache" if "cache" in o.keys() else "past_key_values"]})
-                            for m, o in zip(models, outs)]
+                              **{arg: o[cache_out]}) for m, arg, o in zip(models, cache_in, outs)]
                 return torch.cat([prompts, torch.stack(tokens, dim=1)], dim=1), torch.stack(log_w, dim=1)
         finally:
             for m, mode in zip(models, modes):
@@ -477,24 +479,6 @@ class Rollout(BatchTransform, Component):
         return (f"Rollout(source={self.source}, on_policy_prob={self.on_policy_prob}, max_new_tokens={self.max_new_tokens}, "
                 f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, "
                 f"samples_per_prompt={self.samples_per_prompt}, generate_per={self.generate_per})")
-
-
-def _rank() -> int:
-    """This process's rank (0 without a process group): what a transform's checkpointed state is keyed by."""
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-
-
-def _every_rank(mine: Any) -> list[Any]:
-    """``mine`` of every rank, in rank order (every rank saves the checkpoint, rank 0 writes it)."""
-    if _world() == 1:
-        return [mine]
-    ranks: list[Any] = [None] * _world()
-    torch.distributed.all_gather_object(ranks, mine)
-    return ranks
 
 
 class PPORollout(Rollout):
@@ -550,27 +534,25 @@ class PPORollout(Rollout):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         finally:
             model.train(was_training)
-        labels = batch["labels"][:, :logits.shape[1]]
-        parts = []
-        for start in range(0, logits.shape[0], self.chunk_rows):  # memory: one chunk's float32 (rows, L, V)
-            z = logits[start:start + self.chunk_rows].float()
-            y = labels[start:start + self.chunk_rows].clamp_min(0).unsqueeze(-1)
-            parts.append(z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1))
-        old = torch.cat(parts)
+        from kdrun.losses.preference import token_log_probs
+
+        old = token_log_probs(logits, batch["labels"][:, :logits.shape[1]], self.chunk_rows)
         return {**batch, "old_logp": torch.where(batch["token_mask"][:, :old.shape[1]], old, torch.zeros_like(old))}
 
     def get_extra_state(self) -> dict[str, Any]:
         mine = {"stored": [{k: v.cpu() for k, v in b.items()} for b in self.stored]}
-        return {"uses": self.uses, "replayed": self.replayed, "generated": self.generated, "ranks": _every_rank(mine)}
+        # every rank saves the checkpoint (rank 0 writes it): each rank's window, in rank order
+        return {"uses": self.uses, "replayed": self.replayed, "generated": self.generated,
+                "ranks": all_gather_object(mine, launched_info())}
 
     def set_extra_state(self, state: Mapping[str, Any]) -> None:
-        ranks = state["ranks"]
-        if len(ranks) != _world():
+        ranks, info = state["ranks"], launched_info()  # the process's rank: the hooks' is not set when a checkpoint loads
+        if len(ranks) != info.world_size:
             raise KdrunError(f"resume: the stored rollouts (batch_transform PPORollout) were saved by {len(ranks)} ranks "
-                             f"and this run has {_world()}; resume with {len(ranks)}")
+                             f"and this run has {info.world_size}; resume with {len(ranks)}")
         self.uses, self.replayed, self.generated = int(state["uses"]), int(state["replayed"]), int(state["generated"])
         device = next(self._model.parameters()).device if self._model is not None else "cpu"
-        self.stored = [{k: v.to(device) for k, v in b.items()} for b in ranks[_rank()]["stored"]]
+        self.stored = [{k: v.to(device) for k, v in b.items()} for b in ranks[info.rank]["stored"]]
 
     def __repr__(self) -> str:
         return f"PPORollout(ppo_epochs={self.ppo_epochs}, {super().__repr__()})"
@@ -652,20 +634,20 @@ class AdaptiveReplay(Rollout):
         return batch
 
     def get_extra_state(self) -> dict[str, Any]:
-        ranks = _every_rank({"buffer": [{k: v.cpu() for k, v in b.items()} for b in self.buffer]})
+        ranks = all_gather_object({"buffer": [{k: v.cpu() for k, v in b.items()} for b in self.buffer]}, launched_info())
         return {"tau": self.tau, "last_loss": self.last_loss, "replayed": self.replayed, "generated": self.generated,
                 "ranks": ranks}
 
     def set_extra_state(self, state: Mapping[str, Any]) -> None:
         self.tau, self.last_loss = float(state["tau"]), state.get("last_loss")
         self.replayed, self.generated = int(state.get("replayed", 0)), int(state.get("generated", 0))
-        ranks = state["ranks"]
-        if len(ranks) != _world():
+        ranks, info = state["ranks"], launched_info()
+        if len(ranks) != info.world_size:
             raise KdrunError(f"resume: the replay buffer (batch_transform AdaptiveReplay) was saved by {len(ranks)} ranks "
-                             f"and this run has {_world()}; resume with {len(ranks)}")
+                             f"and this run has {info.world_size}; resume with {len(ranks)}")
         device = self._model.device if self._model is not None and hasattr(self._model, "device") else "cpu"
         # the process's rank: the hooks' rank is not set yet when a checkpoint is loaded
-        self.buffer = [{k: v.to(device) for k, v in b.items()} for b in ranks[_rank()]["buffer"]]
+        self.buffer = [{k: v.to(device) for k, v in b.items()} for b in ranks[info.rank]["buffer"]]
 
     def __repr__(self) -> str:
         return (f"AdaptiveReplay(capacity={self.capacity}, tau={self.tau}, loss_eps={self.loss_eps}, "

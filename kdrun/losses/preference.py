@@ -16,22 +16,27 @@ from kdrun.losses.base import LossTerm
 from kdrun.losses.features import to_float
 
 
-def sequence_log_probs(logits: Tensor, target: Tensor, mask: Tensor, chunk_rows: int = 4) -> Tensor:
-    """(B,) ``sum_t m_t log softmax(z_t)[y_t]`` per row, in float32, over chunks of ``chunk_rows`` rows (each
-    checkpointed when it needs gradients, so one chunk's float32 (rows, L, V) exists at a time)."""
-    def part(z: Tensor, y: Tensor, m: Tensor) -> Tensor:
+def token_log_probs(logits: Tensor, target: Tensor, chunk_rows: int = 4) -> Tensor:
+    """(B, L) ``log softmax(z_t)[y_t]`` in float32 (any value where ``y_t`` is ignored, -100), over chunks of
+    ``chunk_rows`` rows (each checkpointed when it needs gradients, so one chunk's float32 (rows, L, V) exists at a
+    time)."""
+    def part(z: Tensor, y: Tensor) -> Tensor:
         z = to_float(z)
-        picked = z.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
-        return (picked * (m != 0)).sum(dim=-1)
+        return z.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
     out = []
     for start in range(0, logits.shape[0], chunk_rows):
-        rows = (logits[start:start + chunk_rows], target[start:start + chunk_rows], mask[start:start + chunk_rows])
+        rows = (logits[start:start + chunk_rows], target[start:start + chunk_rows])
         if torch.is_grad_enabled() and logits.requires_grad:
             out.append(checkpoint(part, *rows, use_reentrant=False))
         else:
             out.append(part(*rows))
     return torch.cat(out)
+
+
+def sequence_log_probs(logits: Tensor, target: Tensor, mask: Tensor, chunk_rows: int = 4) -> Tensor:
+    """(B,) ``sum_t m_t log softmax(z_t)[y_t]`` per row (:func:`token_log_probs`, masked and summed)."""
+    return (token_log_probs(logits, target, chunk_rows) * (mask != 0)).sum(dim=-1)
 
 
 def _check_rows(term: str, logits: torch.Size, target: torch.Size, mask: torch.Size, chosen: torch.Size) -> None:
@@ -94,4 +99,4 @@ class DPOLoss(LossTerm):
         return F.softplus(-self.beta * margin).mean()
 
 
-__all__ = ["DPOLoss", "REDILoss", "sequence_log_probs"]
+__all__ = ["DPOLoss", "REDILoss", "sequence_log_probs", "token_log_probs"]
